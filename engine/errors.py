@@ -1,0 +1,32 @@
+"""The error tree: one base class, a few kinds users can catch."""
+
+from __future__ import annotations
+
+
+class TailraceError(Exception):
+    """Base of every error tailrace raises on purpose."""
+
+
+class SpecError(TailraceError):
+    """A workflow spec or run option is invalid. `field` is the dotted path of the offending field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+
+class SpecErrors(TailraceError):
+    """Several spec errors found in one check; each names its field."""
+
+    def __init__(self, errors: list[SpecError]) -> None:
+        self.errors = errors
+        super().__init__("invalid workflow spec:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+class InputError(TailraceError):
+    """A batch input (file, JSONL line, record) is unusable."""
+
+
+class ProviderConfigError(TailraceError):
+    """A provider cannot be reached as configured (missing key, bad URL)."""

@@ -1,0 +1,145 @@
+"""Typed records of what happened: one per attempt, one per step, one per run.
+
+Every run ends delivered or failed with exactly one `FailureReason`, and carries every attempt.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class StopKind(StrEnum):
+    """Why the model stopped, normalised across providers."""
+
+    COMPLETE = "complete"
+    TRUNCATED = "truncated"
+    REFUSED = "refused"
+    FILTERED = "filtered"
+    TOOL = "tool"
+    UNKNOWN = "unknown"  # the stream ended without a stop reason
+
+
+class ErrorKind(StrEnum):
+    RATE_LIMITED = "rate_limited"          # 429 with a retry hint
+    OVERLOADED = "overloaded"              # 503 / 529
+    SERVER_ERROR = "server_error"          # 500 / 502 / other 5xx, errors inside a 200 stream
+    CONNECTION = "connection"              # reset, refused, closed mid-stream
+    TIMEOUT = "timeout"                    # no answer in the attempt's time
+    CONTEXT_LENGTH = "context_length"      # 400: prompt too long for this model
+    CONTENT_POLICY = "content_policy"      # 400: the provider refuses the request
+    AUTH = "auth"                          # 401 / 403
+    QUOTA_EXHAUSTED = "quota_exhausted"    # insufficient quota / spend limit: never succeeds
+    TOO_LARGE = "too_large"                # 413
+    BAD_REQUEST = "bad_request"            # other 4xx
+    MALFORMED_RESPONSE = "malformed_response"  # the provider answered something we cannot parse
+
+
+RETRYABLE_KINDS = frozenset(
+    {ErrorKind.RATE_LIMITED, ErrorKind.OVERLOADED, ErrorKind.SERVER_ERROR, ErrorKind.CONNECTION,
+     ErrorKind.TIMEOUT, ErrorKind.MALFORMED_RESPONSE}
+)
+# Errors that say "this model will not do it": try the next model, never the same one again.
+MODEL_SPECIFIC_KINDS = frozenset(
+    {ErrorKind.CONTEXT_LENGTH, ErrorKind.CONTENT_POLICY, ErrorKind.TOO_LARGE}
+)
+
+
+class ProviderError(BaseModel):
+    """A classified provider failure."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: ErrorKind
+    retryable: bool
+    status: int | None = None
+    message: str = ""
+    retry_after_s: float | None = None
+
+
+class AttemptOutcome(StrEnum):
+    VALID = "valid"          # passed the quality floor
+    INVALID = "invalid"      # an answer that failed validation
+    ERROR = "error"          # a classified provider error
+    CANCELLED = "cancelled"  # stopped by us; see cancel_reason
+
+
+class CancelReason(StrEnum):
+    DEADLINE = "deadline"
+    HEDGE_LOST = "hedge_lost"
+    BUDGET = "budget"
+    SHUTDOWN = "shutdown"
+
+
+class FailureReason(StrEnum):
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    INVALID_OUTPUT = "invalid_output"
+    PROVIDER_ERROR = "provider_error"
+    BUDGET_EXHAUSTED = "budget_exhausted"
+    CANCELLED = "cancelled"
+
+
+class AttemptRecord(BaseModel):
+    """One call to one model, whatever became of it."""
+
+    run_id: str
+    step_id: str
+    attempt: int                     # 0-based within the step
+    provider: str
+    model: str
+    tier: int = 0                    # index in the step's model ladder; > 0 means degraded
+    role: str = "primary"            # primary | retry | duplicate
+    started_at: float                # wall-clock epoch seconds
+    ended_at: float
+    ttft_s: float | None = None
+    latency_s: float
+    input_tokens: int = 0
+    output_tokens: int = 0
+    usage_reported: bool = False     # False when tokens are our estimate (e.g. cancelled mid-stream)
+    cost_usd: float = 0.0
+    stop_kind: StopKind | None = None
+    outcome: AttemptOutcome
+    error: ProviderError | None = None
+    invalid_reason: str | None = None
+    cancel_reason: CancelReason | None = None
+    request_id: str | None = None
+    rate_limit: dict[str, str] = Field(default_factory=dict)
+    idempotency_key: str | None = None
+
+
+class StepResult(BaseModel):
+    step_id: str
+    ok: bool
+    output: Any = None               # text, or the parsed JSON value
+    text: str | None = None
+    failure: FailureReason | None = None
+    detail: str | None = None
+    tier: int | None = None          # which rung of the ladder answered
+    model: str | None = None
+    attempts: list[AttemptRecord] = Field(default_factory=list)
+
+
+class RunOutcome(BaseModel):
+    run_id: str
+    workflow: str
+    tenant: str
+    delivered: bool
+    failure: FailureReason | None = None
+    detail: str | None = None
+    failed_step: str | None = None
+    outputs: dict[str, Any] = Field(default_factory=dict)
+    started_at: float
+    ended_at: float
+    deadline_at: float
+    latency_s: float
+    cost_usd: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    degraded_steps: dict[str, str] = Field(default_factory=dict)  # step -> model that answered
+    attempts: list[AttemptRecord] = Field(default_factory=list)
+
+    @property
+    def on_time(self) -> bool:
+        return self.delivered and self.ended_at <= self.deadline_at

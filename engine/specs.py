@@ -1,0 +1,110 @@
+"""Workflow specs: pydantic models usable from Python and loadable from YAML or JSON with one meaning.
+
+A workflow is named steps with `depends_on`. Each step has a prompt template (see `engine.templates`),
+an ordered model ladder (strong -> fast), an output contract (the quality floor) and a `side_effect`
+flag. Cross-field checks (duplicate ids, unknown dependencies, cycles, template references, unknown
+providers) run in `WorkflowSpec`'s validator and name the offending field path.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ProviderKind = Literal["openai", "anthropic"]
+STEP_ID_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]*$"
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProviderSpec(_Spec):
+    """How to reach one provider account. Keys come from the environment, never from the spec."""
+
+    kind: ProviderKind
+    base_url: str | None = None              # None: the SDK default (or OPENAI_BASE_URL / ANTHROPIC_BASE_URL)
+    api_key_env: str | None = None           # None: OPENAI_API_KEY / ANTHROPIC_API_KEY
+    tpm: int | None = Field(default=None, gt=0)      # account tokens per minute, for the budget
+    rpm: int | None = Field(default=None, gt=0)
+
+
+DEFAULT_PROVIDERS: dict[str, ProviderSpec] = {
+    "openai": ProviderSpec(kind="openai"),
+    "anthropic": ProviderSpec(kind="anthropic"),
+}
+
+
+class ModelChoice(_Spec):
+    """One rung of a step's model ladder."""
+
+    provider: str
+    model: str
+    max_tokens: int = Field(gt=0)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    input_usd_per_mtok: float = Field(default=0.0, ge=0)
+    output_usd_per_mtok: float = Field(default=0.0, ge=0)
+    prompt: str | None = None                # this model's own prompt variant (a template)
+    system: str | None = None
+    # Latency prior for a cold model (no samples yet), in seconds.
+    expected_ttft_s: float = Field(default=1.0, gt=0)
+    expected_latency_s: float = Field(default=5.0, gt=0)
+
+    def cost_usd(self, input_tokens: int, output_tokens: int) -> float:
+        return (input_tokens * self.input_usd_per_mtok + output_tokens * self.output_usd_per_mtok) / 1e6
+
+
+class OutputContract(_Spec):
+    """The quality floor of a step: what a valid answer is."""
+
+    kind: Literal["text", "json"] = "text"
+    json_schema: dict[str, Any] | None = None
+    # A pydantic model as "package.module:ClassName"; from Python, `schema_model=MyModel` also works.
+    schema_model: Any = None
+    copy_ids: list[str] = Field(default_factory=list)   # input fields whose values must appear verbatim
+    validators: list[str] = Field(default_factory=list)  # names registered with engine.validation
+    min_chars: int = Field(default=1, ge=0)
+
+
+class StepSpec(_Spec):
+    id: str = Field(pattern=STEP_ID_PATTERN)
+    prompt: str
+    system: str | None = None
+    depends_on: list[str] = Field(default_factory=list)
+    models: list[ModelChoice]
+    output: OutputContract = Field(default_factory=OutputContract)
+    side_effect: bool = False
+
+
+class RunOptions(_Spec):
+    deadline_s: float = Field(default=30.0, gt=0)
+    max_cost_usd: float | None = Field(default=None, gt=0)
+    tenant: str = "default"
+    max_attempts_per_step: int = Field(default=4, ge=1)
+
+
+class WorkflowSpec(_Spec):
+    name: str
+    description: str = ""
+    inputs: list[str] = Field(default_factory=list)      # input record fields the templates may use
+    providers: dict[str, ProviderSpec] = Field(default_factory=dict)
+    steps: list[StepSpec]
+    defaults: RunOptions = Field(default_factory=RunOptions)
+
+    @model_validator(mode="after")
+    def _check(self) -> WorkflowSpec:
+        from engine.spec_checks import check_workflow
+
+        check_workflow(self)
+        return self
+
+    def all_providers(self) -> dict[str, ProviderSpec]:
+        return {**DEFAULT_PROVIDERS, **self.providers}
+
+    def step(self, step_id: str) -> StepSpec:
+        for s in self.steps:
+            if s.id == step_id:
+                return s
+        raise KeyError(step_id)
