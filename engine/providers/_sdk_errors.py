@@ -1,0 +1,47 @@
+"""Reduce either SDK's exceptions to `FailureFacts` (the two SDKs share one exception shape)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from engine.classify import FailureFacts, Transport
+
+
+def facts_from_exception(exc: BaseException, timeout_types: tuple[type[BaseException], ...],
+                         connection_types: tuple[type[BaseException], ...],
+                         status_types: tuple[type[BaseException], ...],
+                         api_error_types: tuple[type[BaseException], ...]) -> FailureFacts:
+    if isinstance(exc, timeout_types):
+        return FailureFacts(transport="timeout", message=str(exc))
+    if isinstance(exc, connection_types):
+        return FailureFacts(transport="connection", message=str(exc))
+    if isinstance(exc, status_types):
+        response = exc.response  # type: ignore[attr-defined]
+        error = _error_object(getattr(exc, "body", None))
+        return FailureFacts(
+            status=response.status_code,
+            error_type=_str(error.get("type")),
+            error_code=_str(error.get("code")),
+            message=_str(error.get("message")) or str(exc),
+            headers=dict(response.headers),
+        )
+    if isinstance(exc, api_error_types):  # an error event inside a 200 stream
+        error = _error_object(getattr(exc, "body", None))
+        return FailureFacts(
+            error_type=_str(error.get("type")), error_code=_str(error.get("code")),
+            message=_str(error.get("message")) or str(exc),
+        )
+    transport: Transport = "malformed"
+    return FailureFacts(transport=transport, message=f"{type(exc).__name__}: {exc}")
+
+
+def _error_object(body: Any) -> Mapping[str, Any]:
+    if isinstance(body, Mapping):
+        inner = body.get("error")
+        return inner if isinstance(inner, Mapping) else body
+    return {}
+
+
+def _str(value: Any) -> str | None:
+    return None if value is None else str(value)

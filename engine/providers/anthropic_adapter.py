@@ -1,0 +1,74 @@
+"""Anthropic Messages on the official async SDK, streamed so TTFT and stalls are observed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anthropic
+
+from engine.classify import classify, rate_limit_headers
+from engine.clock import Clock
+from engine.providers._sdk_errors import facts_from_exception
+from engine.providers.base import AdapterSettings, AttemptProgress, ProviderCall, RawAttempt
+
+_ERRORS = dict(
+    timeout_types=(anthropic.APITimeoutError,),
+    connection_types=(anthropic.APIConnectionError,),
+    status_types=(anthropic.APIStatusError,),
+    api_error_types=(anthropic.APIError,),
+)
+
+
+class AnthropicAdapter:
+    kind = "anthropic"
+
+    def __init__(self, settings: AdapterSettings, clock: Clock) -> None:
+        self._clock = clock
+        self._client = anthropic.AsyncAnthropic(
+            api_key=settings.resolved_key(), base_url=settings.base_url, max_retries=0
+        )
+
+    async def attempt(self, call: ProviderCall, progress: AttemptProgress) -> RawAttempt:
+        try:
+            await self._stream(call, progress)
+        except Exception as exc:  # SDK and transport failures only; CancelledError is BaseException
+            error = classify(self.kind, facts_from_exception(exc, **_ERRORS))
+            return RawAttempt.from_progress(progress, self.kind, self._clock.monotonic(), error)
+        return RawAttempt.from_progress(progress, self.kind, self._clock.monotonic())
+
+    async def _stream(self, call: ProviderCall, progress: AttemptProgress) -> None:
+        params: dict[str, Any] = {}
+        if call.system:
+            params["system"] = call.system
+        if call.temperature is not None:
+            params["temperature"] = call.temperature
+        if call.top_p is not None:
+            params["top_p"] = call.top_p
+        raw = await self._client.messages.with_raw_response.create(
+            model=call.model,
+            max_tokens=call.max_tokens,
+            messages=[{"role": "user", "content": call.prompt}],
+            stream=True,
+            timeout=call.timeout_s,
+            extra_headers=call.headers or None,
+            **params,
+        )
+        progress.request_id = raw.headers.get("request-id")
+        progress.rate_limit = rate_limit_headers(raw.headers)
+        stream = await raw.parse()
+        try:
+            async for event in stream:
+                now = self._clock.monotonic()
+                if event.type == "message_start":
+                    progress.input_tokens = event.message.usage.input_tokens
+                elif event.type == "content_block_delta":
+                    if event.delta.type == "text_delta":
+                        progress.on_text(event.delta.text, now)
+                elif event.type == "message_delta":
+                    progress.stop_reason = event.delta.stop_reason
+                    progress.output_tokens = event.usage.output_tokens
+        finally:
+            await stream.close()
+
+    async def aclose(self) -> None:
+        await self._client.close()
