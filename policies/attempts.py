@@ -1,0 +1,52 @@
+"""The seam between a step executor and the policy that decides its attempts.
+
+An executor shows the policy what its attempts are doing (`AttemptState`) and asks what to do next.
+The answer is a `Start` (which rung of the model ladder, when, in what role), a `GiveUp`, or `None`
+(wait for the running attempts). Pure: no clock, no I/O; time comes in as arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from engine.outcomes import AttemptOutcome, FailureReason, ProviderError
+
+
+@dataclass(frozen=True)
+class AttemptState:
+    tier: int
+    started_at: float                   # monotonic seconds
+    role: str = "primary"
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    finished_at: float | None = None
+    outcome: AttemptOutcome | None = None   # None while running
+    error: ProviderError | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.outcome is None
+
+
+@dataclass(frozen=True)
+class Start:
+    tier: int
+    at: float                           # monotonic time to start; <= now means at once
+    role: str = "primary"               # primary | retry | duplicate
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    reason: FailureReason
+    detail: str
+
+
+Decision = Start | GiveUp | None
+
+
+class AttemptPolicy(Protocol):
+    def decide(self, attempts: Sequence[AttemptState], now: float, deadline: float) -> Decision:
+        """What to do next, given every attempt so far, the time now and the step's deadline."""
+        ...
