@@ -1,0 +1,72 @@
+"""The seam through which every attempt asks for budget before it is sent, and settles after.
+
+A `SpendGate` is asked once per attempt (primary, retry or duplicate) with what the attempt may cost
+at most (prompt estimate + max_tokens, as providers charge at admission). It answers with a grant or
+a refusal; after the attempt the grant is settled with what was actually used. The run's cost cap
+is the gate built here; the cluster-wide budget actor plugs in behind the same protocol and can use
+`role` and `deadline_epoch` to rank duplicates below primaries and urgent runs first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class SpendAsk:
+    run_id: str
+    step_id: str
+    tenant: str
+    provider: str
+    model: str
+    role: str                  # primary | retry | duplicate
+    input_tokens: int          # estimate
+    max_output_tokens: int
+    cost_usd: float            # at most, if every max_token is produced
+    deadline_epoch: float
+
+
+@dataclass(frozen=True)
+class Grant:
+    ask: SpendAsk
+    token: object = None       # the gate's own handle for settling
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Usage:
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+
+
+class SpendGate(Protocol):
+    async def reserve(self, ask: SpendAsk) -> Grant | Refusal: ...
+
+    async def settle(self, grant: Grant, used: Usage) -> None: ...
+
+
+class RunCostGate:
+    """Holds one step's share of its run's cost cap: reserves the worst case, refunds the rest."""
+
+    def __init__(self, remaining_usd: float | None) -> None:
+        self._remaining = remaining_usd
+        self.spent_usd = 0.0
+
+    async def reserve(self, ask: SpendAsk) -> Grant | Refusal:
+        if self._remaining is not None:
+            if ask.cost_usd > self._remaining:
+                return Refusal(f"run cost cap: attempt may cost ${ask.cost_usd:.6f}, "
+                               f"${self._remaining:.6f} left")
+            self._remaining -= ask.cost_usd
+        return Grant(ask)
+
+    async def settle(self, grant: Grant, used: Usage) -> None:
+        if self._remaining is not None:
+            self._remaining += grant.ask.cost_usd - used.cost_usd
+        self.spent_usd += used.cost_usd
