@@ -93,6 +93,7 @@ class _StepRun:
     request: StepRequest
     deadline: Deadline
     gate: SpendGate
+    stop: asyncio.Event
     attempts: list[_Attempt] = field(default_factory=list)
     refusals: list[str] = field(default_factory=list)
 
@@ -110,9 +111,11 @@ class StepRunner:
         self._policy_factory = policy_factory
         self._gate_factory = gate_factory or (lambda req: RunCostGate(req.cost_remaining_usd))
 
-    async def run(self, request: StepRequest) -> StepResult:
+    async def run(self, request: StepRequest, stop: asyncio.Event | None = None) -> StepResult:
+        """Run the step to a valid answer, a give-up or its deadline. Setting `stop` ends it early
+        (its run failed elsewhere): running attempts are cancelled and the step ends `cancelled`."""
         state = _StepRun(request, Deadline.from_epoch(request.deadline_epoch, self._clock),
-                         self._gate_factory(request))
+                         self._gate_factory(request), stop or asyncio.Event())
         try:
             return await self._race(state, self._policy_factory(request))
         finally:
@@ -138,6 +141,9 @@ class StepRunner:
                 if attempt.record is not None and attempt.record.outcome == AttemptOutcome.VALID:
                     await self._cancel_running(run, CancelReason.HEDGE_LOST)
                     return self._delivered(run, attempt)
+            if run.stop.is_set():
+                await self._cancel_running(run, CancelReason.RUN_FAILED)
+                return self._failed(run, FailureReason.CANCELLED, "the run ended elsewhere")
             if run.deadline.expired():
                 await self._cancel_running(run, CancelReason.DEADLINE)
                 return self._failed(run, FailureReason.DEADLINE_EXCEEDED, "step deadline reached")
@@ -145,10 +151,12 @@ class StepRunner:
     async def _wait(self, run: _StepRun, wake_at: float) -> list[_Attempt]:
         running = {a.task: a for a in run.attempts if a.task is not None and a.record is None}
         timer = asyncio.ensure_future(self._clock.sleep(wake_at - self._clock.monotonic()))
+        stopped = asyncio.ensure_future(run.stop.wait())
         try:
-            await asyncio.wait([timer, *running], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([timer, stopped, *running], return_when=asyncio.FIRST_COMPLETED)
         finally:
             timer.cancel()
+            stopped.cancel()
         finished = []
         for task, attempt in running.items():
             if task.done():

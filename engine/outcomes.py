@@ -70,6 +70,7 @@ class CancelReason(StrEnum):
     DEADLINE = "deadline"
     HEDGE_LOST = "hedge_lost"
     BUDGET = "budget"
+    RUN_FAILED = "run_failed"  # another step of the run failed; this work can no longer be used
     SHUTDOWN = "shutdown"
 
 

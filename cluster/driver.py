@@ -1,0 +1,208 @@
+"""The driver: runs a batch of input records through a workflow on Ray executors, one absolute
+deadline per run.
+
+Each run's DAG is orchestrated here (deterministic: ready steps start in declaration order). The
+deadline is set once when the run starts and travels with every step request; executors end their
+steps at it on their own, and the driver backstops with `grace_s` so no run outlives its deadline by
+more than that, whatever happens to an executor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError, TaskCancelledError
+
+from actors.step_runner import StepRequest
+from cluster.results import BatchSummary, ResultWriter
+from engine.clock import SYSTEM_CLOCK, Clock, Deadline
+from engine.dag import Dag
+from engine.outcomes import AttemptRecord, FailureReason, RunOutcome, StepResult
+from engine.specs import RunOptions, WorkflowSpec
+
+DEFAULT_GRACE_S = 0.25
+
+
+@dataclass
+class _RunState:
+    run_id: str
+    inputs: dict[str, Any]
+    deadline: Deadline
+    started_at: float
+    outputs: dict[str, Any] = field(default_factory=dict)
+    attempts: list[AttemptRecord] = field(default_factory=list)
+    degraded: dict[str, str] = field(default_factory=dict)
+    cost_usd: float = 0.0
+    failure: FailureReason | None = None
+    detail: str | None = None
+    failed_step: str | None = None
+
+
+@dataclass
+class _StepCall:
+    """Where one step of one run is running now (it moves if its executor dies)."""
+
+    step_id: str
+    index: int | None = None
+    executor: Any = None
+    ref: Any = None
+
+
+_Pending = dict[asyncio.Task[StepResult], _StepCall]
+
+
+class ExecutorChooser:
+    """Least outstanding steps first; ties round-robin."""
+
+    def __init__(self, executors: Sequence[Any]) -> None:
+        self.executors = list(executors)
+        self._load = [0] * len(self.executors)
+        self._tie = itertools.count()
+
+    def acquire(self, avoid: Any = None) -> int:
+        order = sorted(range(len(self.executors)),
+                       key=lambda i: (self.executors[i] is avoid, self._load[i], (i - next(self._tie)) % 997))
+        self._load[order[0]] += 1
+        return order[0]
+
+    def release(self, index: int) -> None:
+        self._load[index] -= 1
+
+
+class WorkflowDriver:
+    def __init__(self, workflow: WorkflowSpec, options: RunOptions, executors: Sequence[Any],
+                 clock: Clock = SYSTEM_CLOCK, grace_s: float = DEFAULT_GRACE_S) -> None:
+        self.workflow = workflow
+        self.options = options
+        self.dag = Dag.from_spec(workflow)
+        self.chooser = ExecutorChooser(executors)
+        self.clock = clock
+        self.grace_s = grace_s
+
+    async def run(self, run_id: str, inputs: dict[str, Any]) -> RunOutcome:
+        deadline = Deadline.after(self.options.deadline_s, self.clock)
+        state = _RunState(run_id, inputs, deadline, self.clock.time())
+        pending: _Pending = {}
+        started: set[str] = set()
+        try:
+            while len(state.outputs) < len(self.workflow.steps) and state.failure is None:
+                for step_id in self.dag.ready(set(state.outputs), started):
+                    started.add(step_id)
+                    call = _StepCall(step_id)
+                    pending[asyncio.ensure_future(self._run_step(state, call))] = call
+                done, _ = await asyncio.wait(pending, timeout=state.deadline.remaining() + self.grace_s,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    state.failure, state.detail = FailureReason.DEADLINE_EXCEEDED, "run deadline reached"
+                    break
+                for task in done:
+                    self._absorb(state, pending.pop(task).step_id, task)
+        finally:
+            await self._stop_pending(state, pending)
+        return self._outcome(state)
+
+    async def _run_step(self, state: _RunState, call: _StepCall) -> StepResult:
+        step = self.workflow.step(call.step_id)
+        avoid = None
+        while True:
+            remaining_cost = None
+            if self.options.max_cost_usd is not None:
+                remaining_cost = max(0.0, self.options.max_cost_usd - state.cost_usd)
+            request = StepRequest(
+                run_id=state.run_id, workflow=self.workflow.name, tenant=self.options.tenant, step=step,
+                inputs=state.inputs, upstream={d: state.outputs[d] for d in step.depends_on},
+                deadline_epoch=state.deadline.to_epoch(), cost_remaining_usd=remaining_cost,
+                max_attempts=self.options.max_attempts_per_step,
+            )
+            call.index = self.chooser.acquire(avoid)
+            call.executor = self.chooser.executors[call.index]
+            call.ref = call.executor.run_step.remote(request)
+            try:
+                return await call.ref
+            except RayActorError:
+                # The executor died with the step in flight: run it again elsewhere while time remains.
+                if state.deadline.remaining() <= 0 or len(self.chooser.executors) < 2:
+                    raise
+                avoid = call.executor
+            finally:
+                self.chooser.release(call.index)
+                call.index = None
+
+    def _absorb(self, state: _RunState, step_id: str, task: asyncio.Task[StepResult]) -> None:
+        try:
+            result = task.result()
+        except (RayActorError, RayTaskError, TaskCancelledError) as exc:
+            state.failure = FailureReason.PROVIDER_ERROR
+            state.detail, state.failed_step = f"executor failed: {type(exc).__name__}", step_id
+            return
+        state.attempts.extend(result.attempts)
+        state.cost_usd += sum(a.cost_usd for a in result.attempts)
+        if result.ok:
+            state.outputs[step_id] = result.output
+            if result.tier:
+                state.degraded[step_id] = result.model or ""
+        elif state.failure is None:
+            state.failure, state.detail, state.failed_step = result.failure, result.detail, step_id
+
+    async def _stop_pending(self, state: _RunState, pending: _Pending) -> None:
+        """Cancel the run's outstanding steps; keep their attempt records if they come back in time."""
+        if not pending:
+            return
+        for call in pending.values():
+            if call.executor is not None:
+                call.executor.cancel_run.remote(state.run_id)
+        done, still = await asyncio.wait(pending, timeout=self.grace_s)
+        for task in still:
+            ref = pending[task].ref
+            if ref is not None:
+                ray.cancel(ref)
+            task.cancel()
+        for task in done:
+            if not task.cancelled() and task.exception() is None:
+                result = task.result()
+                state.attempts.extend(result.attempts)
+                state.cost_usd += sum(a.cost_usd for a in result.attempts)
+
+    def _outcome(self, state: _RunState) -> RunOutcome:
+        ended = self.clock.time()
+        delivered = state.failure is None
+        return RunOutcome(
+            run_id=state.run_id, workflow=self.workflow.name, tenant=self.options.tenant,
+            delivered=delivered, failure=state.failure, detail=state.detail, failed_step=state.failed_step,
+            outputs={s: state.outputs[s] for s in self.dag.sinks()} if delivered else {},
+            started_at=state.started_at, ended_at=ended, deadline_at=state.deadline.to_epoch(),
+            latency_s=ended - state.started_at, cost_usd=state.cost_usd,
+            input_tokens=sum(a.input_tokens for a in state.attempts),
+            output_tokens=sum(a.output_tokens for a in state.attempts),
+            degraded_steps=state.degraded, attempts=state.attempts,
+        )
+
+
+async def run_records(driver: WorkflowDriver, records: Iterable[tuple[str, dict[str, Any]]],
+                      writer: ResultWriter, summary: BatchSummary, max_in_flight: int,
+                      on_done: Callable[[RunOutcome], None] | None = None) -> None:
+    """Run records with at most `max_in_flight` runs at once; write each outcome as it finishes."""
+    in_flight: set[asyncio.Task[RunOutcome]] = set()
+
+    def finish(task: asyncio.Task[RunOutcome]) -> None:
+        outcome = task.result()
+        writer.write(outcome)
+        summary.add(outcome)
+        if on_done is not None:
+            on_done(outcome)
+
+    for run_id, record in records:
+        if len(in_flight) >= max_in_flight:
+            done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                finish(task)
+        in_flight.add(asyncio.ensure_future(driver.run(run_id, record)))
+    while in_flight:
+        done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            finish(task)

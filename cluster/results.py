@@ -1,0 +1,90 @@
+"""Results stream to JSONL as runs finish (an interrupted batch loses nothing already done), and a
+running summary is kept in constant memory per run (one float each)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import IO
+
+from pydantic import BaseModel
+
+from engine.outcomes import RunOutcome
+
+
+class ResultWriter:
+    """Appends one JSON line per finished run and flushes it at once."""
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = Path(path) if path else None
+        self._file: IO[str] | None = None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", encoding="utf-8")
+
+    def write(self, outcome: RunOutcome) -> None:
+        if self._file is not None:
+            self._file.write(outcome.model_dump_json() + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def finished_run_ids(path: str | Path) -> set[str]:
+    """Run ids already written to a results file (used to resume a batch)."""
+    done: set[str] = set()
+    p = Path(path)
+    if not p.exists():
+        return done
+    with p.open(encoding="utf-8") as f:
+        for line in f:
+            try:
+                done.add(json.loads(line)["run_id"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut by a crash mid-write: that run is simply run again
+    return done
+
+
+def quantile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+class BatchSummary(BaseModel):
+    runs: int = 0
+    delivered: int = 0
+    on_time: int = 0
+    failures: dict[str, int] = {}
+    degraded_runs: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    attempts: int = 0
+    latencies_s: list[float] = []
+
+    def add(self, outcome: RunOutcome) -> None:
+        self.runs += 1
+        self.delivered += outcome.delivered
+        self.on_time += outcome.on_time
+        if outcome.failure is not None:
+            self.failures[outcome.failure.value] = self.failures.get(outcome.failure.value, 0) + 1
+        self.degraded_runs += bool(outcome.degraded_steps)
+        self.input_tokens += outcome.input_tokens
+        self.output_tokens += outcome.output_tokens
+        self.cost_usd += outcome.cost_usd
+        self.attempts += len(outcome.attempts)
+        self.latencies_s.append(outcome.latency_s)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.on_time / self.runs if self.runs else 0.0
+
+    def percentiles(self) -> dict[str, float]:
+        values = sorted(self.latencies_s)
+        return {name: quantile(values, q) for name, q in
+                (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0))}
