@@ -1,0 +1,66 @@
+"""Which endpoint and key each provider of a workflow uses: configured ones, or the embedded simulator.
+
+With no API key and no base URL configured for any provider the workflow uses, tailrace runs the
+built-in provider simulator instead, and says so. A half-configured setup is an error, never a silent
+fallback.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from engine.errors import ProviderConfigError
+from engine.providers.base import DEFAULT_KEY_ENV, DEFAULT_URL_ENV, AdapterSettings
+from engine.specs import ProviderSpec, WorkflowSpec
+
+SIMULATOR_KEY = "tailrace-simulator"
+
+
+@dataclass(frozen=True)
+class SimulatorEndpoints:
+    openai_base_url: str
+    anthropic_base_url: str
+
+    def for_kind(self, kind: str) -> str:
+        return self.openai_base_url if kind == "openai" else self.anthropic_base_url
+
+
+def used_providers(workflow: WorkflowSpec) -> dict[str, ProviderSpec]:
+    known = workflow.all_providers()
+    names = {m.provider for s in workflow.steps for m in s.models}
+    return {name: known[name] for name in sorted(names)}
+
+
+def _configured(spec: ProviderSpec) -> bool:
+    key = os.environ.get(spec.api_key_env or DEFAULT_KEY_ENV[spec.kind])
+    url = spec.base_url or os.environ.get(DEFAULT_URL_ENV[spec.kind])
+    return bool(key or url)
+
+
+def needs_simulator(workflow: WorkflowSpec) -> bool:
+    """True when no provider the workflow uses has a key or a URL configured."""
+    return not any(_configured(spec) for spec in used_providers(workflow).values())
+
+
+def resolve_providers(workflow: WorkflowSpec, simulator: SimulatorEndpoints | None = None
+                      ) -> dict[str, AdapterSettings]:
+    settings: dict[str, AdapterSettings] = {}
+    for name, spec in used_providers(workflow).items():
+        if simulator is not None:
+            settings[name] = AdapterSettings(kind=spec.kind, base_url=simulator.for_kind(spec.kind),
+                                             api_key=SIMULATOR_KEY)
+            continue
+        key_env = spec.api_key_env or DEFAULT_KEY_ENV[spec.kind]
+        base_url = spec.base_url or os.environ.get(DEFAULT_URL_ENV[spec.kind])
+        if not os.environ.get(key_env):
+            if not base_url:
+                raise ProviderConfigError(
+                    f"provider {name!r} ({spec.kind}) has no API key: set {key_env}, or give it a "
+                    f"base_url, or unset every provider key to use the built-in simulator"
+                )
+            # A compatible local server often needs no key; the SDKs still want one.
+            settings[name] = AdapterSettings(kind=spec.kind, base_url=base_url, api_key="unused")
+            continue
+        settings[name] = AdapterSettings(kind=spec.kind, base_url=base_url, api_key_env=key_env)
+    return settings
