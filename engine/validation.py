@@ -1,0 +1,264 @@
+"""The quality floor: decide whether one model answer satisfies a step's output contract.
+
+`validate` runs the checks in a fixed order and stops at the first failure, so a verdict carries
+one short machine-friendly reason (`truncated`, `not_json`, `schema: ...`, `validator:<name>: ...`).
+It never raises for a bad answer: a validator that raises is reported as a failed check.
+
+JSON answers: the whole answer must be one JSON value, optionally wrapped in a single markdown
+fence (```json ... ```), because real models emit fences even when told not to and the content is
+unambiguous. Prose around the JSON, or several blocks, is `not_json`: guessing which part the
+model meant would let a wrong answer through. NaN and Infinity are not JSON and are rejected.
+
+Custom validators are registered by name in this process. Ray workers run validation too, so
+register them at import time of a module that the workers import (e.g. next to the schema model).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import re
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, overload
+
+import pydantic
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import best_match
+from jsonschema.protocols import Validator
+from jsonschema.validators import validator_for
+
+from engine.errors import SpecError
+from engine.outcomes import StopKind
+from engine.specs import OutputContract
+
+ValidatorFn = Callable[[Any, str, Mapping[str, Any]], str | None]
+
+_STOP_REASONS: dict[StopKind, str] = {
+    StopKind.TRUNCATED: "truncated",
+    StopKind.REFUSED: "refused",
+    StopKind.FILTERED: "filtered",
+    StopKind.TOOL: "tool_call",
+    StopKind.UNKNOWN: "incomplete",
+}
+_FENCE = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\n(?P<body>.*?)\n?[ \t]*```", re.DOTALL)
+_MAX_MESSAGE_CHARS = 200
+
+_registry: dict[str, ValidatorFn] = {}
+_registry_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """`value` is the parsed JSON (kind json) or the stripped text; `reason` is None exactly when ok."""
+
+    ok: bool
+    value: Any = None
+    reason: str | None = None
+
+
+def validate(
+    contract: OutputContract, text: str, stop_kind: StopKind | None, inputs: Mapping[str, Any]
+) -> Verdict:
+    """Check one answer against `contract`: stop kind, length, JSON, schema, copied ids, validators."""
+    if stop_kind != StopKind.COMPLETE:
+        return _fail(_STOP_REASONS.get(stop_kind, "incomplete") if stop_kind else "incomplete")
+    stripped = text.strip()
+    if len(stripped) < contract.min_chars:
+        return _fail("empty" if not stripped else "too_short")
+    value: Any = stripped
+    if contract.kind == "json":
+        parsed = _parse_json(stripped)
+        if parsed is _NOT_JSON:
+            return _fail("empty" if not stripped else "not_json")
+        value = parsed
+        if (problem := _schema_problem(contract, value)) is not None:
+            return _fail(f"schema: {problem}")
+    for field in contract.copy_ids:
+        if field not in inputs or not _contains_id(text, str(inputs[field]), contract.kind == "json"):
+            return _fail(f"missing_id: {field}")
+    for name in contract.validators:
+        if (problem := _run_validator(name, value, text, inputs)) is not None:
+            return _fail(f"validator:{name}: {problem}")
+    return Verdict(ok=True, value=value)
+
+
+def contract_instructions(contract: OutputContract, inputs: Mapping[str, Any]) -> str:
+    """The output contract as system-prompt text, in the convention the provider simulator reads.
+
+    The schema goes between `<schema>` and `</schema>` as compact JSON, the identifiers to copy as
+    a JSON list between `<ids>` and `</ids>`. "" for a plain text contract without ids.
+    """
+    parts: list[str] = []
+    if contract.kind == "json":
+        schema = contract_schema(contract)
+        if schema is None:
+            parts.append("Respond with a single JSON value, with no other text.")
+        else:
+            parts.append(
+                "Respond with a single JSON object that conforms to this JSON Schema, with no other text:\n"
+                f"<schema>{_compact(schema)}</schema>"
+            )
+    ids = [str(inputs[f]) for f in contract.copy_ids if f in inputs]
+    if ids:
+        parts.append(f"Copy these identifiers verbatim into your answer:\n<ids>{_compact(ids)}</ids>")
+    return "\n\n".join(parts)
+
+
+def contract_schema(contract: OutputContract) -> dict[str, Any] | None:
+    """The JSON Schema a JSON answer must satisfy: `json_schema`, else the schema model's schema."""
+    if contract.json_schema is not None:
+        return contract.json_schema
+    if contract.schema_model is not None:
+        return resolve_schema_model(contract.schema_model).model_json_schema()
+    return None
+
+
+def resolve_schema_model(ref: Any) -> type[pydantic.BaseModel]:
+    """A pydantic model class from a class or a "package.module:ClassName" string.
+
+    Raises `SpecError` (field `output.schema_model`) when it cannot be imported or is no model.
+    """
+    if isinstance(ref, str):
+        return _import_model(ref)
+    if isinstance(ref, type) and issubclass(ref, pydantic.BaseModel):
+        return ref
+    raise SpecError("output.schema_model", f"{ref!r} is not a pydantic BaseModel subclass")
+
+
+@overload
+def register_validator(name: str, *, replace: bool = False) -> Callable[[ValidatorFn], ValidatorFn]: ...
+
+
+@overload
+def register_validator(name: str, fn: ValidatorFn, *, replace: bool = False) -> ValidatorFn: ...
+
+
+def register_validator(
+    name: str, fn: ValidatorFn | None = None, *, replace: bool = False
+) -> ValidatorFn | Callable[[ValidatorFn], ValidatorFn]:
+    """Register `fn(value, text, inputs) -> reason | None` under `name`; usable as a decorator.
+
+    Registering a different function under a taken name raises `ValueError` unless `replace=True`
+    (re-registering the same function, e.g. on a module re-import, is allowed).
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError("a validator name must be a non-empty string")
+
+    def add(f: ValidatorFn) -> ValidatorFn:
+        with _registry_lock:
+            old = _registry.get(name)
+            if old is not None and old is not f and not replace:
+                raise ValueError(f"validator {name!r} is already registered (pass replace=True)")
+            _registry[name] = f
+        return f
+
+    return add if fn is None else add(fn)
+
+
+def unregister_validator(name: str) -> None:
+    """Remove a validator; unknown names are ignored."""
+    with _registry_lock:
+        _registry.pop(name, None)
+
+
+def registered_validators() -> dict[str, ValidatorFn]:
+    """A snapshot of the registry, by name."""
+    with _registry_lock:
+        return dict(_registry)
+
+
+_NOT_JSON = object()
+
+
+def _fail(reason: str) -> Verdict:
+    return Verdict(ok=False, reason=reason)
+
+
+def _parse_json(stripped: str) -> Any:
+    fenced = _FENCE.fullmatch(stripped)
+    body = fenced["body"] if fenced else stripped
+    try:
+        return json.loads(body, parse_constant=_reject_constant)
+    except ValueError:  # json.JSONDecodeError and our NaN/Infinity rejection
+        return _NOT_JSON
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _schema_problem(contract: OutputContract, value: Any) -> str | None:
+    if contract.json_schema is not None:
+        validator = _schema_validator(json.dumps(contract.json_schema, sort_keys=True))
+        error = best_match(validator.iter_errors(value))
+        if error is not None:
+            return _short(f"{error.json_path}: {error.message}")
+    if contract.schema_model is not None:
+        try:
+            resolve_schema_model(contract.schema_model).model_validate(value)
+        except pydantic.ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            where = ".".join(str(p) for p in first["loc"])
+            return _short(f"{where or '$'}: {first['msg']}")
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _schema_validator(canonical_schema: str) -> Validator:
+    # Keyed by the schema's canonical JSON: building a validator costs far more than dumping it.
+    # No format checker: as in JSON Schema 2020-12, `format` is an annotation, not an assertion.
+    schema = json.loads(canonical_schema)
+    return validator_for(schema, default=Draft202012Validator)(schema)
+
+
+def _contains_id(text: str, ident: str, json_text: bool) -> bool:
+    if ident in text:
+        return True
+    # Inside JSON an id with quotes, backslashes or non-ASCII can appear escaped; that is still a
+    # verbatim copy of the value.
+    return json_text and json.dumps(ident)[1:-1] in text
+
+
+def _run_validator(name: str, value: Any, text: str, inputs: Mapping[str, Any]) -> str | None:
+    fn = _registry.get(name)  # one dict read is atomic; no lock needed on the hot path
+    if fn is None:
+        return "not registered"
+    try:
+        result = fn(value, text, inputs)
+    except Exception as exc:  # a user's validator must never crash the attempt; report it instead
+        return _short(f"raised {type(exc).__name__}: {exc}")
+    if result is None:
+        return None
+    if isinstance(result, str):
+        return _short(result) or "invalid"
+    return f"returned {type(result).__name__}, expected a reason string or None"
+
+
+@functools.lru_cache(maxsize=64)
+def _import_model(ref: str) -> type[pydantic.BaseModel]:
+    module_name, sep, qualname = ref.partition(":")
+    if not sep or not module_name or not qualname:
+        raise SpecError("output.schema_model", f"{ref!r} is not of the form 'package.module:ClassName'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:  # importing runs arbitrary module code; any failure means "cannot import"
+        raise SpecError("output.schema_model", f"cannot import module {module_name!r}: {exc}") from exc
+    for attr in qualname.split("."):
+        if not hasattr(obj, attr):
+            raise SpecError("output.schema_model", f"module {module_name!r} has no attribute {qualname!r}")
+        obj = getattr(obj, attr)
+    if not (isinstance(obj, type) and issubclass(obj, pydantic.BaseModel)):
+        raise SpecError("output.schema_model", f"{ref!r} is not a pydantic BaseModel subclass")
+    return obj
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _short(message: str) -> str:
+    message = " ".join(message.split())
+    return message if len(message) <= _MAX_MESSAGE_CHARS else message[: _MAX_MESSAGE_CHARS - 3] + "..."
