@@ -56,6 +56,18 @@ def find_cycle(edges: Mapping[str, Sequence[str]]) -> list[str] | None:
     return None
 
 
+def ancestors_of(parents: Mapping[str, Sequence[str]], node: str) -> set[str]:
+    """Every node `node` depends on, directly or through others (safe on graphs with cycles)."""
+    seen: set[str] = set()
+    todo = list(parents.get(node, ()))
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(parents.get(n, ()))
+    return seen
+
+
 class Dag:
     """An acyclic graph of step ids, in declaration order."""
 
@@ -102,6 +114,16 @@ class Dag:
     def children(self, node: str) -> list[str]:
         """The nodes that depend on `node`, in declaration order."""
         return list(self._children[node])
+
+    def ancestors(self, node: str) -> list[str]:
+        """Every node `node` depends on, directly or not, in declaration order.
+
+        These are the outputs a step's templates may use: all of them are done before it starts.
+        """
+        if node not in self._index:
+            raise KeyError(node)
+        found = ancestors_of(self._parents, node)
+        return [n for n in self._nodes if n in found]
 
     def roots(self) -> list[str]:
         return [n for n in self._nodes if not self._parents[n]]

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 from jsonschema.exceptions import SchemaError
 from jsonschema.validators import validator_for
 
-from engine.dag import find_cycle
+from engine.dag import ancestors_of, find_cycle
 from engine.errors import SpecError, SpecErrors
-from engine.templates import TemplateError, references
+from engine.templates import TemplateError, TemplateRef, references
 from engine.validation import registered_validators, resolve_schema_model
 
 if TYPE_CHECKING:
@@ -143,6 +143,10 @@ def _check_templates(spec: WorkflowSpec, step: StepSpec) -> list[SpecError]:
     for k, model in enumerate(step.models):
         fields.append((f"steps[{step.id}].models[{k}].prompt", model.prompt))
         fields.append((f"steps[{step.id}].models[{k}].system", model.system))
+    # A template may use any step this one depends on, directly or not: all are done before it runs.
+    # (With duplicate ids the first declaration stands for the id, hence `reversed`.)
+    parents = {s.id: s.depends_on for s in reversed(spec.steps)}
+    usable = ancestors_of({**parents, step.id: step.depends_on}, step.id)
     errors = []
     for where, template in fields:
         if template is None:
@@ -153,15 +157,14 @@ def _check_templates(spec: WorkflowSpec, step: StepSpec) -> list[SpecError]:
             errors.append(SpecError(where, str(exc)))
             continue
         for ref in dict.fromkeys(refs):  # one error per distinct reference
-            if (problem := _reference_problem(spec, step, ref.source, ref.name, ref.path)) is not None:
+            if (problem := _reference_problem(spec, step, usable, ref)) is not None:
                 errors.append(SpecError(where, f"{{{{{ref}}}}}: {problem}"))
     return errors
 
 
-def _reference_problem(
-    spec: WorkflowSpec, step: StepSpec, source: str, name: str, path: tuple[str, ...]
-) -> str | None:
-    if source == "input":
+def _reference_problem(spec: WorkflowSpec, step: StepSpec, usable: set[str], ref: TemplateRef) -> str | None:
+    name = ref.name
+    if ref.source == "input":
         if name not in spec.inputs:
             return f"unknown input field {name!r}; declared inputs: {_listing(spec.inputs)}"
         return None
@@ -170,9 +173,12 @@ def _reference_problem(
         return "a step cannot use its own output"
     if name not in ids:
         return f"unknown step {name!r}; steps are: {_listing(ids)}"
-    if name not in step.depends_on:
-        return f"step {name!r} is not in this step's depends_on; add it there to use its output"
-    if path and spec.step(name).output.kind != "json":
+    if name not in usable:
+        return (
+            f"step {name!r} is not in this step's depends_on (directly or through its dependencies); "
+            "add it there to use its output"
+        )
+    if ref.path and spec.step(name).output.kind != "json":
         return f"step {name!r} has a text output; a path into it needs output.kind: json"
     return None
 
