@@ -22,8 +22,8 @@ from cluster.results import BatchSummary, ResultWriter, finished_run_ids
 from engine.loading import check_inputs, load_inputs, load_workflow
 from engine.outcomes import RunOutcome
 from engine.providers.base import AdapterSettings
+from engine.spec_checks import check_validators_registered
 from engine.specs import RunOptions, WorkflowSpec
-from engine.validation import check_validators_registered
 
 log = logging.getLogger("tailrace")
 
@@ -38,10 +38,13 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
 
 
 def start_executors(providers: Mapping[str, AdapterSettings], count: int, num_cpus: float = 0.5) -> list[Any]:
-    return [
+    """Start executors and wait until they answer, so actor start-up is not charged to the first runs."""
+    executors = [
         StepExecutor.options(max_concurrency=1000, num_cpus=num_cpus).remote(dict(providers), f"executor-{i}")
         for i in range(count)
     ]
+    ray.get([e.health.remote() for e in executors])
+    return executors
 
 
 def _numbered(workflow: WorkflowSpec, records: Records, skip: set[str]) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -115,7 +115,7 @@ class WorkflowDriver:
                 remaining_cost = max(0.0, self.options.max_cost_usd - state.cost_usd)
             request = StepRequest(
                 run_id=state.run_id, workflow=self.workflow.name, tenant=self.options.tenant, step=step,
-                inputs=state.inputs, upstream={d: state.outputs[d] for d in step.depends_on},
+                inputs=state.inputs, upstream={d: state.outputs[d] for d in self.dag.ancestors(step.id)},
                 deadline_epoch=state.deadline.to_epoch(), cost_remaining_usd=remaining_cost,
                 max_attempts=self.options.max_attempts_per_step,
             )
