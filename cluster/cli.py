@@ -24,6 +24,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 DEMO_WORKFLOW = EXAMPLES / "support_triage" / "workflow.yaml"
 DEMO_INPUTS = EXAMPLES / "support_triage" / "inputs.jsonl"
 
+SCENARIO_NAMES = ("clean", "heavy-tail", "brownout", "tpm")
 console = Console(stderr=False)
 errors = Console(stderr=True)
 
@@ -41,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     _run_options(demo)
 
     sim = sub.add_parser("sim", help="serve the provider simulator (OpenAI and Anthropic wire formats)")
-    sim.add_argument("--scenario", default="clean", help="clean | heavy-tail | brownout | tpm")
+    sim.add_argument("--scenario", default="clean", choices=SCENARIO_NAMES)
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--time-scale", type=float, default=1.0, help="multiply simulated durations")
     sim.add_argument("--host", default="127.0.0.1")
@@ -58,7 +59,8 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="results JSONL (default: results-<workflow>.jsonl)")
     p.add_argument("--executors", type=int, default=2, help="step executor actors")
     p.add_argument("--concurrency", type=int, default=64, help="runs in flight at once")
-    p.add_argument("--scenario", help="use the built-in simulator with this scenario, even if keys are set")
+    p.add_argument("--scenario", choices=SCENARIO_NAMES,
+                   help="use the built-in simulator with this scenario, even if keys are set")
     p.add_argument("--seed", type=int, default=0, help="simulator seed")
     p.add_argument("--time-scale", type=float, default=1.0, help="simulator time scale")
 

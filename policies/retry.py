@@ -66,7 +66,9 @@ class SequentialRetryPolicy:
                 continue
             at = now
             if rung.tier == tier and last.error is not None:
-                at = now + self._wait_before_retry(last, per_tier)
+                # Measured from when the failure happened, so asking again later does not push it back.
+                finished = last.finished_at if last.finished_at is not None else now
+                at = max(now, finished + self._wait_before_retry(last, per_tier))
             if at < deadline:
                 return self._start_at(rung, at, deadline, "retry", banned_models, banned_providers)
         return self._exhausted(last, "no model left to try")

@@ -40,10 +40,10 @@ class AnthropicAdapter:
         params: dict[str, Any] = {}
         if call.system:
             params["system"] = call.system
-        if call.temperature is not None:
-            params["temperature"] = call.temperature
-        if call.top_p is not None:
-            params["top_p"] = call.top_p
+        # anthropic 2.x dropped sampling parameters from `create`'s signature; the API still takes them.
+        sampling = {k: v for k, v in (("temperature", call.temperature), ("top_p", call.top_p)) if v is not None}
+        if sampling:
+            params["extra_body"] = sampling
         raw = await self._client.messages.with_raw_response.create(
             model=call.model,
             max_tokens=call.max_tokens,

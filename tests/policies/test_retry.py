@@ -15,16 +15,18 @@ LADDER = [
 ]
 
 
+NOW, DEADLINE = 10.0, 30.0
+
+
 def err(kind: ErrorKind, retryable: bool, retry_after: float | None = None) -> ProviderError:
     return ProviderError(kind=kind, retryable=retryable, retry_after_s=retry_after)
 
 
 def done(tier: int, outcome: AttemptOutcome, error: ProviderError | None = None) -> AttemptState:
-    return AttemptState(tier=tier, started_at=0.0, finished_at=1.0, outcome=outcome, error=error)
+    return AttemptState(tier=tier, started_at=NOW - 1.0, finished_at=NOW, outcome=outcome, error=error)
 
 
 E = AttemptOutcome.ERROR
-NOW, DEADLINE = 10.0, 30.0
 
 CASES = [
     ("first attempt on the strongest rung", [], NOW, Start(0, NOW, "primary")),
@@ -58,6 +60,13 @@ CASES = [
       done(2, AttemptOutcome.INVALID)], NOW,
      GiveUp(FailureReason.INVALID_OUTPUT, "gave up after 4 attempts")),
 ]
+
+
+def test_retry_time_is_fixed_when_the_failure_happened():
+    policy = SequentialRetryPolicy(LADDER)
+    history = [done(0, E, err(ErrorKind.SERVER_ERROR, True))]
+    assert policy.decide(history, NOW + 0.01, DEADLINE) == Start(0, NOW + 0.05, "retry")
+    assert policy.decide(history, NOW + 0.06, DEADLINE) == Start(0, NOW + 0.06, "retry")
 
 
 @pytest.mark.parametrize(("name", "attempts", "now", "expected"), CASES, ids=[c[0] for c in CASES])
