@@ -106,7 +106,9 @@ class BrownoutConfig(BaseModel):
     """One model degrades in periodic windows of simulated time; every other model stays healthy.
 
     The model is degraded while `(sim_time - offset_s) mod period_s < duration_s` (and sim_time >=
-    offset_s), where sim_time is simulated seconds since the server started.
+    offset_s), where sim_time is simulated seconds since the server started. `model="auto"` lets
+    the server pick the first OpenAI mid/strong model it is asked for (so any workflow sees a
+    brownout); until then nothing is degraded.
     """
 
     model_config = ConfigDict(frozen=True)

@@ -91,6 +91,10 @@ class RateLimiter:
             reset_requests_s=req.until_full(), limit_tokens=int(tok.capacity),
             remaining_tokens=max(0, math.floor(tok.level)), reset_tokens_s=tok.until_full())
 
+    def peek(self, key: str, now: float) -> LimitSnapshot:
+        """The key's limits without charging anything (for responses to unusable requests)."""
+        return self._snapshot(*self._buckets(key, now))
+
     def admit(self, key: str, tokens: int, now: float) -> Admission:
         """Charge one request of `tokens` (prompt + max_tokens) or reject it, at simulated `now`."""
         req, tok = self._buckets(key, now)

@@ -14,6 +14,7 @@ import json
 import math
 import threading
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,8 +23,8 @@ from typing import Any
 
 from aiohttp import web
 
-from engine.sim.config import ERROR_FAULTS, Fault, SimConfig
-from engine.sim.log import RequestLog, RequestRecord, key_hash, summarize
+from engine.sim.config import ERROR_FAULTS, Fault, SimConfig, profile_class
+from engine.sim.log import RequestLog, RequestRecord, key_hash
 from engine.sim.planner import Finish, RequestFeatures, ResponsePlan, plan_response
 from engine.sim.ratelimit import RateLimiter, retry_after_headers
 from engine.sim.wire import BadRequest, Exchange, Wire
@@ -116,7 +117,7 @@ class SimServer:
             usage = self._limiter.usage(self.sim_time())
         return {"scenario": self.config.name, "seed": self.config.seed,
                 "time_scale": self.config.time_scale, "sim_time_s": round(self.sim_time(), 3),
-                "in_flight": len(self._inflight), **summarize(self._log.records()), "keys": usage}
+                "in_flight": len(self._inflight), **self._log.summary(), "keys": usage}
 
     def log_records(self) -> list[dict[str, Any]]:
         return self._log.records()
@@ -156,6 +157,14 @@ class SimServer:
     async def _sleep(self, sim_seconds: float) -> None:
         await asyncio.sleep(max(0.0, sim_seconds) * self.config.time_scale)
 
+    def _latch_brownout(self, features: RequestFeatures) -> None:
+        """Resolve `brownout.model="auto"` to the first OpenAI mid/strong model requested."""
+        b = self.config.brownout
+        if (b is not None and b.model == "auto" and features.api == "openai"
+                and profile_class(features.model) in ("mid", "strong")):
+            self.config = self.config.model_copy(
+                update={"brownout": b.model_copy(update={"model": features.model})})
+
     def _forced(self, model: str) -> Fault | None:
         """The scripted fault of this model's n-th request, else its forced fault, else None."""
         n = self._per_model[model]
@@ -182,8 +191,13 @@ class SimServer:
                 features, include_usage = wire.parse(body)
             except (BadRequest, ValueError) as err:
                 bad = err if isinstance(err, BadRequest) else BadRequest(f"invalid JSON body: {err}")
-                prog.status, prog.fault = 400, "bad_request"
-                return web.json_response(wire.bad_request_body(bad, "req_invalid"), status=400)
+                prog.status, prog.fault, prog.finished = 400, "bad_request", True
+                rid = wire.full_request_id(uuid.uuid4().hex[:24])
+                with self._limiter_lock:
+                    snapshot = self._limiter.peek(key_hash(api_key), self.sim_time())
+                headers = {wire.request_id_header: rid, **wire.limit_headers(snapshot, self.config.time_scale)}
+                return web.json_response(wire.bad_request_body(bad, rid), status=400, headers=headers)
+            self._latch_brownout(features)
             occurrence = self._occurrences[features.content_key]
             self._occurrences[features.content_key] += 1
             plan = plan_response(self.config, features, occurrence, arrival, self._forced(features.model))

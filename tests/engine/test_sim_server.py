@@ -192,6 +192,17 @@ async def test_brownout_degrades_only_the_chosen_model(start_sim: Start) -> None
                                                 max_tokens=100)
 
 
+async def test_brownout_auto_picks_the_first_openai_mid_or_strong_model(start_sim: Start) -> None:
+    sim = await start_sim("brownout", brownout={"model": "auto", "offset_s": 0, "period_s": 1e6,
+                                                "duration_s": 1e6, "overloaded_rate": 0.0})
+    await an(sim).messages.create(model="claude-sonnet-4-5", max_tokens=50,
+                                  messages=[{"role": "user", "content": "hi"}])
+    for model in ("gpt-4o-mini", "gpt-5", "gpt-4.1"):
+        await oa(sim).chat.completions.create(model=model, messages=MESSAGES, max_tokens=50)  # type: ignore[arg-type]
+    assert {r["model"]: r["degraded"] for r in sim.log_records()} == {
+        "gpt-4o-mini": False, "claude-sonnet-4-5": False, "gpt-5": True, "gpt-4.1": False}
+
+
 async def test_concurrency_does_not_change_outcomes(start_sim: Start) -> None:
     rates = {Fault.HTTP_500: 0.2, Fault.EMPTY: 0.2, Fault.OVERLOADED: 0.1}
     sim = await start_sim(fault_rates=rates, seed=9)

@@ -296,5 +296,6 @@ async def test_bad_requests_are_400(start_sim: Start) -> None:
                                       messages=[{"role": "user", "content": "hi"}])
     async with aiohttp.ClientSession() as session, session.post(
             f"{sim.openai_base_url}/chat/completions", data=b"{nope") as resp:
-        assert resp.status == 400
+        assert resp.status == 400 and resp.headers["x-request-id"].startswith("req_")
+        assert "x-ratelimit-remaining-tokens" in resp.headers
         assert (await resp.json())["error"]["type"] == "invalid_request_error"
