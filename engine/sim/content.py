@@ -148,14 +148,13 @@ class _Builder:
             return self._object(schema, depth)
         if t == "array":
             return self._array(schema, name, depth)
-        if t == "integer":
-            lo = int(schema.get("minimum", 0))
-            hi = int(schema.get("maximum", max(lo, 0) + 100))
-            return self.rng.randint(lo, max(lo, hi))
-        if t == "number":
-            lo = float(schema.get("minimum", 0.0))
-            hi = float(schema.get("maximum", lo + 100.0))
-            return round(self.rng.uniform(lo, max(lo, hi)), 2)
+        if t in ("integer", "number"):
+            step = 1 if t == "integer" else 0.01
+            lo = schema.get("minimum", schema.get("exclusiveMinimum", -step) + step)
+            hi = schema.get("maximum", schema.get("exclusiveMaximum", lo + 100 + step) - step)
+            if t == "integer":
+                return self.rng.randint(int(lo), max(int(lo), int(hi)))
+            return round(self.rng.uniform(float(lo), max(float(lo), float(hi))), 2)
         if t == "boolean":
             return self.rng.random() < 0.5
         if t == "null":
