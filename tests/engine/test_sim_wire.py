@@ -52,11 +52,18 @@ async def start_sim() -> AsyncIterator[Start]:
 
 
 def oa(sim: SimServer) -> openai.AsyncOpenAI:
+    """One client per server: building an SDK client costs tens of milliseconds."""
+    for c in CLIENTS:
+        if isinstance(c, openai.AsyncOpenAI) and str(c.base_url).rstrip("/") == sim.openai_base_url:
+            return c
     CLIENTS.append(openai.AsyncOpenAI(base_url=sim.openai_base_url, api_key="sk-test", max_retries=0, timeout=10))
     return CLIENTS[-1]
 
 
 def an(sim: SimServer) -> anthropic.AsyncAnthropic:
+    for c in CLIENTS:
+        if isinstance(c, anthropic.AsyncAnthropic) and str(c.base_url).rstrip("/") == sim.anthropic_base_url:
+            return c
     CLIENTS.append(anthropic.AsyncAnthropic(base_url=sim.anthropic_base_url, api_key="sk-ant-test",
                                             max_retries=0, timeout=10))
     return CLIENTS[-1]
