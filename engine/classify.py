@@ -61,7 +61,7 @@ def _kind(provider: str, f: FailureFacts) -> ErrorKind:
         return ErrorKind.MALFORMED_RESPONSE
     text = " ".join(x for x in (f.error_type, f.error_code, f.message) if x)
     status = f.status
-    if status is None:  # an error event inside a 200 stream
+    if status is None or status < 400:  # an error event inside a 200 stream
         status = _STREAM_ERROR_STATUS.get(f.error_type or "", 500)
     if status == 429:
         if _SPEND_PATTERNS.search(text):

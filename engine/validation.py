@@ -45,6 +45,10 @@ _STOP_REASONS: dict[StopKind, str] = {
 }
 _FENCE = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\n(?P<body>.*?)\n?[ \t]*```", re.DOTALL)
 _MAX_MESSAGE_CHARS = 200
+# The opening of a refusal, as models phrase it when the API does not flag it.
+_REFUSAL = re.compile(
+    r"^(I'm sorry|I am sorry|Sorry|I apologi[sz]e)?[,.]?\s*(but )?I (can(no|')t|am unable to|won't) "
+    r"(help|assist|comply|provide|do that)", re.IGNORECASE)
 
 _registry: dict[str, ValidatorFn] = {}
 _registry_lock = threading.Lock()
@@ -68,6 +72,9 @@ def validate(
     stripped = text.strip()
     if len(stripped) < contract.min_chars:
         return _fail("empty" if not stripped else "too_short")
+    if contract.kind == "text" and _REFUSAL.match(stripped):
+        # OpenAI without structured outputs puts a refusal in the content with finish_reason "stop".
+        return _fail("refused")
     value: Any = stripped
     if contract.kind == "json":
         parsed = _parse_json(stripped)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import anthropic
+import httpx2
 
 from engine.classify import classify, rate_limit_headers
 from engine.clock import Clock
@@ -13,7 +14,8 @@ from engine.providers.base import AdapterSettings, AttemptProgress, ProviderCall
 
 _ERRORS = dict(
     timeout_types=(anthropic.APITimeoutError,),
-    connection_types=(anthropic.APIConnectionError,),
+    # Anthropic 2.x lets a dropped stream surface as a raw httpx2 transport error.
+    connection_types=(anthropic.APIConnectionError, httpx2.TransportError),
     status_types=(anthropic.APIStatusError,),
     api_error_types=(anthropic.APIError,),
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx2
 import openai
 
 from engine.classify import classify, rate_limit_headers
@@ -13,7 +14,8 @@ from engine.providers.base import AdapterSettings, AttemptProgress, ProviderCall
 
 _ERRORS = dict(
     timeout_types=(openai.APITimeoutError,),
-    connection_types=(openai.APIConnectionError,),
+    # Anthropic 2.x lets a dropped stream surface as a raw httpx2 transport error.
+    connection_types=(openai.APIConnectionError, httpx2.TransportError),
     status_types=(openai.APIStatusError,),
     api_error_types=(openai.APIError,),
 )

@@ -113,3 +113,11 @@ def test_facts_from_real_sdk_exceptions():
     timeout = openai.APITimeoutError(request=httpx2.Request("POST", "http://127.0.0.1/"))
     assert facts_from_exception(timeout, **openai_adapter._ERRORS).transport == "timeout"
     assert facts_from_exception(ValueError("bad json"), **openai_adapter._ERRORS).transport == "malformed"
+
+
+def test_stream_errors_from_the_sdks_keep_their_kind():
+    # anthropic 2.x: an error event inside a 200 stream arrives as APIStatusError with status 200.
+    in_stream = FailureFacts(status=200, error_type="overloaded_error", message="Overloaded")
+    assert classify("anthropic", in_stream).kind == ErrorKind.OVERLOADED
+    dropped = httpx2.RemoteProtocolError("peer closed connection without sending complete message body")
+    assert facts_from_exception(dropped, **anthropic_adapter._ERRORS).transport == "connection"

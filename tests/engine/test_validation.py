@@ -237,3 +237,11 @@ def test_contract_instructions_use_the_models_schema():
 
 def test_contract_instructions_for_json_without_schema():
     assert contract_instructions(JSON_ANY, {}) == "Respond with a single JSON value, with no other text."
+
+
+def test_refusal_phrased_as_content_is_refused_for_text():
+    from engine.specs import OutputContract as _Contract
+
+    verdict = validate(_Contract(), "I'm sorry, but I can't help with that.", StopKind.COMPLETE, {})
+    assert verdict.reason == "refused"
+    assert validate(_Contract(), "Sorry for the delay: your refund is on its way.", StopKind.COMPLETE, {}).ok
