@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -74,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.workflow, args.inputs = str(DEMO_WORKFLOW), str(DEMO_INPUTS)
         return _run(args)
     except TailraceError as exc:
-        errors.print(f"[bold red]error:[/] {exc}", highlight=False)
+        errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         return 2
     except KeyboardInterrupt:
         errors.print("interrupted: finished runs are in the results file; run again to resume")
@@ -110,7 +111,7 @@ def _endpoints(workflow, args: argparse.Namespace) -> Iterator[object]:  # type:
 
 def _run(args: argparse.Namespace) -> int:
     from cluster.api import run_batch
-    from engine.loading import load_workflow
+    from engine.loading import check_inputs, load_inputs, load_workflow
 
     workflow = load_workflow(args.workflow)
     if not Path(args.inputs).is_file():
@@ -119,8 +120,10 @@ def _run(args: argparse.Namespace) -> int:
         raise InputError(f"inputs file {args.inputs!r} does not exist")
     options = _options(workflow.defaults, args)
     out = args.out or f"results-{workflow.name}.jsonl"
-    with Path(args.inputs).open(encoding="utf-8") as f:
-        total = sum(1 for line in f if line.strip())
+    total = 0
+    for line, record in load_inputs(args.inputs):  # every record checked before anything starts
+        check_inputs(workflow, record, line, source=args.inputs)
+        total += 1
     with _endpoints(workflow, args) as simulator, _progress() as progress:
         task = progress.add_task(workflow.name, total=total)
         summary = run_batch(

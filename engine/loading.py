@@ -21,6 +21,7 @@ import pydantic
 import yaml
 
 from engine.errors import InputError, SpecError, SpecErrors
+from engine.spec_checks import check_graph
 from engine.specs import WorkflowSpec
 
 _SUFFIXES = {".yaml": "YAML", ".yml": "YAML", ".json": "JSON"}
@@ -53,7 +54,7 @@ def workflow_from_dict(data: Any, source: str = "<dict>") -> WorkflowSpec:
     try:
         return WorkflowSpec.model_validate(data)
     except pydantic.ValidationError as exc:
-        errors = SpecErrors([_convert(err, data) for err in exc.errors(include_url=False)])
+        errors = SpecErrors([_convert(err, data) for err in exc.errors(include_url=False)] + _raw_graph_errors(data))
         errors.add_note(f"in {source}")
         raise errors from None
     except SpecErrors as exc:
@@ -123,6 +124,19 @@ def _convert(err: Mapping[str, Any], data: Mapping[str, Any]) -> SpecError:
     elif err["type"] not in _MESSAGES and "input" in err:
         message += f" (got {_short_repr(err['input'])})"
     return SpecError(_field_path(loc, data), message)
+
+
+def _raw_graph_errors(data: Mapping[str, Any]) -> list[SpecError]:
+    """Dependency problems of a spec whose fields did not validate (pydantic stops before them)."""
+    steps = data.get("steps")
+    if not isinstance(steps, list):
+        return []
+    pairs = [
+        (s["id"], [d for d in s.get("depends_on") or [] if isinstance(d, str)])
+        for s in steps
+        if isinstance(s, Mapping) and isinstance(s.get("id"), str) and isinstance(s.get("depends_on") or [], list)
+    ]
+    return check_graph(pairs)
 
 
 def _field_path(loc: Sequence[str | int], data: Any) -> str:

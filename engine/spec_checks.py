@@ -14,7 +14,7 @@ Whether the custom validators a contract names are registered is checked at run 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from jsonschema.exceptions import SchemaError
@@ -87,31 +87,37 @@ def _check_ids(spec: WorkflowSpec) -> list[SpecError]:
 
 
 def _check_graph(spec: WorkflowSpec) -> list[SpecError]:
-    ids = [s.id for s in spec.steps]
+    return check_graph([(s.id, s.depends_on) for s in spec.steps])
+
+
+def check_graph(steps: Sequence[tuple[str, Sequence[str]]]) -> list[SpecError]:
+    """Dependency problems of (step id, depends_on) pairs: also used on raw specs that failed
+    field validation, so a cycle is reported together with the field errors."""
+    ids = [step_id for step_id, _ in steps]
     known = set(ids)
     errors = []
-    for step in spec.steps:
-        for j, dep in enumerate(step.depends_on):
-            where = f"steps[{step.id}].depends_on[{j}]"
-            if dep == step.id:
+    for step_id, depends_on in steps:
+        for j, dep in enumerate(depends_on):
+            where = f"steps[{step_id}].depends_on[{j}]"
+            if dep == step_id:
                 errors.append(SpecError(where, "a step cannot depend on itself"))
             elif dep not in known:
                 errors.append(SpecError(where, f"unknown step {dep!r}; steps are: {_listing(ids)}"))
-            elif dep in step.depends_on[:j]:
+            elif dep in depends_on[:j]:
                 errors.append(SpecError(where, f"step {dep!r} is listed twice"))
     # Walk the edges the way data flows (dependency -> dependent) so the cycle reads like the
     # workflow: `a -> b` means b depends on a. Self-dependencies are reported above, not as cycles.
     feeds: dict[str, list[str]] = {i: [] for i in ids}
-    for step in spec.steps:
-        for dep in dict.fromkeys(step.depends_on):
-            if dep in feeds and dep != step.id:
-                feeds[dep].append(step.id)
+    for step_id, depends_on in steps:
+        for dep in dict.fromkeys(depends_on):
+            if dep in feeds and dep != step_id:
+                feeds[dep].append(step_id)
     cycle = find_cycle(feeds)
     if cycle is not None:
         head, last = cycle[0], cycle[-2]
         # `head` depends on `last`; with duplicate ids, pick the declaration that has that edge.
-        owner = next(s for s in spec.steps if s.id == head and last in s.depends_on)
-        j = owner.depends_on.index(last)
+        owner = next(deps for step_id, deps in steps if step_id == head and last in deps)
+        j = list(owner).index(last)
         errors.append(
             SpecError(
                 f"steps[{head}].depends_on[{j}]",

@@ -1,0 +1,43 @@
+"""Bad input reaches the user as one clear paragraph and exit status 2, before anything starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cluster.cli import DEMO_WORKFLOW, main
+
+CYCLE = """
+name: cyc
+inputs: [x]
+steps:
+  - {id: a, prompt: "{{input.x}}", depends_on: [c], models: [{provider: openai, model: m, max_tokens: 5}]}
+  - {id: b, prompt: "{{input.x}}", depends_on: [a], models: [{provider: openai, model: m, max_tokens: 5}]}
+  - {id: c, prompt: "{{input.x}}", depends_on: [b], models: [{provider: openai, model: m, max_tokens: 5}]}
+"""
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Path:
+    (tmp_path / "cycle.yaml").write_text(CYCLE)
+    (tmp_path / "ok.jsonl").write_text('{"x": 1}\n')
+    (tmp_path / "broken.jsonl").write_text('{"ticket_id": "T", "order_id": "O", "customer": "c", "message": "m"}\n{oops\n')
+    (tmp_path / "missing_field.jsonl").write_text('{"ticket_id": "T"}\n')
+    return tmp_path
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["run", "{d}/cycle.yaml", "--inputs", "{d}/ok.jsonl"], "cycle: a -> b -> c -> a"),
+    (["run", "{d}/nowhere.yaml", "--inputs", "{d}/ok.jsonl"], "nowhere.yaml"),
+    (["run", str(DEMO_WORKFLOW), "--inputs", "{d}/absent.jsonl"], "absent.jsonl"),
+    (["run", str(DEMO_WORKFLOW), "--inputs", "{d}/broken.jsonl"], "broken.jsonl:2: not valid JSON"),
+    (["run", str(DEMO_WORKFLOW), "--inputs", "{d}/missing_field.jsonl"], "missing input field(s): order_id"),
+    (["demo", "--deadline", "-1"], "--deadline"),
+])
+def test_bad_input_is_one_clear_error(files, capsys, argv, expected):
+    code = main([a.format(d=files) for a in argv])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2
+    assert expected in err
+    assert "Traceback" not in err
