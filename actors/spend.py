@@ -9,7 +9,7 @@ is the gate built here; the cluster-wide budget actor plugs in behind the same p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -43,6 +43,12 @@ class Usage:
     input_tokens: int
     output_tokens: int
     cost_usd: float
+    reported: bool = True               # False: our conservative estimate (e.g. cancelled mid-stream)
+    cancelled: bool = False
+    # What the provider said about its limits, so a budget can trust it over its own ledger.
+    rate_limit: dict[str, str] = field(default_factory=dict)
+    status: int | None = None           # HTTP status of a failed attempt (429 ...)
+    retry_after_s: float | None = None
 
 
 class SpendGate(Protocol):

@@ -259,7 +259,12 @@ class StepRunner:
         input_tokens = p.input_tokens if p.input_tokens is not None else attempt.grant.ask.input_tokens
         output_tokens = p.output_tokens if p.output_tokens is not None else estimate_tokens(p.text)
         cost = attempt.choice.cost_usd(input_tokens, output_tokens)
-        await run.gate.settle(attempt.grant, Usage(input_tokens, output_tokens, cost))
+        error = fields.get("error")
+        await run.gate.settle(attempt.grant, Usage(
+            input_tokens, output_tokens, cost, reported=reported, cancelled=outcome == AttemptOutcome.CANCELLED,
+            rate_limit=dict(p.rate_limit), status=None if error is None else error.status,
+            retry_after_s=None if error is None else error.retry_after_s,
+        ))
         first = p.first_token_mono
         return AttemptRecord(
             run_id=run.request.run_id, step_id=run.request.step.id, attempt=attempt.number,

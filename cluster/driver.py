@@ -13,7 +13,7 @@ import asyncio
 import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError, TaskCancelledError
@@ -74,9 +74,20 @@ class ExecutorChooser:
         self._load[index] -= 1
 
 
+class RunAdmission(Protocol):
+    """Asked once when a run starts; a refusal ends the run at once as `budget_exhausted`."""
+
+    async def admit(self, run_id: str, workflow: WorkflowSpec, options: RunOptions,
+                    deadline_epoch: float) -> str | None:
+        """None to admit the run, else the reason it cannot be served before its deadline."""
+        ...
+
+
 class WorkflowDriver:
     def __init__(self, workflow: WorkflowSpec, options: RunOptions, executors: Sequence[Any],
-                 clock: Clock = SYSTEM_CLOCK, grace_s: float = DEFAULT_GRACE_S) -> None:
+                 clock: Clock = SYSTEM_CLOCK, grace_s: float = DEFAULT_GRACE_S,
+                 admission: RunAdmission | None = None) -> None:
+        self.admission = admission
         self.workflow = workflow
         self.options = options
         self.dag = Dag.from_spec(workflow)
@@ -89,6 +100,11 @@ class WorkflowDriver:
         state = _RunState(run_id, inputs, deadline, self.clock.time())
         pending: _Pending = {}
         started: set[str] = set()
+        if self.admission is not None:
+            refusal = await self.admission.admit(run_id, self.workflow, self.options, deadline.to_epoch())
+            if refusal is not None:
+                state.failure, state.detail = FailureReason.BUDGET_EXHAUSTED, refusal
+                return self._outcome(state)
         try:
             while len(state.outputs) < len(self.workflow.steps) and state.failure is None:
                 for step_id in self.dag.ready(set(state.outputs), started):
