@@ -1,0 +1,54 @@
+"""tailrace's Ray-free core: specs, DAG, templates, validation, clock and deadlines, typed outcomes,
+provider adapters and error classification. The provider simulator lives in `engine.sim`."""
+
+from engine.clock import Clock, Deadline, FakeClock, SystemClock
+from engine.dag import Dag
+from engine.errors import InputError, ProviderConfigError, SpecError, SpecErrors, TailraceError
+from engine.loading import load_inputs, load_workflow, workflow_from_dict
+from engine.outcomes import (
+    AttemptOutcome,
+    AttemptRecord,
+    CancelReason,
+    ErrorKind,
+    FailureReason,
+    ProviderError,
+    RunOutcome,
+    StepResult,
+    StopKind,
+)
+from engine.specs import ModelChoice, OutputContract, ProviderSpec, RunOptions, StepSpec, WorkflowSpec
+from engine.validation import Verdict, register_validator, validate
+
+__all__ = [
+    "AttemptOutcome",
+    "AttemptRecord",
+    "CancelReason",
+    "Clock",
+    "Dag",
+    "Deadline",
+    "ErrorKind",
+    "FailureReason",
+    "FakeClock",
+    "InputError",
+    "ModelChoice",
+    "OutputContract",
+    "ProviderConfigError",
+    "ProviderError",
+    "ProviderSpec",
+    "RunOptions",
+    "RunOutcome",
+    "SpecError",
+    "SpecErrors",
+    "StepResult",
+    "StepSpec",
+    "StopKind",
+    "SystemClock",
+    "TailraceError",
+    "Verdict",
+    "WorkflowSpec",
+    "load_inputs",
+    "load_workflow",
+    "register_validator",
+    "validate",
+    "workflow_from_dict",
+]
