@@ -7,10 +7,9 @@ from typing import Any
 import anthropic
 import httpx2
 
-from engine.classify import classify, rate_limit_headers
-from engine.clock import Clock
-from engine.providers._sdk_errors import facts_from_exception
-from engine.providers.base import AdapterSettings, AttemptProgress, ProviderCall, RawAttempt
+from engine.classify import rate_limit_headers
+from engine.providers._streaming import StreamingAdapter
+from engine.providers.base import AdapterSettings, AttemptProgress, ProviderCall
 
 _ERRORS = dict(
     timeout_types=(anthropic.APITimeoutError,),
@@ -21,22 +20,13 @@ _ERRORS = dict(
 )
 
 
-class AnthropicAdapter:
+class AnthropicAdapter(StreamingAdapter):
     kind = "anthropic"
+    errors = _ERRORS
 
-    def __init__(self, settings: AdapterSettings, clock: Clock) -> None:
-        self._clock = clock
-        self._client = anthropic.AsyncAnthropic(
-            api_key=settings.resolved_key(), base_url=settings.base_url, max_retries=0
-        )
-
-    async def attempt(self, call: ProviderCall, progress: AttemptProgress) -> RawAttempt:
-        try:
-            await self._stream(call, progress)
-        except Exception as exc:  # SDK and transport failures only; CancelledError is BaseException
-            error = classify(self.kind, facts_from_exception(exc, **_ERRORS))
-            return RawAttempt.from_progress(progress, self.kind, self._clock.monotonic(), error)
-        return RawAttempt.from_progress(progress, self.kind, self._clock.monotonic())
+    def _make_client(self, settings: AdapterSettings) -> anthropic.AsyncAnthropic:
+        # The engine owns every retry: an SDK retry is a call no budget saw.
+        return anthropic.AsyncAnthropic(api_key=settings.resolved_key(), base_url=settings.base_url, max_retries=0)
 
     async def _stream(self, call: ProviderCall, progress: AttemptProgress) -> None:
         params: dict[str, Any] = {}
@@ -71,6 +61,3 @@ class AnthropicAdapter:
                     progress.output_tokens = event.usage.output_tokens
         finally:
             await stream.close()
-
-    async def aclose(self) -> None:
-        await self._client.close()

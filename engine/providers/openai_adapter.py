@@ -7,37 +7,26 @@ from typing import Any
 import httpx2
 import openai
 
-from engine.classify import classify, rate_limit_headers
-from engine.clock import Clock
-from engine.providers._sdk_errors import facts_from_exception
-from engine.providers.base import AdapterSettings, AttemptProgress, ProviderCall, RawAttempt
+from engine.classify import rate_limit_headers
+from engine.providers._streaming import StreamingAdapter
+from engine.providers.base import AdapterSettings, AttemptProgress, ProviderCall
 
 _ERRORS = dict(
     timeout_types=(openai.APITimeoutError,),
-    # Anthropic 2.x lets a dropped stream surface as a raw httpx2 transport error.
+    # A stream dropped mid-body can surface as a raw httpx2 transport error.
     connection_types=(openai.APIConnectionError, httpx2.TransportError),
     status_types=(openai.APIStatusError,),
     api_error_types=(openai.APIError,),
 )
 
 
-class OpenAIAdapter:
+class OpenAIAdapter(StreamingAdapter):
     kind = "openai"
+    errors = _ERRORS
 
-    def __init__(self, settings: AdapterSettings, clock: Clock) -> None:
-        self._clock = clock
+    def _make_client(self, settings: AdapterSettings) -> openai.AsyncOpenAI:
         # The engine owns every retry: an SDK retry is a call no budget saw.
-        self._client = openai.AsyncOpenAI(
-            api_key=settings.resolved_key(), base_url=settings.base_url, max_retries=0
-        )
-
-    async def attempt(self, call: ProviderCall, progress: AttemptProgress) -> RawAttempt:
-        try:
-            await self._stream(call, progress)
-        except Exception as exc:  # SDK and transport failures only; CancelledError is BaseException
-            error = classify(self.kind, facts_from_exception(exc, **_ERRORS))
-            return RawAttempt.from_progress(progress, self.kind, self._clock.monotonic(), error)
-        return RawAttempt.from_progress(progress, self.kind, self._clock.monotonic())
+        return openai.AsyncOpenAI(api_key=settings.resolved_key(), base_url=settings.base_url, max_retries=0)
 
     async def _stream(self, call: ProviderCall, progress: AttemptProgress) -> None:
         messages: list[dict[str, Any]] = []
@@ -80,6 +69,3 @@ class OpenAIAdapter:
                     progress.output_tokens = chunk.usage.completion_tokens
         finally:
             await stream.close()
-
-    async def aclose(self) -> None:
-        await self._client.close()
