@@ -105,7 +105,9 @@ class StepRunner:
         clock: Clock = SYSTEM_CLOCK,
         policy_factory: PolicyFactory = sequential_policy,
         gate_factory: Callable[[StepRequest], SpendGate] | None = None,
+        return_margin_s: float = 0.05,
     ) -> None:
+        self._return_margin_s = return_margin_s
         self._adapters = adapters
         self._clock = clock
         self._policy_factory = policy_factory
@@ -114,8 +116,9 @@ class StepRunner:
     async def run(self, request: StepRequest, stop: asyncio.Event | None = None) -> StepResult:
         """Run the step to a valid answer, a give-up or its deadline. Setting `stop` ends it early
         (its run failed elsewhere): running attempts are cancelled and the step ends `cancelled`."""
-        state = _StepRun(request, Deadline.from_epoch(request.deadline_epoch, self._clock),
-                         self._gate_factory(request), stop or asyncio.Event())
+        # End a little before the run's deadline, so the result travels back to the driver in time.
+        deadline = Deadline.from_epoch(request.deadline_epoch - self._return_margin_s, self._clock)
+        state = _StepRun(request, deadline, self._gate_factory(request), stop or asyncio.Event())
         try:
             return await self._race(state, self._policy_factory(request))
         finally:

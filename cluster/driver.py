@@ -166,13 +166,17 @@ class WorkflowDriver:
             state.failure, state.detail, state.failed_step = result.failure, result.detail, step_id
 
     async def _stop_pending(self, state: _RunState, pending: _Pending) -> None:
-        """Cancel the run's outstanding steps; keep their attempt records if they come back in time."""
+        """Cancel the run's outstanding steps and keep the attempt records that come back while the
+        run's grace lasts; never wait past deadline + grace."""
         if not pending:
             return
+        if state.failed_step is None:
+            state.failed_step = next(iter(pending.values())).step_id  # still running when the deadline hit
         for call in pending.values():
             if call.executor is not None:
                 call.executor.cancel_run.remote(state.run_id)
-        done, still = await asyncio.wait(pending, timeout=self.grace_s)
+        wait_s = max(0.0, min(self.grace_s, state.deadline.remaining() + self.grace_s))
+        done, still = await asyncio.wait(pending, timeout=wait_s) if wait_s > 0 else (set(), set(pending))
         for task in still:
             ref = pending[task].ref
             if ref is not None:
