@@ -154,8 +154,8 @@ def _progress() -> Progress:
 
 def summary_table(summary, workflow: str, deadline_s: float) -> Table:  # type: ignore[no-untyped-def]
     p = summary.percentiles()
-    table = Table(title=f"{workflow}: {summary.runs} runs, deadline {deadline_s:g} s")
-    for column in ("runs", "delivered", "hit rate", "p50 s", "p90 s", "p99 s", "max s", "tokens", "cost $"):
+    table = Table(title=f"{workflow}: {summary.runs} runs, deadline {deadline_s:g} s, latency in s")
+    for column in ("runs", "delivered", "hit rate", "p50", "p90", "p99", "max", "tokens", "cost $"):
         table.add_column(column, justify="right")
     table.add_row(
         str(summary.runs), str(summary.delivered), f"{summary.hit_rate:.1%}",
