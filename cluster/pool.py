@@ -136,6 +136,7 @@ class _Member:
     state: MemberState
     since: float
     in_flight: int = 0
+    served: int = 0             # step dispatches it took
     attempts_in_flight: int = 0
     node_id: str | None = None
     last_seen: float | None = None
@@ -160,6 +161,7 @@ class PoolStatus:
     waiting: int
     attempts_in_flight: int
     nodes: dict[str, int] = field(default_factory=dict)   # node id -> ready executors there
+    served: dict[str, int] = field(default_factory=dict)  # node id -> step dispatches its executors took
 
 
 class ExecutorPool:
@@ -182,6 +184,7 @@ class ExecutorPool:
         self._scaler = Scaler(self.config, clock)
         self._loop_task: asyncio.Task[None] | None = None
         self._hinted: int | None = None
+        self._served: dict[str, int] = {}   # node id -> dispatches, kept after its executors are gone
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -232,6 +235,7 @@ class ExecutorPool:
                 member = self._pick(avoid)
                 if member is not None:
                     member.in_flight += 1
+                    member.served += 1
                     return Lease(member.handle, member.key)
                 remaining = deadline.remaining()
                 if remaining <= 0:
@@ -262,11 +266,13 @@ class ExecutorPool:
         for m in self._members.values():
             if m.state == MemberState.READY and m.node_id:
                 nodes[m.node_id] = nodes.get(m.node_id, 0) + 1
+            self._flush_served(m)
         return PoolStatus(
             ready=self._count(MemberState.READY), starting=self._count(MemberState.STARTING),
             suspect=self._count(MemberState.SUSPECT), draining=self._count(MemberState.DRAINING),
             steps_in_flight=sum(m.in_flight for m in self._members.values()), waiting=self._waiting,
             attempts_in_flight=sum(m.attempts_in_flight for m in self._members.values()), nodes=nodes,
+            served=dict(self._served),
         )
 
     def handles(self) -> list[Any]:
@@ -305,7 +311,13 @@ class ExecutorPool:
         with contextlib.suppress(Exception):
             ray.kill(member.handle, no_restart=True)
 
+    def _flush_served(self, m: _Member) -> None:
+        if m.node_id and m.served:
+            self._served[m.node_id] = self._served.get(m.node_id, 0) + m.served
+            m.served = 0
+
     def _remove(self, member: _Member, kind: str, detail: str) -> None:
+        self._flush_served(member)
         self._members.pop(member.key, None)
         self._kill(member)
         self._record(kind, detail)
