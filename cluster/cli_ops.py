@@ -133,6 +133,9 @@ def _submit(args: argparse.Namespace) -> int:
     if args.wait:
         final = jobs.wait(submission.submission_id, args.address)
         console.print(f"{submission.submission_id}: {final}")
+        if final != "SUCCEEDED":
+            tail = next(jobs.logs(submission.submission_id, args.address)).rstrip().splitlines()[-15:]
+            console.print("last lines of its logs:\n" + "\n".join(tail), markup=False, highlight=False)
         return 0 if final == "SUCCEEDED" else 1
     return 0
 
@@ -145,6 +148,8 @@ def _status(args: argparse.Namespace) -> int:
         console.print_json(json.dumps(state.as_dict()))
         return 0
     console.print(f"{state.submission_id}: [bold]{state.status}[/]" + (f" ({state.message})" if state.message else ""))
+    if state.attempts > 1:
+        console.print(f"attempt {state.attempts} (Ray job {state.job_id})")
     if state.progress:
         console.print(f"progress: {state.progress}")
     if state.summary:

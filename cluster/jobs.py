@@ -4,9 +4,12 @@ it (status, logs) and fetch its results.
 Client side: `submit` ships the working directory (the workflow and inputs inside it) and tailrace's
 own packages in the job's runtime env, plus any pip dependencies; Ray's auth token is sent when one
 is configured. The submission id is derived from the workflow, the inputs and the options, so
-submitting the same batch again names the same job: a job still running is left alone, a finished,
-failed or stopped one is submitted again under the same id and skips the runs already in its
-results file (results are written as runs finish, so an interrupted batch loses nothing).
+submitting the same batch again names the same batch: while one of its jobs runs nothing new is
+submitted; once it ended (finished, failed or stopped) the next attempt runs as the Ray job
+`<id>.2`, `<id>.3`, ... and skips the runs already in the batch's results file (results are written
+as runs finish, so an interrupted batch loses nothing). `status`, `logs`, `stop` and `results` take
+the batch id and follow its latest attempt. (Reusing the Ray job id itself is unsafe: the stopped
+job's supervisor actor can still hold its name while the new job starts.)
 
 Job side (`python -m cluster.jobs run ...`, the entrypoint): runs the batch with `run_batch` on the
 cluster, writing `results.jsonl`, `results.trace.jsonl` and `summary.json` under
@@ -150,9 +153,37 @@ def forwarded_env() -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Submission:
-    submission_id: str
+    submission_id: str     # the batch's id (what the user keeps)
+    job_id: str            # the Ray job of this attempt: the batch id, then <id>.2, <id>.3, ...
     action: str            # submitted | resubmitted | already_running
     status: str
+
+
+def _attempt_number(batch_id: str, job_id: str | None) -> int | None:
+    if job_id == batch_id:
+        return 1
+    if job_id and job_id.startswith(batch_id + "."):
+        tail = job_id[len(batch_id) + 1:]
+        return int(tail) if tail.isdigit() else None
+    return None
+
+
+def attempts(jobs: Any, batch_id: str) -> list[tuple[int, str, str]]:
+    """(attempt, Ray job id, status) of every job of a batch, oldest first."""
+    found = []
+    for job in jobs.list_jobs():
+        n = _attempt_number(batch_id, job.submission_id)
+        if n is not None:
+            found.append((n, str(job.submission_id), str(job.status.value)))
+    return sorted(found)
+
+
+def latest_job(jobs: Any, batch_id: str) -> str:
+    """The Ray job id of a batch's latest attempt (a Ray job id is accepted as is)."""
+    found = attempts(jobs, batch_id)
+    if not found:
+        raise JobError(f"no job {batch_id!r} on this cluster")
+    return found[-1][1]
 
 
 def submit(workflow: str | Path, inputs: str | Path, args: BatchArgs | None = None, *,
@@ -175,21 +206,34 @@ def submit(workflow: str | Path, inputs: str | Path, args: BatchArgs | None = No
     args = replace(args or BatchArgs("", "", {}), workflow=rel["workflow"], inputs=rel["inputs"])
     sid = submission_id or submission_id_for(workflow, inputs, args)
     jobs = client(address)
-    existing = _job_status(jobs, sid)
-    if existing is not None and existing not in _TERMINAL:
-        return Submission(sid, "already_running", existing)
-    if existing is not None:
-        jobs.delete_job(sid)  # the job record only; its results file stays and is resumed
+    earlier = attempts(jobs, sid)
+    if earlier and earlier[-1][2] not in _TERMINAL:
+        return Submission(sid, earlier[-1][1], "already_running", earlier[-1][2])
+    job_id = f"{sid}.{earlier[-1][0] + 1}" if earlier else sid
     entrypoint = " ".join(shlex.quote(a) for a in [python, "-m", "cluster.jobs", *args.argv(sid, results_dir)])
     try:
-        jobs.submit_job(entrypoint=entrypoint, submission_id=sid,
+        _submit_job(jobs, entrypoint=entrypoint, submission_id=job_id,
                         runtime_env=runtime_env(root, ship_tailrace=ship_tailrace, pip=pip, env_vars=forwarded_env()),
-                        metadata={"tailrace": "batch", "workflow": rel["workflow"], "inputs": rel["inputs"]})
+                        metadata={"tailrace": "batch", "batch": sid, "workflow": rel["workflow"],
+                                  "inputs": rel["inputs"]})
     except RuntimeError as exc:
         if "already exists" in str(exc):  # a concurrent submit of the same batch won the race
-            return Submission(sid, "already_running", _job_status(jobs, sid) or "PENDING")
+            return Submission(sid, job_id, "already_running", _job_status(jobs, job_id) or "PENDING")
         raise JobError(f"the cluster refused the job: {_first_line(exc)}") from None
-    return Submission(sid, "resubmitted" if existing else "submitted", "PENDING")
+    return Submission(sid, job_id, "resubmitted" if earlier else "submitted", "PENDING")
+
+
+def _submit_job(jobs: Any, *, patience_s: float = 60.0, **kwargs: Any) -> None:
+    """Submit, waiting (bounded) while a freshly started head has no job agent registered yet."""
+    end = time.monotonic() + patience_s
+    while True:
+        try:
+            jobs.submit_job(**kwargs)
+            return
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() >= end:
+                raise
+            time.sleep(0.5)
 
 
 def _job_status(jobs: Any, sid: str) -> str | None:
@@ -204,6 +248,8 @@ def _job_status(jobs: Any, sid: str) -> str | None:
 @dataclass(frozen=True)
 class JobState:
     submission_id: str
+    job_id: str                   # its latest attempt
+    attempts: int
     status: str
     message: str
     start_time: float | None
@@ -217,9 +263,13 @@ class JobState:
 
 def status(submission_id: str, address: str | None = None) -> JobState:
     jobs = client(address)
+    found = attempts(jobs, submission_id)
+    if not found:
+        raise JobError(f"no job {submission_id!r} on this cluster")
+    job_id = found[-1][1]
     try:
-        info = jobs.get_job_info(submission_id)
-        text = jobs.get_job_logs(submission_id)
+        info = jobs.get_job_info(job_id)
+        text = jobs.get_job_logs(job_id)
     except RuntimeError as exc:
         raise JobError(f"no job {submission_id!r} on this cluster ({_first_line(exc)})") from None
     progress = summary = None
@@ -230,21 +280,22 @@ def status(submission_id: str, address: str | None = None) -> JobState:
             with contextlib.suppress(ValueError):
                 summary = json.loads(line[len(SUMMARY_PREFIX):])
     ms = 1000.0
-    return JobState(submission_id, str(info.status.value), info.message or "",
+    return JobState(submission_id, job_id, len(found), str(info.status.value), info.message or "",
                     info.start_time / ms if info.start_time else None, info.end_time / ms if info.end_time else None,
                     progress, summary)
 
 
 def logs(submission_id: str, address: str | None = None, follow: bool = False) -> Iterator[str]:
     jobs = client(address)
+    job_id = latest_job(jobs, submission_id)
     try:
         if not follow:
-            yield jobs.get_job_logs(submission_id)
+            yield jobs.get_job_logs(job_id)
             return
         import asyncio
 
         async def collect() -> None:
-            async for chunk in jobs.tail_job_logs(submission_id):
+            async for chunk in jobs.tail_job_logs(job_id):
                 sys.stdout.write(chunk)
                 sys.stdout.flush()
 
@@ -254,18 +305,20 @@ def logs(submission_id: str, address: str | None = None, follow: bool = False) -
 
 
 def stop(submission_id: str, address: str | None = None) -> bool:
+    jobs = client(address)
     try:
-        return bool(client(address).stop_job(submission_id))
+        return bool(jobs.stop_job(latest_job(jobs, submission_id)))
     except RuntimeError as exc:
         raise JobError(f"cannot stop job {submission_id!r}: {_first_line(exc)}") from None
 
 
 def wait(submission_id: str, address: str | None = None, timeout_s: float = 3600.0, poll_s: float = 0.5) -> str:
-    """Block until the job is terminal (or the timeout passes); its status."""
+    """Block until the batch's latest job is terminal (or the timeout passes); its status."""
     jobs = client(address)
+    job_id = latest_job(jobs, submission_id)
     end = time.monotonic() + timeout_s
     while True:
-        current = _job_status(jobs, submission_id) or "UNKNOWN"
+        current = _job_status(jobs, job_id) or "UNKNOWN"
         if current in _TERMINAL or time.monotonic() >= end:
             return current
         time.sleep(poll_s)
@@ -297,7 +350,7 @@ def fetch_results(submission_id: str, out: str | Path, *, address: str | None = 
     helper = f"{submission_id}-fetch-{uuid.uuid4().hex[:8]}"
     argv = [python, "-m", "cluster.jobs", "cat", "--submission-id", submission_id, "--results-dir", results_dir,
             "--what", what]
-    jobs.submit_job(entrypoint=" ".join(shlex.quote(a) for a in argv), submission_id=helper,
+    _submit_job(jobs, entrypoint=" ".join(shlex.quote(a) for a in argv), submission_id=helper,
                     runtime_env=runtime_env(None, ship_tailrace=True),
                     metadata={"tailrace": "fetch"})
     try:
@@ -369,6 +422,8 @@ def _run_job(args: argparse.Namespace) -> int:
     from engine.loading import load_inputs, load_workflow
     from engine.specs import RunOptions
 
+    # Absolute now: joining the cluster can change the working directory of this process.
+    args.workflow, args.inputs = str(Path(args.workflow).resolve()), str(Path(args.inputs).resolve())
     workflow = load_workflow(args.workflow)
     options = RunOptions(**{**workflow.defaults.model_dump(), **json.loads(args.options)})
     pool = PoolConfig(**json.loads(args.pool)) if args.pool else PoolConfig()
