@@ -70,8 +70,11 @@ def step_finished(workflow: str, step: str, ok: bool, latency_s: float, attempts
 
 
 def run_finished(outcome: RunOutcome) -> None:
-    """A run ended: delivered or its failure reason, its latency, and whether it missed its deadline."""
-    label = "delivered" if outcome.delivered else (outcome.failure.value if outcome.failure else "failed")
+    """A run ended: delivered (on time), delivered_late or its failure reason; its latency; a deadline miss."""
+    if outcome.delivered:
+        label = "delivered" if outcome.on_time else "delivered_late"
+    else:
+        label = outcome.failure.value if outcome.failure else "failed"
     tags = {"workflow": outcome.workflow, "tenant": outcome.tenant}
     count(RUNS, "Runs by outcome", {**tags, "outcome": label})
     observe(RUN_LATENCY, "End-to-end run latency", {**tags, "outcome": label}, outcome.latency_s)
