@@ -140,7 +140,9 @@ def _run(args: argparse.Namespace) -> int:
             on_done=lambda _: progress.advance(task),
         )
     console.print(summary_table(summary, workflow.name, options.deadline_s))
-    console.print(f"results: {out}")
+    from cluster.trace import default_trace_path
+
+    console.print(f"results: {out}   trace: {default_trace_path(out)}   tail report: tailrace report {out}")
     return 0 if summary.delivered == summary.runs else 1
 
 

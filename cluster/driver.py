@@ -37,6 +37,7 @@ class _RunState:
     deadline: Deadline
     started_at: float
     deadline_epoch: float          # computed once: every step request carries this same value
+    started_mono: float = 0.0      # latency is measured on the monotonic clock (immune to NTP steps)
     outputs: dict[str, Any] = field(default_factory=dict)
     attempts: list[AttemptRecord] = field(default_factory=list)
     degraded: dict[str, str] = field(default_factory=dict)
@@ -111,7 +112,7 @@ class WorkflowDriver:
 
     async def run(self, run_id: str, inputs: dict[str, Any]) -> RunOutcome:
         deadline = Deadline.after(self.options.deadline_s, self.clock)
-        state = _RunState(run_id, inputs, deadline, self.clock.time(), deadline.to_epoch())
+        state = _RunState(run_id, inputs, deadline, self.clock.time(), deadline.to_epoch(), self.clock.monotonic())
         pending: _Pending = {}
         started: set[str] = set()
         if self.admission is not None:
@@ -202,14 +203,15 @@ class WorkflowDriver:
                 state.cost_usd += sum(a.cost_usd for a in result.attempts)
 
     def _outcome(self, state: _RunState) -> RunOutcome:
-        ended = self.clock.time()
+        latency = self.clock.monotonic() - state.started_mono
+        ended = state.started_at + latency
         delivered = state.failure is None
         outcome = RunOutcome(
             run_id=state.run_id, workflow=self.workflow.name, tenant=self.options.tenant,
             delivered=delivered, failure=state.failure, detail=state.detail, failed_step=state.failed_step,
             outputs={s: state.outputs[s] for s in self.dag.sinks()} if delivered else {},
             started_at=state.started_at, ended_at=ended, deadline_at=state.deadline_epoch,
-            latency_s=ended - state.started_at, cost_usd=state.cost_usd,
+            latency_s=latency, cost_usd=state.cost_usd,
             input_tokens=sum(a.input_tokens for a in state.attempts),
             output_tokens=sum(a.output_tokens for a in state.attempts),
             degraded_steps=state.degraded, attempts=state.attempts,

@@ -40,7 +40,7 @@ def demo_records(n: int, prefix: str = "r") -> list[dict]:
 
 
 def test_pool_grows_under_backlog_and_shrinks_when_idle(simulator):
-    sim = simulator("clean", seed=2, time_scale=0.6)   # steps of ~1 s, runs of ~3 s: a real backlog builds
+    sim = simulator("clean", seed=2, time_scale=1.0)   # runs of ~5 s: a real backlog builds
     config = PoolConfig(min_executors=1, max_executors=3, target_in_flight=3, executor_num_cpus=0.1,
                         scale_interval_s=0.2, scale_down_after_s=0.6, request_resources=False)
 

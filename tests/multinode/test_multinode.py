@@ -243,9 +243,9 @@ def test_pending_executors_are_placed_on_a_node_added_for_them(env, simulator):
     from ray.experimental.internal_kv import _internal_kv_get
 
     small = env.cluster.add_node(num_cpus=1, resources={"tailrace_burst": 1})
-    sim = simulator("clean", seed=7, time_scale=0.6)
+    sim = simulator("clean", seed=7, time_scale=2.0)   # runs of ~10 s: the load outlasts adding a node
     config = PoolConfig(min_executors=1, max_executors=3, target_in_flight=2, executor_num_cpus=0,
-                        executor_resources={"tailrace_burst": 1}, scale_interval_s=0.2, scale_down_after_s=1.0)
+                        executor_resources={"tailrace_burst": 1}, scale_interval_s=0.2, scale_down_after_s=1.5)
     added: list[Any] = []
 
     def hinted() -> list[dict]:
@@ -255,7 +255,7 @@ def test_pending_executors_are_placed_on_a_node_added_for_them(env, simulator):
         seen: dict[str, Any] = {}
         summary = BatchSummary()
         async with ExecutorPool(resolve_providers(DEMO, endpoints(sim)), config) as pool:
-            driver = WorkflowDriver(DEMO, RunOptions(deadline_s=40), pool)
+            driver = WorkflowDriver(DEMO, RunOptions(deadline_s=60), pool)
             batch = asyncio.ensure_future(run_records(driver, [(r["id"], r) for r in demo_records(12, "a")],
                                                       ResultWriter(None), summary, max_in_flight=12))
             for _ in range(300):
