@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError, TaskCancelledError
+from ray.exceptions import RayActorError, RayError, RayTaskError, TaskCancelledError
 
 from actors import run_metrics
 from actors.step_runner import StepRequest
@@ -167,7 +167,7 @@ class WorkflowDriver:
     def _absorb(self, state: _RunState, step_id: str, task: asyncio.Task[StepResult]) -> None:
         try:
             result = task.result()
-        except (RayActorError, RayTaskError, TaskCancelledError) as exc:
+        except (RayActorError, RayTaskError, TaskCancelledError, RayError) as exc:  # e.g. a lost result object
             state.failure = FailureReason.PROVIDER_ERROR
             state.detail, state.failed_step = f"executor failed: {type(exc).__name__}", step_id
             return
