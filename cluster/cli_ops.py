@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from engine.errors import InputError
 
@@ -227,7 +228,7 @@ def _report(args: argparse.Namespace) -> int:
         try:
             plot = plot_cdf(report, target)
         except RuntimeError:
-            console.print(f"[yellow]no plot:[/] {PLOT_INSTALL_HINT}")
+            console.print(f"[yellow]no plot:[/] {escape(PLOT_INSTALL_HINT)}")
     if args.json:
         console.print_json(json.dumps({**report_json(report), "plot": str(plot) if plot else None}))
         return 0

@@ -180,3 +180,17 @@ def test_redactor_leaves_ordinary_text_alone():
     r = Redactor(secrets=[])
     assert r.scrub("ticket TCK-1042: the token bucket refilled; see https://example.com/a") == (
         "ticket TCK-1042: the token bucket refilled; see https://example.com/a")
+
+
+def test_without_matplotlib_the_report_says_how_to_get_the_plot(results_file, capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)   # as if not installed
+    assert main(["report", str(results_file)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "pip install 'tailrace[plot]'" in out and "hit rate" in out
+
+
+def test_a_batch_where_nothing_was_delivered_still_plots(tmp_path):
+    failed = [run(f"f{i}", 2.0 + i, [], delivered=False, failure=FailureReason.DEADLINE_EXCEEDED) for i in range(3)]
+    report = build_report(failed)
+    assert report.delivered == 0 and report.cost_per_delivered_usd is None
+    assert plot_cdf(report, tmp_path / "none.png").stat().st_size > 10_000
