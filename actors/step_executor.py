@@ -14,19 +14,23 @@ from collections.abc import Mapping
 import ray
 
 from actors.step_runner import StepRequest, StepRunner
-from engine.clock import SYSTEM_CLOCK
+from engine.clock import SYSTEM_CLOCK, Clock
 from engine.outcomes import StepResult
 from engine.providers.base import AdapterSettings, ProviderAdapter, build_adapter
 
 
 @ray.remote(concurrency_groups={"admin": 1}, max_restarts=-1, max_task_retries=0)
 class StepExecutor:
-    def __init__(self, providers: Mapping[str, AdapterSettings], name: str = "executor") -> None:
+    def __init__(self, providers: Mapping[str, AdapterSettings], name: str = "executor",
+                 clock: Clock | None = None) -> None:
+        # `clock` is this process's view of time; tests inject a skewed one to play a node whose
+        # wall clock is off (the deadline each step gets is converted with it, once, on arrival).
+        clock = clock or SYSTEM_CLOCK
         self._name = name
         self._adapters: dict[str, ProviderAdapter] = {
-            provider: build_adapter(settings, SYSTEM_CLOCK) for provider, settings in providers.items()
+            provider: build_adapter(settings, clock) for provider, settings in providers.items()
         }
-        self._runner = StepRunner(self._adapters)
+        self._runner = StepRunner(self._adapters, clock=clock)
         self._stops: dict[str, asyncio.Event] = {}   # run id -> stop signal for its steps here
         self._steps_per_run: Counter[str] = Counter()
         self._in_flight = 0
@@ -54,7 +58,7 @@ class StepExecutor:
     @ray.method(concurrency_group="admin")
     async def health(self) -> dict[str, object]:
         return {"name": self._name, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
-                "in_flight": self._in_flight}
+                "in_flight": self._in_flight, "attempts_in_flight": self._runner.attempts_in_flight}
 
     async def shutdown(self) -> None:
         await asyncio.gather(*(a.aclose() for a in self._adapters.values()), return_exceptions=True)

@@ -17,12 +17,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from actors import run_metrics
 from actors.spend import Grant, Refusal, RunCostGate, SpendAsk, SpendGate, Usage
 from engine.clock import SYSTEM_CLOCK, Clock, Deadline
 from engine.errors import TailraceError
 from engine.outcomes import (
     AttemptOutcome,
     AttemptRecord,
+    AttemptRequest,
     CancelReason,
     FailureReason,
     StepResult,
@@ -73,6 +75,7 @@ class _Attempt:
     started_at_epoch: float
     progress: AttemptProgress
     grant: Grant
+    call: ProviderCall | None = None
     task: asyncio.Task[tuple[RawAttempt, Verdict | None]] | None = None
     record: AttemptRecord | None = None
     value: Any = None
@@ -96,6 +99,7 @@ class _StepRun:
     stop: asyncio.Event
     attempts: list[_Attempt] = field(default_factory=list)
     refusals: list[str] = field(default_factory=list)
+    winner: int | None = None
 
 
 class StepRunner:
@@ -112,15 +116,22 @@ class StepRunner:
         self._clock = clock
         self._policy_factory = policy_factory
         self._gate_factory = gate_factory or (lambda req: RunCostGate(req.cost_remaining_usd))
+        self.attempts_in_flight = 0   # across every step running here; the executor pool reads it
 
     async def run(self, request: StepRequest, stop: asyncio.Event | None = None) -> StepResult:
         """Run the step to a valid answer, a give-up or its deadline. Setting `stop` ends it early
         (its run failed elsewhere): running attempts are cancelled and the step ends `cancelled`."""
-        # End a little before the run's deadline, so the result travels back to the driver in time.
+        # The one conversion of the absolute deadline to this process's monotonic clock: time spent
+        # queueing on the way here is already gone, and the wall clock is never read again for it.
+        # End a little before it, so the result travels back to the driver in time.
+        arrived = self._clock.monotonic()
         deadline = Deadline.from_epoch(request.deadline_epoch - self._return_margin_s, self._clock)
         state = _StepRun(request, deadline, self._gate_factory(request), stop or asyncio.Event())
         try:
-            return await self._race(state, self._policy_factory(request))
+            result = await self._race(state, self._policy_factory(request))
+            run_metrics.step_finished(request.workflow, request.step.id, result.ok,
+                                      self._clock.monotonic() - arrived, result.attempts, state.winner)
+            return result
         finally:
             # Cancelled from outside (driver gave up, shutdown): close every HTTP stream.
             await self._cancel_running(state, CancelReason.SHUTDOWN)
@@ -189,9 +200,10 @@ class StepRunner:
         attempt = _Attempt(
             number=len(run.attempts), tier=decision.tier, role=decision.role, choice=choice,
             started_at_epoch=self._clock.time(), progress=AttemptProgress(self._clock.monotonic()),
-            grant=grant,
+            grant=grant, call=call,
         )
         attempt.task = asyncio.create_task(self._attempt(req, call, attempt))
+        self.attempts_in_flight += 1
         run.attempts.append(attempt)
         return None
 
@@ -269,7 +281,8 @@ class StepRunner:
             retry_after_s=None if error is None else error.retry_after_s,
         ))
         first = p.first_token_mono
-        return AttemptRecord(
+        self.attempts_in_flight -= 1
+        record = AttemptRecord(
             run_id=run.request.run_id, step_id=run.request.step.id, attempt=attempt.number,
             provider=attempt.choice.provider, model=attempt.choice.model, tier=attempt.tier,
             role=attempt.role, started_at=attempt.started_at_epoch,
@@ -278,14 +291,17 @@ class StepRunner:
             input_tokens=input_tokens, output_tokens=output_tokens, usage_reported=reported,
             cost_usd=cost, outcome=outcome, request_id=p.request_id, rate_limit=dict(p.rate_limit),
             idempotency_key=run.request.idempotency_key if run.request.step.side_effect else None,
-            **fields,
+            request=_request_of(attempt.call), **fields,
         )
+        run_metrics.attempt_finished(run.request.workflow, record)
+        return record
 
     @staticmethod
     def _running(run: _StepRun) -> bool:
         return any(a.record is None for a in run.attempts)
 
     def _delivered(self, run: _StepRun, winner: _Attempt) -> StepResult:
+        run.winner = winner.number
         return StepResult(
             step_id=run.request.step.id, ok=True, output=winner.value, text=winner.text,
             tier=winner.tier, model=winner.choice.model, attempts=self._records(run),
@@ -304,3 +320,11 @@ class StepRunner:
     @staticmethod
     def _records(run: _StepRun) -> list[AttemptRecord]:
         return [a.record for a in run.attempts if a.record is not None]
+
+
+def _request_of(call: ProviderCall | None) -> AttemptRequest | None:
+    if call is None:
+        return None
+    return AttemptRequest(provider=call.provider, kind=call.kind, model=call.model, prompt=call.prompt,
+                          system=call.system, max_tokens=call.max_tokens, temperature=call.temperature,
+                          top_p=call.top_p)

@@ -7,18 +7,20 @@ provider configured, the embedded simulator serves the calls (see `cluster.provi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import ray
 
 from actors.step_executor import StepExecutor
 from cluster.driver import DEFAULT_GRACE_S, WorkflowDriver, run_records
+from cluster.pool import ExecutorPool, PoolConfig
 from cluster.providers import SimulatorEndpoints, needs_simulator, resolve_providers
 from cluster.results import BatchSummary, ResultWriter, finished_run_ids
+from cluster.trace import TraceConfig, TraceWriter, default_trace_path
+from engine.clock import Clock
 from engine.loading import check_inputs, load_inputs, load_workflow
 from engine.outcomes import RunOutcome
 from engine.providers.base import AdapterSettings
@@ -73,10 +75,17 @@ def run_batch(
     max_in_flight: int = 64,
     grace_s: float = DEFAULT_GRACE_S,
     on_done: Callable[[RunOutcome], None] | None = None,
+    pool: PoolConfig | None = None,
+    trace: TraceConfig | Literal[False] | None = None,
+    executor_clock: Clock | None = None,
+    on_pool: Callable[[ExecutorPool], None] | None = None,
 ) -> BatchSummary:
     """Run every record through the workflow; outcomes stream to `out` (JSONL) as runs finish.
 
     Runs already present in `out` are skipped, so an interrupted batch resumes where it stopped.
+    Executors come from an `ExecutorPool` (`pool`; default: `num_executors` of them, fixed, dead ones
+    replaced). Every attempt is traced to `trace` (default: `<out>.trace.jsonl` next to `out`; False:
+    no trace). `executor_clock` is the clock executors run on (tests inject a skewed one).
     """
     spec = workflow if isinstance(workflow, WorkflowSpec) else load_workflow(workflow)
     check_validators_registered(spec)
@@ -84,19 +93,41 @@ def run_batch(
     if providers is None:
         providers = resolve_providers(spec, simulator)
     skip = finished_run_ids(out) if out else set()
+    if trace is None and out is not None:
+        trace = TraceConfig(path=str(default_trace_path(out)))
     connect(address)
-    executors = start_executors(providers, num_executors)
     writer = ResultWriter(out)
+    tracer = TraceWriter(trace, spec) if trace else None
     summary = BatchSummary()
+    inputs_of: dict[str, dict[str, Any]] = {}
+
+    def remembered() -> Iterator[tuple[str, dict[str, Any]]]:
+        for run_id, record in _numbered(spec, records, skip):
+            inputs_of[run_id] = record   # only while the run is in flight
+            yield run_id, record
+
+    def finished(outcome: RunOutcome) -> None:
+        record = inputs_of.pop(outcome.run_id, None)
+        if tracer is not None:
+            tracer.write(outcome, record)
+        if on_done is not None:
+            on_done(outcome)
+
+    async def drive() -> None:
+        async with ExecutorPool(providers, pool or PoolConfig.fixed(num_executors),
+                                executor_clock=executor_clock) as executors:
+            if on_pool is not None:
+                on_pool(executors)
+            driver = WorkflowDriver(spec, options, executors, grace_s=grace_s)
+            await run_records(driver, remembered(), writer, summary, max_in_flight, finished)
+
     try:
-        driver = WorkflowDriver(spec, options, executors, grace_s=grace_s)
-        asyncio.run(run_records(driver, _numbered(spec, records, skip), writer, summary, max_in_flight, on_done))
+        asyncio.run(drive())
     finally:
         writer.close()
-        for executor in executors:
-            with contextlib.suppress(Exception):
-                ray.kill(executor)
+        if tracer is not None:
+            tracer.close()
     return summary
 
 
-__all__ = ["connect", "needs_simulator", "run_batch", "start_executors"]
+__all__ = ["ExecutorPool", "PoolConfig", "TraceConfig", "connect", "needs_simulator", "run_batch", "start_executors"]

@@ -49,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8765)
     sim.add_argument("--log", help="JSONL request log")
+
+    from cluster import cli_ops
+
+    cli_ops.add_commands(sub, SCENARIO_NAMES)  # submit, status, logs, results, stop, report, replay
     return parser
 
 
@@ -71,6 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "sim":
             return _serve_simulator(args)
+        from cluster import cli_ops
+
+        if args.command in cli_ops.COMMANDS:
+            return cli_ops.run(args)
         if args.command == "demo":
             args.workflow, args.inputs = str(DEMO_WORKFLOW), str(DEMO_INPUTS)
         return _run(args)
@@ -132,7 +140,9 @@ def _run(args: argparse.Namespace) -> int:
             on_done=lambda _: progress.advance(task),
         )
     console.print(summary_table(summary, workflow.name, options.deadline_s))
-    console.print(f"results: {out}")
+    from cluster.trace import default_trace_path
+
+    console.print(f"results: {out}   trace: {default_trace_path(out)}   tail report: tailrace report {out}")
     return 0 if summary.delivered == summary.runs else 1
 
 

@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError, TaskCancelledError
+from ray.exceptions import RayActorError, RayError, RayTaskError, TaskCancelledError
 
+from actors import run_metrics
 from actors.step_runner import StepRequest
+from cluster.pool import ExecutorSource, Lease, NoExecutorError
 from cluster.results import BatchSummary, ResultWriter
 from engine.clock import SYSTEM_CLOCK, Clock, Deadline
 from engine.dag import Dag
@@ -34,6 +36,8 @@ class _RunState:
     inputs: dict[str, Any]
     deadline: Deadline
     started_at: float
+    deadline_epoch: float          # computed once: every step request carries this same value
+    started_mono: float = 0.0      # latency is measured on the monotonic clock (immune to NTP steps)
     outputs: dict[str, Any] = field(default_factory=dict)
     attempts: list[AttemptRecord] = field(default_factory=list)
     degraded: dict[str, str] = field(default_factory=dict)
@@ -73,6 +77,16 @@ class ExecutorChooser:
     def release(self, index: int) -> None:
         self._load[index] -= 1
 
+    # The `ExecutorSource` interface, so a fixed list of executors and an `ExecutorPool` drive alike.
+    async def lease(self, deadline: Deadline, avoid: Any = None) -> Lease:
+        return Lease(self.executors[(index := self.acquire(avoid))], index)
+
+    def give_back(self, lease: Lease) -> None:
+        self.release(lease.key)
+
+    def lost(self, lease: Lease) -> bool:
+        return len(self.executors) >= 2
+
 
 class RunAdmission(Protocol):
     """Asked once when a run starts; a refusal ends the run at once as `budget_exhausted`."""
@@ -84,24 +98,25 @@ class RunAdmission(Protocol):
 
 
 class WorkflowDriver:
-    def __init__(self, workflow: WorkflowSpec, options: RunOptions, executors: Sequence[Any],
+    def __init__(self, workflow: WorkflowSpec, options: RunOptions, executors: Sequence[Any] | ExecutorSource,
                  clock: Clock = SYSTEM_CLOCK, grace_s: float = DEFAULT_GRACE_S,
                  admission: RunAdmission | None = None) -> None:
         self.admission = admission
         self.workflow = workflow
         self.options = options
         self.dag = Dag.from_spec(workflow)
-        self.chooser = ExecutorChooser(executors)
+        # A fixed list of executors, or a pool that grows, shrinks and replaces them (cluster.pool).
+        self.pool: ExecutorSource = executors if hasattr(executors, "lease") else ExecutorChooser(executors)
         self.clock = clock
         self.grace_s = grace_s
 
     async def run(self, run_id: str, inputs: dict[str, Any]) -> RunOutcome:
         deadline = Deadline.after(self.options.deadline_s, self.clock)
-        state = _RunState(run_id, inputs, deadline, self.clock.time())
+        state = _RunState(run_id, inputs, deadline, self.clock.time(), deadline.to_epoch(), self.clock.monotonic())
         pending: _Pending = {}
         started: set[str] = set()
         if self.admission is not None:
-            refusal = await self.admission.admit(run_id, self.workflow, self.options, deadline.to_epoch())
+            refusal = await self.admission.admit(run_id, self.workflow, self.options, state.deadline_epoch)
             if refusal is not None:
                 state.failure, state.detail = FailureReason.BUDGET_EXHAUSTED, refusal
                 return self._outcome(state)
@@ -132,29 +147,32 @@ class WorkflowDriver:
             request = StepRequest(
                 run_id=state.run_id, workflow=self.workflow.name, tenant=self.options.tenant, step=step,
                 inputs=state.inputs, upstream={d: state.outputs[d] for d in self.dag.ancestors(step.id)},
-                deadline_epoch=state.deadline.to_epoch(), cost_remaining_usd=remaining_cost,
+                deadline_epoch=state.deadline_epoch, cost_remaining_usd=remaining_cost,
                 max_attempts=self.options.max_attempts_per_step,
             )
-            call.index = self.chooser.acquire(avoid)
-            call.executor = self.chooser.executors[call.index]
+            lease = await self.pool.lease(state.deadline, avoid)
+            call.index, call.executor = lease.key, lease.executor
             call.ref = call.executor.run_step.remote(request)
             try:
                 return await call.ref
             except RayActorError:
                 # The executor died with the step in flight: run it again elsewhere while time remains.
-                if state.deadline.remaining() <= 0 or len(self.chooser.executors) < 2:
+                if not self.pool.lost(lease) or state.deadline.remaining() <= 0:
                     raise
                 avoid = call.executor
             finally:
-                self.chooser.release(call.index)
+                self.pool.give_back(lease)
                 call.index = None
 
     def _absorb(self, state: _RunState, step_id: str, task: asyncio.Task[StepResult]) -> None:
         try:
             result = task.result()
-        except (RayActorError, RayTaskError, TaskCancelledError) as exc:
+        except (RayActorError, RayTaskError, TaskCancelledError, RayError) as exc:  # e.g. a lost result object
             state.failure = FailureReason.PROVIDER_ERROR
             state.detail, state.failed_step = f"executor failed: {type(exc).__name__}", step_id
+            return
+        except NoExecutorError as exc:
+            state.failure, state.detail, state.failed_step = FailureReason.DEADLINE_EXCEEDED, str(exc), step_id
             return
         state.attempts.extend(result.attempts)
         state.cost_usd += sum(a.cost_usd for a in result.attempts)
@@ -189,18 +207,21 @@ class WorkflowDriver:
                 state.cost_usd += sum(a.cost_usd for a in result.attempts)
 
     def _outcome(self, state: _RunState) -> RunOutcome:
-        ended = self.clock.time()
+        latency = self.clock.monotonic() - state.started_mono
+        ended = state.started_at + latency
         delivered = state.failure is None
-        return RunOutcome(
+        outcome = RunOutcome(
             run_id=state.run_id, workflow=self.workflow.name, tenant=self.options.tenant,
             delivered=delivered, failure=state.failure, detail=state.detail, failed_step=state.failed_step,
             outputs={s: state.outputs[s] for s in self.dag.sinks()} if delivered else {},
-            started_at=state.started_at, ended_at=ended, deadline_at=state.deadline.to_epoch(),
-            latency_s=ended - state.started_at, cost_usd=state.cost_usd,
+            started_at=state.started_at, ended_at=ended, deadline_at=state.deadline_epoch,
+            latency_s=latency, cost_usd=state.cost_usd,
             input_tokens=sum(a.input_tokens for a in state.attempts),
             output_tokens=sum(a.output_tokens for a in state.attempts),
             degraded_steps=state.degraded, attempts=state.attempts,
         )
+        run_metrics.run_finished(outcome)
+        return outcome
 
 
 async def run_records(driver: WorkflowDriver, records: Iterable[tuple[str, dict[str, Any]]],

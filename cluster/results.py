@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from pydantic import BaseModel
 
 from engine.outcomes import RunOutcome
+
+_NO_REQUESTS: dict[str, Any] = {"attempts": {"__all__": {"request"}}}
 
 
 class ResultWriter:
@@ -24,7 +26,8 @@ class ResultWriter:
 
     def write(self, outcome: RunOutcome) -> None:
         if self._file is not None:
-            self._file.write(outcome.model_dump_json() + "\n")
+            # The exact requests of attempts belong in the trace (redactable), not in the results.
+            self._file.write(outcome.model_dump_json(exclude=_NO_REQUESTS) + "\n")
             self._file.flush()
 
     def close(self) -> None:

@@ -42,6 +42,27 @@ class SystemClock:
 SYSTEM_CLOCK = SystemClock()
 
 
+@dataclass(frozen=True)
+class SkewedClock:
+    """The real clock on a node whose wall clock is `wall_offset_s` off (positive: ahead).
+
+    For tests and drills of the clock-sync assumption: an executor built with it converts a
+    deadline epoch to a monotonic deadline that is off by exactly the skew. Picklable, so it can be
+    handed to an actor on another node.
+    """
+
+    wall_offset_s: float
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def time(self) -> float:
+        return time.time() + self.wall_offset_s
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds))
+
+
 class FakeClock:
     """A clock tests advance by hand. `sleep` waits until `advance` moves time past its wake-up."""
 

@@ -82,6 +82,23 @@ class FailureReason(StrEnum):
     CANCELLED = "cancelled"
 
 
+class AttemptRequest(BaseModel):
+    """The exact request one attempt sent (rendered prompt and sampling parameters), for replay.
+
+    Travels back with the attempt record; results files leave it out and traces keep it (prompt
+    text redacted when configured). Headers and keys are never part of it.
+    """
+
+    provider: str
+    kind: str                        # openai | anthropic
+    model: str
+    prompt: str
+    system: str | None = None
+    max_tokens: int
+    temperature: float | None = None
+    top_p: float | None = None
+
+
 class AttemptRecord(BaseModel):
     """One call to one model, whatever became of it."""
 
@@ -108,6 +125,7 @@ class AttemptRecord(BaseModel):
     request_id: str | None = None
     rate_limit: dict[str, str] = Field(default_factory=dict)
     idempotency_key: str | None = None
+    request: AttemptRequest | None = None
 
 
 class StepResult(BaseModel):

@@ -16,12 +16,19 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.pop("RAY_ADDRESS", None)
 
 
-@pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[None]:
+def start_session_ray() -> None:
+    """The session's one-node cluster (also restarted by modules that need a multi-node one)."""
     import ray
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    import ray
+
+    start_session_ray()
     yield
     ray.shutdown()
 
