@@ -8,6 +8,7 @@ Outside a Ray worker or driver (plain unit tests) every call is a no-op.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -19,12 +20,9 @@ LATENCY_BUCKETS_S = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120]
 
 
 def _ray_ready() -> bool:
-    try:
-        import ray
-
-        return ray.is_initialized()
-    except ImportError:  # pragma: no cover - ray is a dependency
-        return False
+    # Never import ray here: a process that has not imported it (a unit test) has no metrics to export.
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 def _get(kind: str, name: str, description: str, tag_keys: Sequence[str], **kwargs: Any) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -82,10 +83,18 @@ def test_hanging_provider_ends_the_run_at_its_deadline(simulator, tmp_path):
         overrun = o["ended_at"] - o["deadline_at"]
         assert overrun < 0.5, f"run outlived its deadline by {overrun:.3f} s"
         assert o["failed_step"] == "classify"
-        cancelled = [a for a in o["attempts"] if a["outcome"] == "cancelled"]
-        assert cancelled and all(a["cancel_reason"] == "deadline" for a in cancelled)
-    # The hung HTTP requests were closed, not left running in the simulator.
-    assert all(r["cancelled"] for r in sim.log_records())
+        # The executor ends the step itself a little before the deadline; only when it is starved
+        # of CPU does the driver's backstop end the run first, and then the records stay behind.
+        assert all(a["outcome"] == "cancelled" and a["cancel_reason"] in ("deadline", "shutdown", "run_failed")
+                   for a in o["attempts"])
+    # Whichever ended it, the hung HTTP requests were closed, not left running in the simulator.
+    records = sim.log_records()
+    for _ in range(50):
+        if len(records) >= 4:
+            break
+        time.sleep(0.1)
+        records = sim.log_records()
+    assert len(records) >= 4 and all(r["cancelled"] for r in records)
 
 
 def test_invalid_output_is_retried_and_the_final_output_is_valid(simulator):
