@@ -125,7 +125,9 @@ def test_batch_as_a_job_round_trip_and_resubmit_skips_finished_runs(env, tmp_pat
                  "0.05", "--deadline", "20", "--min-executors", "2", "--max-executors", "2",
                  "--executor-resource", "tailrace_executor=1", "--wait"])
     out = capsys.readouterr().out
-    sid = re.search(r"(tailrace-support-triage-[0-9a-f]{12}): submitted", out).group(1)
+    match = re.search(r"(tailrace-support-triage-[0-9a-f]{12}): submitted", out)
+    assert match, out
+    sid = match.group(1)
     assert code == 0, out
 
     assert main(["status", sid, *common, "--json"]) == 0
