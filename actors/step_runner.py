@@ -27,11 +27,11 @@ from engine.outcomes import (
     FailureReason,
     StepResult,
 )
+from engine.prompts import render_messages
 from engine.providers.base import AttemptProgress, ProviderAdapter, ProviderCall, RawAttempt
 from engine.specs import ModelChoice, StepSpec
-from engine.templates import render
 from engine.tokens import estimate_prompt_tokens, estimate_tokens
-from engine.validation import Verdict, contract_instructions, validate
+from engine.validation import Verdict, validate
 from policies.attempts import AttemptFeedback, AttemptPolicy, AttemptState, GiveUp, Start
 from policies.retry import Rung, SequentialRetryPolicy
 
@@ -77,14 +77,7 @@ class AttemptObserver(Protocol):
 
 def rendered_prompt(request: StepRequest, choice: ModelChoice) -> tuple[str | None, str]:
     """The (system, prompt) one rung of the step sends: its own prompt variant or the step's."""
-    step = request.step
-    prompt = render(choice.prompt or step.prompt, request.inputs, request.upstream)
-    system_template = choice.system or step.system
-    system_parts = [render(system_template, request.inputs, request.upstream)] if system_template else []
-    instructions = contract_instructions(step.output, request.inputs)
-    if instructions:
-        system_parts.append(instructions)
-    return "\n\n".join(system_parts) or None, prompt
+    return render_messages(request.step, choice, request.inputs, request.upstream)
 
 
 def sequential_policy(request: StepRequest) -> AttemptPolicy:

@@ -2,6 +2,10 @@
 
 `ray.init()` starts a local cluster unless Ray is already initialised or `address` names one. With no
 provider configured, the embedded simulator serves the calls (see `cluster.providers`).
+
+Steps are hedged by default (`hedge=HedgeConfig(...)` tunes it, `HedgeConfig(enabled=False)` runs the
+sequential retry policy). Executors share latency windows through a stats actor: one per batch unless
+`stats_name` names a longer-lived one to share (and start warm from) across batches.
 """
 
 from __future__ import annotations
@@ -9,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import ray
 
+from actors.latency_stats import stats_actor
 from actors.step_executor import StepExecutor
 from cluster.driver import DEFAULT_GRACE_S, WorkflowDriver, run_records
 from cluster.providers import SimulatorEndpoints, needs_simulator, resolve_providers
@@ -23,7 +29,8 @@ from engine.loading import check_inputs, load_inputs, load_workflow
 from engine.outcomes import RunOutcome
 from engine.providers.base import AdapterSettings
 from engine.spec_checks import check_validators_registered
-from engine.specs import RunOptions, WorkflowSpec
+from engine.specs import HedgeConfig, RunOptions, WorkflowSpec
+from policies.hedging import TailTuning
 
 log = logging.getLogger("tailrace")
 
@@ -37,10 +44,13 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
     ray.init(address=address, num_cpus=num_cpus, logging_level=logging.WARNING, log_to_driver=False)
 
 
-def start_executors(providers: Mapping[str, AdapterSettings], count: int, num_cpus: float = 0.5) -> list[Any]:
+def start_executors(providers: Mapping[str, AdapterSettings], count: int, num_cpus: float = 0.5, *,
+                    hedge: HedgeConfig | None = None, tuning: TailTuning | None = None,
+                    stats_name: str | None = None) -> list[Any]:
     """Start executors and wait until they answer, so actor start-up is not charged to the first runs."""
     executors = [
-        StepExecutor.options(max_concurrency=1000, num_cpus=num_cpus).remote(dict(providers), f"executor-{i}")
+        StepExecutor.options(max_concurrency=1000, num_cpus=num_cpus).remote(
+            dict(providers), f"executor-{i}", hedge, tuning, stats_name)
         for i in range(count)
     ]
     ray.get([e.health.remote() for e in executors])
@@ -73,10 +83,15 @@ def run_batch(
     max_in_flight: int = 64,
     grace_s: float = DEFAULT_GRACE_S,
     on_done: Callable[[RunOutcome], None] | None = None,
+    hedge: HedgeConfig | None = None,
+    tuning: TailTuning | None = None,
+    stats_name: str | None = None,
 ) -> BatchSummary:
     """Run every record through the workflow; outcomes stream to `out` (JSONL) as runs finish.
 
     Runs already present in `out` are skipped, so an interrupted batch resumes where it stopped.
+    `hedge` is the executors' default tail control (steps override fields with their own `hedge`);
+    `tuning` sets the latency windows, circuit breakers and retry throttle they share.
     """
     spec = workflow if isinstance(workflow, WorkflowSpec) else load_workflow(workflow)
     check_validators_registered(spec)
@@ -85,17 +100,28 @@ def run_batch(
         providers = resolve_providers(spec, simulator)
     skip = finished_run_ids(out) if out else set()
     connect(address)
-    executors = start_executors(providers, num_executors)
+    hedge = hedge or HedgeConfig()
+    tuning = tuning or TailTuning()
+    batch_stats = stats_name is None
+    stats_name = stats_name or f"tailrace-latency-stats-{uuid.uuid4().hex[:12]}"
+    stats = stats_actor(stats_name, tuning.latency)   # owned by this driver, not by one executor
+    executors = start_executors(providers, num_executors, hedge=hedge, tuning=tuning, stats_name=stats_name)
     writer = ResultWriter(out)
     summary = BatchSummary()
     try:
-        driver = WorkflowDriver(spec, options, executors, grace_s=grace_s)
+        driver = WorkflowDriver(spec, options, executors, grace_s=grace_s, hedge=hedge)
         asyncio.run(run_records(driver, _numbered(spec, records, skip), writer, summary, max_in_flight, on_done))
     finally:
         writer.close()
+        if not batch_stats:   # a shared stats actor outlives the batch: hand it the last samples
+            with contextlib.suppress(Exception):
+                ray.get([e.sync_stats.remote() for e in executors], timeout=10)
         for executor in executors:
             with contextlib.suppress(Exception):
                 ray.kill(executor)
+        if batch_stats:
+            with contextlib.suppress(Exception):
+                ray.kill(stats)
     return summary
 
 

@@ -88,7 +88,7 @@ class HedgeConfig(_Spec):
     # A rung is chosen only if this quantile of its latency fits in the step's share of the time left.
     fit_quantile: float = Field(default=0.9, gt=0, lt=1)
     # Duplicates and retries of a run may spend this fraction of the run's expected tokens.
-    extra_token_fraction: float = Field(default=0.5, ge=0)
+    extra_token_fraction: float = Field(default=1.0, ge=0)
 
 
 class StepSpec(_Spec):

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from engine.dag import Dag
-from engine.specs import WorkflowSpec
+from engine.specs import StepSpec, WorkflowSpec
 from policies.throttle import expected_step_tokens
 
 
@@ -29,10 +29,9 @@ def time_shares(dag: Dag, weights: Mapping[str, float]) -> dict[str, float]:
     return {n: (weights[n] / rest[n] if rest[n] > 0 else 1.0) for n in dag.nodes}
 
 
-def run_extra_tokens(workflow: WorkflowSpec, inputs: Mapping[str, object], fraction: float) -> int:
-    """A run's allowance for duplicates and retries: `fraction` of its expected tokens."""
-    input_chars = sum(len(str(v)) for v in inputs.values())
-    return int(fraction * sum(expected_step_tokens(s, input_chars) for s in workflow.steps))
+def step_extra_tokens(step: StepSpec, inputs: Mapping[str, object], fraction: float) -> int:
+    """One step's part of its run's allowance for duplicates and retries: `fraction` of its expected tokens."""
+    return int(fraction * expected_step_tokens(step, inputs))
 
 
 def split_extra_tokens(free: int, starting: int) -> int:

@@ -7,9 +7,10 @@ In the spirit of Finagle's BackupRequestFilter, gRPC hedging and trio's happy ey
   Both keep running; the first *valid* answer wins (the runner cancels the rest).
 * A failed or invalid attempt, with nothing else running, starts the next one at once (after the
   provider's retry-after when it names one and that still fits).
-* Where a duplicate goes: the same model while it is healthy; the next rung (another model, with its
-  own prompt variant) when the model's circuit is open, it keeps failing, its recent latency has
-  shifted up, or its retries are throttled. Hedging into a browned-out model does not help.
+* Where a duplicate (or a retry) goes: the same model while it is healthy; the next rung (another
+  model, with its own prompt variant) when the model's circuit is open, it keeps failing, its recent
+  latency has shifted up, or its retries are throttled. Hedging into a browned-out model does not
+  help. Primaries keep going to a model whose circuit is closed, so its statistics stay current.
 * Deadline-aware ladder: a rung is chosen only if its latency quantile fits in the step's share of
   the time left (see `policies.allocation`); otherwise the policy drops to a faster rung on purpose
   (the step's result records the tier that answered).
@@ -192,9 +193,16 @@ class HedgingPolicy:
         """When the attempt counts as late, and by which signal."""
         c, stats = self._config, self._tail.stats
         choice = self._models[a.tier]
-        candidates = [(a.started_at + stats.latency_s(choice, c.latency_quantile), "latency")]
+        ttft, latency = stats.ttft_s(choice, c.ttft_quantile), stats.latency_s(choice, c.latency_quantile)
+        if self._unhealthy(a.tier):
+            # A slowed-down model's window fills with slow samples and its quantiles follow them up; it
+            # is backed up against its spec's promise instead, so hedging does not fade in a brownout.
+            factor = stats.config.cold_trigger_factor
+            ttft = min(ttft, choice.expected_ttft_s * factor)
+            latency = min(latency, choice.expected_latency_s * factor)
+        candidates = [(a.started_at + latency, "latency")]
         if a.first_token_at is None:
-            candidates.append((a.started_at + stats.ttft_s(choice, c.ttft_quantile), "ttft"))
+            candidates.append((a.started_at + ttft, "ttft"))
         else:
             last = a.last_token_at if a.last_token_at is not None else a.first_token_at
             candidates.append((last + c.stall_gap_s, "stall"))
@@ -251,7 +259,8 @@ class HedgingPolicy:
     def _pick(self, start: int, now: float, banned_models: set[str], banned_providers: set[str], *,
               for_retry: bool) -> _Pick | None:
         """The rung for a primary or a retry: from `start` down, the first one that is usable (not
-        banned, circuit not open, retries not throttled), healthy and fits the step's time share."""
+        banned, circuit not open; for a retry: not throttled, not failing or slowed down) and fits
+        the step's time share."""
         tail = self._tail
         allowed = [i for i in range(start, len(self._models))
                    if self._models[i].model not in banned_models and self._models[i].provider not in banned_providers]
@@ -261,7 +270,9 @@ class HedgingPolicy:
             return None
         closed = [i for i in allowed if tail.breakers.allows(self._keys[i], now)]
         pool = closed or allowed      # every circuit open: trying beats giving up
-        healthy = [i for i in pool if not tail.stats.health(self._keys[i]).unhealthy]
+        # A primary still goes to a slow or flaky model whose circuit is closed (its duplicates will
+        # not): that keeps its statistics current, so the engine sees the brownout end.
+        healthy = [i for i in pool if not (for_retry and self._unhealthy(i))]
         pool = healthy or pool
         fitting = [i for i in pool if self._fits(i, now)]
         tier = fitting[0] if fitting else min(pool, key=self._expected)
@@ -275,7 +286,7 @@ class HedgingPolicy:
         if not allowed:
             return None
         closed = [i for i in allowed if tail.breakers.allows(self._keys[i], now)]
-        healthy = [i for i in closed if not tail.stats.health(self._keys[i]).unhealthy]
+        healthy = [i for i in closed if not self._unhealthy(i)]
         fitting = [i for i in healthy if self._fits(i, now)]
         if fitting:
             pick = fitting[0]
@@ -286,6 +297,9 @@ class HedgingPolicy:
         else:
             pick = allowed[0]
         return _Pick(pick, self._why(tier, pick, allowed, closed, healthy, fitting))
+
+    def _unhealthy(self, tier: int) -> bool:
+        return self._tail.stats.health(self._keys[tier], self._models[tier].expected_latency_s).unhealthy
 
     def _why(self, wanted: int, got: int, allowed: list[int], closed: list[int], healthy: list[int],
              fitting: list[int]) -> str:

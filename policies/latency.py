@@ -118,7 +118,10 @@ class ModelWindow:
             return None
         return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))]
 
-    def health(self, now_epoch: float) -> Health:
+    def health(self, now_epoch: float, prior_latency_s: float | None = None) -> Health:
+        """Failure rate and latency shift over the recent window. The latency baseline is the window's
+        median, or the model's prior when that is lower: a brownout longer than the window would
+        otherwise become the new normal."""
         c = self._config
         recent_from = now_epoch - c.recent_s
         recent = [s for s in self._samples if s.at >= recent_from]
@@ -127,7 +130,8 @@ class ModelWindow:
         events = len(answered) + failed
         rate = failed / events if events else 0.0
         shifted = False
-        baseline = self.quantile("latency", 0.5)
+        baselines = [b for b in (self.quantile("latency", 0.5), prior_latency_s) if b is not None]
+        baseline = min(baselines) if baselines else None
         recent_lat = sorted(s.latency_s for s in recent if s.kind != "fail" and s.latency_s is not None)
         if baseline is not None and len(recent_lat) >= c.min_recent:
             shifted = recent_lat[len(recent_lat) // 2] > c.shift_factor * baseline
@@ -203,7 +207,7 @@ class LatencyStats:
             return choice.expected_latency_s * (self.config.cold_trigger_factor if trigger else 1.0)
         return value
 
-    def health(self, model: str) -> Health:
+    def health(self, model: str, prior_latency_s: float | None = None) -> Health:
         if model not in self._windows:
             return Health.unknown()
-        return self._window(model).health(self._clock.time())
+        return self._window(model).health(self._clock.time(), prior_latency_s)

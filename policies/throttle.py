@@ -14,12 +14,15 @@ something is left. Spending counts actual usage once an attempt has ended, so a 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.specs import StepSpec
-from engine.tokens import estimate_tokens
+from engine.errors import TailraceError
+from engine.prompts import render_messages
+from engine.specs import ModelChoice, StepSpec
+from engine.tokens import estimate_prompt_tokens
 from policies.attempts import AttemptState
 
 # A step's answer is budgeted at half its max_tokens until usage is known (answers rarely fill it).
@@ -78,11 +81,18 @@ class ExtraTokenBudget:
         return tokens <= left if role == "duplicate" else left > 0
 
 
-def expected_step_tokens(step: StepSpec, input_chars: int = 0) -> int:
-    """What a step's first rung is expected to cost in tokens, before anything is rendered: its
-    templates and schema, the inputs it may quote, and half its max_tokens of answer."""
+def expected_attempt_tokens(prompt_tokens: int, choice: ModelChoice) -> int:
+    """What one attempt is expected to cost: its prompt and half its max_tokens of answer."""
+    return prompt_tokens + int(choice.max_tokens * EXPECTED_OUTPUT_FRACTION)
+
+
+def expected_step_tokens(step: StepSpec, inputs: Mapping[str, Any]) -> int:
+    """What one attempt on a step's first rung is expected to cost, before its upstream steps have
+    answered: rendered from the inputs when it can be, else from its raw templates."""
     choice = step.models[0]
-    schema_chars = len(str(step.output.json_schema)) if step.output.json_schema else 0
-    text = (choice.prompt or step.prompt) + (choice.system or step.system or "")
-    return (estimate_tokens(text) + (schema_chars + input_chars) // 4 + 8
-            + int(choice.max_tokens * EXPECTED_OUTPUT_FRACTION))
+    try:
+        system, prompt = render_messages(step, choice, inputs, {})
+    except TailraceError:
+        system, prompt = choice.system or step.system, choice.prompt or step.prompt
+        prompt += str(step.output.json_schema or "")
+    return expected_attempt_tokens(estimate_prompt_tokens(system, prompt), choice)

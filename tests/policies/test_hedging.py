@@ -283,3 +283,13 @@ def test_step_config_overrides_only_what_it_sets():
     merged = effective_config(CONFIG, step)
     assert merged.max_concurrent == 1 and merged.ttft_quantile == CONFIG.ttft_quantile
     assert effective_config(CONFIG, None) is CONFIG
+
+
+def test_failing_model_still_gets_primaries_while_its_circuit_is_closed_but_retries_go_elsewhere():
+    state = tail()
+    for _ in range(4):
+        state.stats.observe(KEYS[0], "fail")
+    assert state.stats.health(KEYS[0]).unhealthy
+    assert policy(state).decide([], T0, DEADLINE) == Start(0, T0, "primary")
+    assert policy(state).decide([ended(0, ERROR, error=err(ErrorKind.OVERLOADED))], T0 + 0.3, DEADLINE) == Start(
+        1, T0 + 0.3, "retry")

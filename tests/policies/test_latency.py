@@ -108,3 +108,12 @@ def test_merge_drops_expired_samples_and_keeps_time_order():
     assert [x.latency_s for x in s.snapshot()[KEY]] == [3.0, 2.0]
     clock.advance(31.0)
     assert [x.latency_s for x in s.snapshot()[KEY]] == [2.0]
+
+
+def test_a_brownout_longer_than_the_window_stays_shifted_against_the_prior():
+    clock = FakeClock()
+    s = stats(clock, min_recent=4)
+    for _ in range(30):             # every sample in the window is slow: its own median is no baseline
+        s.observe(KEY, "ok", 3.0, 30.0)
+    assert not s.health(KEY).shifted
+    assert s.health(KEY, prior_latency_s=8.0).shifted
