@@ -184,4 +184,4 @@ async def test_failures_feed_the_breaker_and_the_throttle():
         tail.attempt_ended(request(clock), failed())
     assert tail.breakers.state(key, clock.monotonic()).value == "open"
     assert tail.throttle.tokens(key) == 5.0 and not tail.throttle.allows(key)
-    assert tail.stats.health(key).failure_rate == 1.0
+    assert tail.stats.health(key).failure_rate == 0.5 and tail.stats.health(key).unhealthy   # 5 answers, 5 failures
