@@ -106,6 +106,7 @@ class _Attempt:
             finished_at=None if r is None else self.progress.started_mono + r.latency_s,
             outcome=None if r is None else r.outcome, error=None if r is None else r.error,
             tokens=None if r is None else r.input_tokens + r.output_tokens,
+            received_chars=self.progress.received_chars,
         )
 
 

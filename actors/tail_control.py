@@ -63,7 +63,7 @@ class TailControl:
         metrics.count("tailrace_attempts_total", "Attempts by outcome, role and model.", tags)
         if record.outcome in (AttemptOutcome.VALID, AttemptOutcome.INVALID):
             # An answer, valid or not: the provider is up, and how long it took is a latency sample.
-            self.stats.observe(key, "ok", record.ttft_s, record.latency_s)
+            self.stats.observe(key, "ok", record.ttft_s, record.latency_s, _decode_rate(record))
             self.breakers.record(key, now, failed=False)
             self.throttle.record(key, failed=False)
         elif record.outcome == AttemptOutcome.ERROR:
@@ -125,6 +125,14 @@ class TailControl:
                       {"model": key}, STATE_VALUE[state])
         metrics.count("tailrace_circuit_transitions_total", "Circuit state changes per model.",
                       {"model": key, "state": state.value})
+
+
+def _decode_rate(record: AttemptRecord) -> float | None:
+    """Tokens per second after the first token, for answers long enough to tell (a few chunks)."""
+    if record.ttft_s is None or record.output_tokens < 16:
+        return None
+    streaming = record.latency_s - record.ttft_s
+    return record.output_tokens / streaming if streaming > 0 else None
 
 
 def _expected_tokens(request: StepRequest, choice: ModelChoice) -> int:

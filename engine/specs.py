@@ -79,11 +79,15 @@ class HedgeConfig(_Spec):
     enabled: bool = True                     # False: the sequential one-at-a-time retry policy
     # A duplicate starts when the newest running attempt has no first token by this quantile of its
     # model's observed time to first token, or no complete answer by this quantile of its latency...
-    ttft_quantile: float = Field(default=0.9, gt=0, lt=1)
-    latency_quantile: float = Field(default=0.9, gt=0, lt=1)
-    # ... or its stream has been silent this long after the first token.
+    ttft_quantile: float = Field(default=0.95, gt=0, lt=1)
+    latency_quantile: float = Field(default=0.99, gt=0, lt=1)
+    # ... or its stream has been silent this long after the first token ...
     stall_gap_s: float = Field(default=2.0, gt=0)
-    max_concurrent: int = Field(default=2, ge=1)     # attempts of one step in flight at once
+    # ... or, after streaming for `min_stream_s`, it has delivered fewer tokens than this fraction of
+    # its model's median decode rate would have (a slow stream: a straggler that started in time).
+    slow_stream_factor: float = Field(default=0.4, ge=0, lt=1)
+    min_stream_s: float = Field(default=0.5, gt=0)
+    max_concurrent: int = Field(default=3, ge=1)     # attempts of one step in flight at once
     max_duplicates: int = Field(default=2, ge=0)     # duplicates per step, on top of primary + retries
     # A rung is chosen only if this quantile of its latency fits in the step's share of the time left.
     fit_quantile: float = Field(default=0.9, gt=0, lt=1)

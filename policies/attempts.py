@@ -25,6 +25,7 @@ class AttemptState:
     outcome: AttemptOutcome | None = None   # None while running
     error: ProviderError | None = None
     tokens: int | None = None               # input + output tokens as settled, once it has ended
+    received_chars: int = 0                 # answer text streamed so far
 
     @property
     def running(self) -> bool:

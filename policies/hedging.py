@@ -3,7 +3,8 @@
 In the spirit of Finagle's BackupRequestFilter, gRPC hedging and trio's happy eyeballs:
 
 * A duplicate starts when the newest running attempt has no first token by its model's TTFT quantile,
-  no complete answer by its latency quantile, or its stream has been silent for `stall_gap_s`.
+  no complete answer by its latency quantile, its stream has been silent for `stall_gap_s`, or it
+  streams far slower than its model's median decode rate (a straggler that started in time).
   Both keep running; the first *valid* answer wins (the runner cancels the rest).
 * A failed or invalid attempt, with nothing else running, starts the next one at once (after the
   provider's retry-after when it names one and that still fits).
@@ -34,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engine.outcomes import AttemptOutcome, ErrorKind, FailureReason
 from engine.specs import HedgeConfig, ModelChoice
+from engine.tokens import CHARS_PER_TOKEN
 from policies.attempts import AttemptState, Decision, GiveUp, Start
 from policies.breaker import BreakerBoard, BreakerConfig
 from policies.latency import LatencyConfig, LatencyStats, model_key
@@ -91,7 +93,9 @@ def effective_config(default: HedgeConfig, step: HedgeConfig | None) -> HedgeCon
 
 
 def scaled_hedge(config: HedgeConfig, factor: float) -> HedgeConfig:
-    return config.model_copy(update={"stall_gap_s": config.stall_gap_s * factor})
+    """The same config on a clock `factor` times faster or slower (e.g. a time-scaled simulator)."""
+    return config.model_copy(update={"stall_gap_s": config.stall_gap_s * factor,
+                                     "min_stream_s": config.min_stream_s * factor})
 
 
 @dataclass
@@ -206,6 +210,13 @@ class HedgingPolicy:
         else:
             last = a.last_token_at if a.last_token_at is not None else a.first_token_at
             candidates.append((last + c.stall_gap_s, "stall"))
+            rate = stats.decode_rate(choice)
+            if rate is not None and c.slow_stream_factor > 0:
+                # The time by which the tokens received so far are too few for a healthy stream: when
+                # the runner wakes then and more have come, this moves on; when not, it is late.
+                received = a.received_chars / CHARS_PER_TOKEN
+                slow_at = a.first_token_at + max(c.min_stream_s, received / (c.slow_stream_factor * rate))
+                candidates.append((slow_at, "slow_stream"))
         return min(candidates)
 
     def _after_failure(self, attempts: Sequence[AttemptState], now: float, deadline: float) -> Decision:

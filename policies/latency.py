@@ -28,7 +28,7 @@ from engine.clock import Clock
 from engine.specs import ModelChoice
 
 Kind = Literal["ok", "fail", "censored"]
-Metric = Literal["ttft", "latency"]
+Metric = Literal["ttft", "latency", "tokens_per_s"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class Sample:
     kind: Kind                         # ok: answered (valid or not); fail: provider failure; censored
     ttft_s: float | None = None        # for censored: a lower bound
     latency_s: float | None = None     # for censored: a lower bound
+    tokens_per_s: float | None = None  # decode rate after the first token (answered attempts)
 
 
 Snapshot = dict[str, list[Sample]]     # model key -> samples; what executors exchange
@@ -108,7 +109,8 @@ class ModelWindow:
         if self._sorted is None:
             ttft = sorted(s.ttft_s for s in self._samples if s.kind != "fail" and s.ttft_s is not None)
             latency = sorted(s.latency_s for s in self._samples if s.kind != "fail" and s.latency_s is not None)
-            self._sorted = {"ttft": ttft, "latency": latency}
+            rate = sorted(s.tokens_per_s for s in self._samples if s.kind == "ok" and s.tokens_per_s is not None)
+            self._sorted = {"ttft": ttft, "latency": latency, "tokens_per_s": rate}
         return self._sorted[metric]
 
     def quantile(self, metric: Metric, q: float) -> float | None:
@@ -162,9 +164,10 @@ class LatencyStats:
 
     # ---- observing ----------------------------------------------------------------------------------
 
-    def observe(self, model: str, kind: Kind, ttft_s: float | None = None, latency_s: float | None = None) -> None:
+    def observe(self, model: str, kind: Kind, ttft_s: float | None = None, latency_s: float | None = None,
+                tokens_per_s: float | None = None) -> None:
         """Record one attempt's end, observed in this process."""
-        sample = Sample(self._clock.time(), kind, ttft_s, latency_s)
+        sample = Sample(self._clock.time(), kind, ttft_s, latency_s, tokens_per_s)
         self._window(model).add(sample)
         self._new.setdefault(model, []).append(sample)
 
@@ -206,6 +209,10 @@ class LatencyStats:
         if value is None:
             return choice.expected_latency_s * (self.config.cold_trigger_factor if trigger else 1.0)
         return value
+
+    def decode_rate(self, choice: ModelChoice, q: float = 0.5) -> float | None:
+        """The q-quantile of `choice`'s decode rate (tokens/s after the first token); None while cold."""
+        return self.quantile(model_key(choice.provider, choice.model), "tokens_per_s", q)
 
     def health(self, model: str, prior_latency_s: float | None = None) -> Health:
         if model not in self._windows:

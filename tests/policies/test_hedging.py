@@ -293,3 +293,19 @@ def test_failing_model_still_gets_primaries_while_its_circuit_is_closed_but_retr
     assert policy(state).decide([], T0, DEADLINE) == Start(0, T0, "primary")
     assert policy(state).decide([ended(0, ERROR, error=err(ErrorKind.OVERLOADED))], T0 + 0.3, DEADLINE) == Start(
         1, T0 + 0.3, "retry")
+
+
+def test_slow_stream_is_backed_up_once_it_falls_behind_the_models_decode_rate():
+    state = tail()
+    for _ in range(5):
+        state.stats.observe(KEYS[0], "ok", 1.0, 4.0, tokens_per_s=100.0)   # median decode rate 100 tokens/s
+    p = policy(state, config=CONFIG.model_copy(update={"slow_stream_factor": 0.4, "min_stream_s": 0.5}))
+
+    def streaming(chars: int, last: float) -> AttemptState:
+        return AttemptState(tier=0, started_at=T0, first_token_at=T0 + 0.5, last_token_at=last, received_chars=chars)
+
+    # 10 tokens by now: at 40 tokens/s they must be followed by more within 0.25 s; judged after 0.5 s.
+    assert p.decide([streaming(40, T0 + 0.6)], T0 + 0.6, DEADLINE) == Start(0, T0 + 1.0, "duplicate")
+    # 100 tokens: healthy until T0 + 0.5 + 100/40 s.
+    assert p.decide([streaming(400, T0 + 2.0)], T0 + 2.0, DEADLINE) == Start(0, T0 + 3.0, "duplicate")
+    assert p.decide([streaming(400, T0 + 2.0)], T0 + 3.0, DEADLINE) == Start(0, T0 + 3.0, "duplicate")
