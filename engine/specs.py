@@ -91,8 +91,9 @@ class HedgeConfig(_Spec):
     max_duplicates: int = Field(default=2, ge=0)     # duplicates per step, on top of primary + retries
     # A rung is chosen only if this quantile of its latency fits in the step's share of the time left.
     fit_quantile: float = Field(default=0.9, gt=0, lt=1)
-    # Duplicates and retries of a run may spend this fraction of the run's expected tokens.
-    extra_token_fraction: float = Field(default=1.0, ge=0)
+    # Duplicates and retries of a run may spend this fraction of the run's expected tokens (shared by
+    # the steps running at once). A bound for runs that go wrong, not the average: hedging adds far less.
+    extra_token_fraction: float = Field(default=2.0, ge=0)
 
 
 class StepSpec(_Spec):

@@ -33,7 +33,7 @@ class BreakerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     consecutive_failures: int = Field(default=5, ge=1)
-    failure_rate: float = Field(default=0.5, gt=0, le=1)
+    failure_rate: float = Field(default=0.3, gt=0, le=1)
     window_s: float = Field(default=30.0, gt=0)
     min_requests: int = Field(default=10, ge=1)
     cooldown_s: float = Field(default=5.0, gt=0)

@@ -7,7 +7,8 @@ In the spirit of Finagle's BackupRequestFilter, gRPC hedging and trio's happy ey
   streams far slower than its model's median decode rate (a straggler that started in time).
   Both keep running; the first *valid* answer wins (the runner cancels the rest).
 * A failed or invalid attempt, with nothing else running, starts the next one at once (after the
-  provider's retry-after when it names one and that still fits).
+  provider's retry-after when it names one and that still fits). An invalid answer, an overloaded or
+  rate-limited model go down the ladder first; other transient errors retry the same model once.
 * Where a duplicate (or a retry) goes: the same model while it is healthy; the next rung (another
   model, with its own prompt variant) when the model's circuit is open, it keeps failing, its recent
   latency has shifted up, or its retries are throttled. Hedging into a browned-out model does not
@@ -44,6 +45,7 @@ from policies.throttle import ExtraTokenBudget, RetryThrottle, ThrottleConfig
 __all__ = ["HedgeConfig", "HedgeEvents", "HedgingPolicy", "NullEvents", "TailState", "TailTuning", "effective_config"]
 
 ACCOUNT_WIDE = frozenset({ErrorKind.AUTH, ErrorKind.QUOTA_EXHAUSTED})
+BUSY_KINDS = frozenset({ErrorKind.OVERLOADED, ErrorKind.RATE_LIMITED})
 PER_TIER_ATTEMPTS = 2
 
 
@@ -231,6 +233,10 @@ class HedgingPolicy:
         if last.outcome == AttemptOutcome.INVALID:
             # The same prompt to the same model tends to fail the same way: go down first.
             starts = [tier + 1, tier] if tier + 1 < len(self._models) else [tier]
+        elif last.error is not None and last.error.kind in BUSY_KINDS and tier + 1 < len(self._models):
+            # The provider said it is overloaded or rate-limited: the same model again is likely to say
+            # so again. The next rung first, the same one (after its retry-after) if that is all left.
+            starts = [tier + 1, tier] if per_tier < PER_TIER_ATTEMPTS else [tier + 1]
         elif last.error is not None and last.error.retryable and per_tier < PER_TIER_ATTEMPTS:
             starts = [tier, tier + 1]
         else:

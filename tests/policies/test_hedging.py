@@ -98,8 +98,13 @@ CASES = [
     ("failure: the next attempt at once", [ended(0, ERROR, error=err(ErrorKind.SERVER_ERROR))], T0 + 0.3,
      Start(0, T0 + 0.3, "retry")),
     ("failure with retry-after: the retry when the provider said",
-     [ended(0, ERROR, error=err(ErrorKind.RATE_LIMITED, retry_after=2.0))], T0 + 0.3,
+     [ended(0, ERROR, error=err(ErrorKind.SERVER_ERROR, retry_after=2.0))], T0 + 0.3,
      Start(0, T0 + 2.3, "retry")),
+    ("overloaded: the next rung at once", [ended(0, ERROR, error=err(ErrorKind.OVERLOADED))], T0 + 0.3,
+     Start(1, T0 + 0.3, "retry")),
+    ("rate-limited on the last rung: that rung after its retry-after",
+     [ended(2, ERROR, error=err(ErrorKind.RATE_LIMITED, retry_after=1.0))], T0 + 0.3,
+     Start(2, T0 + 1.3, "retry")),
     ("invalid answer: the next rung at once", [ended(0, INVALID)], T0 + 0.3, Start(1, T0 + 0.3, "retry")),
     ("non-retryable error: never the same model again",
      [ended(0, ERROR, error=err(ErrorKind.CONTEXT_LENGTH, retryable=False))], T0 + 0.3,
@@ -291,7 +296,7 @@ def test_failing_model_still_gets_primaries_while_its_circuit_is_closed_but_retr
         state.stats.observe(KEYS[0], "fail")
     assert state.stats.health(KEYS[0]).unhealthy
     assert policy(state).decide([], T0, DEADLINE) == Start(0, T0, "primary")
-    assert policy(state).decide([ended(0, ERROR, error=err(ErrorKind.OVERLOADED))], T0 + 0.3, DEADLINE) == Start(
+    assert policy(state).decide([ended(0, ERROR, error=err(ErrorKind.SERVER_ERROR))], T0 + 0.3, DEADLINE) == Start(
         1, T0 + 0.3, "retry")
 
 
