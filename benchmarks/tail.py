@@ -213,7 +213,9 @@ def main() -> None:
     recs = records(args.runs)
     contenders = "a" + args.contenders.replace("a", "")
     if "d" in contenders and not litellm_available():
-        print("LiteLLM is not installed: contender (d) skipped (see BENCHMARKS.md for the install command)")
+        print("LiteLLM is not installed: contender (d) skipped. Install it with\n"
+              "  pip install -e '.[bench,plot]' && pip install --no-deps litellm==1.109.1\n"
+              "(litellm's certifi pin cannot be resolved from the registry; see BENCHMARKS.md)")
         contenders = contenders.replace("d", "")
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     started = time.perf_counter()
