@@ -54,7 +54,8 @@ def run(sim, workflow: dict, n: int, **kwargs):
     outcomes = []
     summary = run_batch(workflow_from_dict(workflow), [{"ticket_id": f"T-{i}", "id": f"r{i}"} for i in range(n)],
                         options=RunOptions(deadline_s=kwargs.pop("deadline_s", 10)), simulator=endpoints(sim),
-                        on_done=outcomes.append, hedge=kwargs.pop("hedge", HEDGE), tuning=TUNING, **kwargs)
+                        on_done=outcomes.append, hedge=kwargs.pop("hedge", HEDGE),
+                        tuning=kwargs.pop("tuning", TUNING), **kwargs)
     return summary, outcomes
 
 
@@ -131,13 +132,15 @@ def test_side_effect_step_is_never_hedged_and_retries_keep_its_idempotency_key(s
 def test_new_executor_starts_warm_from_the_shared_statistics(simulator):
     sim = simulator("clean", seed=3, time_scale=TIME_SCALE, model_profiles={"gpt-4.1": STEADY})
     name = f"stats-{uuid.uuid4().hex[:8]}"
-    stats = stats_actor(name, TUNING.latency)
+    # A window long enough that starting the new executor on a busy machine cannot outlast it.
+    tuning = TUNING.model_copy(update={"latency": TUNING.latency.model_copy(update={"window_s": 120.0})})
+    stats = stats_actor(name, tuning.latency)
     try:
-        summary, _ = run(sim, one_step(), 30, stats_name=name)
+        summary, _ = run(sim, one_step(), 30, stats_name=name, tuning=tuning)
         assert summary.delivered == 30
         assert ray.get(stats.counts.remote()).get("openai/gpt-4.1", 0) >= 25
         providers = resolve_providers(workflow_from_dict(one_step()), endpoints(sim))
-        fresh = StepExecutor.options(max_concurrency=100, num_cpus=0).remote(providers, "fresh", HEDGE, TUNING, name)
+        fresh = StepExecutor.options(max_concurrency=100, num_cpus=0).remote(providers, "fresh", HEDGE, tuning, name)
         try:
             ray.get(fresh.sync_stats.remote())
             seen = ray.get(fresh.tail_snapshot.remote())
