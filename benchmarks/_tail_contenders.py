@@ -90,80 +90,105 @@ async def run_all(records: list[tuple[str, dict[str, Any]]], concurrency: int,
     return results
 
 
+class Contender:
+    """Runs chunks of records in its own event loop, which lives as long as it does (clients and
+    LiteLLM's router state carry over from chunk to chunk, as in a long-running service)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+
+    def run(self, records: list[tuple[str, dict[str, Any]]]) -> list[RunResult]:
+        return self.loop.run_until_complete(self._run(records))
+
+    async def _run(self, records: list[tuple[str, dict[str, Any]]]) -> list[RunResult]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        # Library background tasks (LiteLLM's logging worker) end with the loop, quietly.
+        pending = asyncio.all_tasks(self.loop)
+        for task in pending:
+            task.cancel()
+        self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        self.loop.close()
+
+
 # ---- (a) by hand: the official SDK, a per-call timeout and its own retries -----------------------------
 
-def hand_written(root: str, workflow: WorkflowSpec, records: list[tuple[str, dict[str, Any]]], concurrency: int,
-                 call_timeout_s: float, time_scale: float) -> list[RunResult]:
-    import openai
+class HandWritten(Contender):
+    def __init__(self, root: str, workflow: WorkflowSpec, concurrency: int, call_timeout_s: float,
+                 time_scale: float) -> None:
+        super().__init__()
+        import openai
 
-    class ScaledBackoffOpenAI(openai.AsyncOpenAI):
-        """The SDK's back-off (0.5 s x 2^n, jittered) in simulated time; retry-after is already scaled."""
+        class ScaledBackoffOpenAI(openai.AsyncOpenAI):
+            """The SDK's back-off (0.5 s x 2^n, jittered) in simulated time; retry-after is already scaled."""
 
-        def _calculate_retry_timeout(self, remaining_retries, options, response_headers=None):  # type: ignore[no-untyped-def]
-            wait = super()._calculate_retry_timeout(remaining_retries, options, response_headers)
-            if self._parse_retry_after_header(response_headers) is not None:
-                return wait
-            return wait * time_scale
+            def _calculate_retry_timeout(self, remaining_retries, options, response_headers=None):  # type: ignore[no-untyped-def]
+                wait = super()._calculate_retry_timeout(remaining_retries, options, response_headers)
+                if self._parse_retry_after_header(response_headers) is not None:
+                    return wait
+                return wait * time_scale
 
-    async def main() -> list[RunResult]:
-        client = ScaledBackoffOpenAI(base_url=root + "/v1", api_key="bench", max_retries=2, timeout=call_timeout_s)
+        self.workflow, self.concurrency = workflow, concurrency
+        self.client = ScaledBackoffOpenAI(base_url=root + "/v1", api_key="bench", max_retries=2,
+                                          timeout=call_timeout_s)
 
-        async def call(step: StepSpec, system: str | None, prompt: str) -> tuple[str, str | None, str]:
-            choice = step.models[0]
-            messages = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": prompt}]
-            params = {"temperature": choice.temperature} if choice.temperature is not None else {}
-            resp = await client.chat.completions.create(model=choice.model, messages=messages,  # type: ignore[arg-type]
-                                                        max_tokens=choice.max_tokens, **params)
-            c = resp.choices[0]
-            return c.message.content or "", c.finish_reason, "openai"
+    async def _call(self, step: StepSpec, system: str | None, prompt: str) -> tuple[str, str | None, str]:
+        choice = step.models[0]
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        params = {"temperature": choice.temperature} if choice.temperature is not None else {}
+        resp = await self.client.chat.completions.create(model=choice.model, messages=messages,  # type: ignore[arg-type]
+                                                         max_tokens=choice.max_tokens, **params)
+        c = resp.choices[0]
+        return c.message.content or "", c.finish_reason, "openai"
 
-        try:
-            return await run_all(records, concurrency, lambda record: run_dag(workflow, record, call))
-        finally:
-            await client.close()
+    async def _run(self, records: list[tuple[str, dict[str, Any]]]) -> list[RunResult]:
+        return await run_all(records, self.concurrency, lambda record: run_dag(self.workflow, record, self._call))
 
-    return asyncio.run(main())
+    def close(self) -> None:
+        self.loop.run_until_complete(self.client.close())
+        super().close()
 
 
 # ---- (d) LiteLLM's Router, configured as its docs recommend ----------------------------------------------
 
-def litellm_router(root: str, workflow: WorkflowSpec, records: list[tuple[str, dict[str, Any]]], concurrency: int,
-                   call_timeout_s: float, time_scale: float) -> list[RunResult]:
-    # LiteLLM reads its retry back-off constants from the environment at import.
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    os.environ["INITIAL_RETRY_DELAY"] = str(0.5 * time_scale)
-    os.environ["MAX_RETRY_DELAY"] = str(8.0 * time_scale)
-    os.environ["JITTER"] = str(0.75 * time_scale)
-    import litellm
-    from litellm import Router
+class LiteLLMRouter(Contender):
+    def __init__(self, root: str, workflow: WorkflowSpec, concurrency: int, call_timeout_s: float,
+                 time_scale: float) -> None:
+        super().__init__()
+        # LiteLLM reads its retry back-off constants from the environment at import.
+        os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+        os.environ["INITIAL_RETRY_DELAY"] = str(0.5 * time_scale)
+        os.environ["MAX_RETRY_DELAY"] = str(8.0 * time_scale)
+        os.environ["JITTER"] = str(0.75 * time_scale)
+        import litellm
+        from litellm import Router
 
-    litellm.suppress_debug_info = True
-    ladder = workflow.steps[0].models
-    model_list = []
-    for choice in ladder:
-        api_base = root + "/v1" if choice.provider == "openai" else root
-        model_list.append({"model_name": choice.model, "litellm_params": {
-            "model": f"{choice.provider}/{choice.model}", "api_base": api_base, "api_key": "bench",
-            "timeout": call_timeout_s}})
-    router = Router(
-        model_list=model_list,
-        num_retries=2,                                              # the docs' example
-        timeout=call_timeout_s,
-        fallbacks=[{ladder[0].model: [c.model for c in ladder[1:]]}],
-        cooldown_time=5.0 * time_scale,                            # the default cool-down, in simulated time
-    )
+        litellm.suppress_debug_info = True
+        ladder = workflow.steps[0].models
+        model_list = []
+        for choice in ladder:
+            api_base = root + "/v1" if choice.provider == "openai" else root
+            model_list.append({"model_name": choice.model, "litellm_params": {
+                "model": f"{choice.provider}/{choice.model}", "api_base": api_base, "api_key": "bench",
+                "timeout": call_timeout_s}})
+        self.router = Router(
+            model_list=model_list,
+            num_retries=2,                                          # the docs' example
+            timeout=call_timeout_s,
+            fallbacks=[{ladder[0].model: [c.model for c in ladder[1:]]}],
+            cooldown_time=5.0 * time_scale,                        # the default cool-down, in simulated time
+        )
+        self.workflow, self.concurrency = workflow, concurrency
 
-    async def call(step: StepSpec, system: str | None, prompt: str) -> tuple[str, str | None, str]:
+    async def _call(self, step: StepSpec, system: str | None, prompt: str) -> tuple[str, str | None, str]:
         choice = step.models[0]
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         params = {"temperature": choice.temperature} if choice.temperature is not None else {}
-        resp = await router.acompletion(model=choice.model, messages=messages, max_tokens=choice.max_tokens,
-                                        **params)
+        resp = await self.router.acompletion(model=choice.model, messages=messages, max_tokens=choice.max_tokens,
+                                             **params)
         c = resp.choices[0]
         return c.message.content or "", c.finish_reason, "openai"   # LiteLLM speaks OpenAI's vocabulary
 
-    async def main() -> list[RunResult]:
-        return await run_all(records, concurrency, lambda record: run_dag(workflow, record, call))
-
-    return asyncio.run(main())
+    async def _run(self, records: list[tuple[str, dict[str, Any]]]) -> list[RunResult]:
+        return await run_all(records, self.concurrency, lambda record: run_dag(self.workflow, record, self._call))

@@ -1,8 +1,9 @@
 """Tail latency of the demo workflow, side by side: by hand, tailrace without and with hedging, LiteLLM.
 
 The 6-step support-triage workflow (examples/support_triage: one step, three in parallel, then two)
-runs N times per contender on the time-scaled simulator (its own process, a fresh one per contender,
-same seed), on `heavy-tail` and on `brownout`:
+runs N times per contender on the time-scaled simulator (in its own process, one per contender, same
+seed), on `heavy-tail` and on `brownout`. Contenders take turns in chunks, so a change in the load of
+this shared machine falls on all of them alike:
 
   (a) by hand:   the official OpenAI SDK, a per-call timeout and its own retries (max_retries=2),
                  steps awaited per the DAG with asyncio, an invalid answer asked again (3 tries);
@@ -22,6 +23,7 @@ simulator's request log (cancelled requests included, with the tokens generated 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -37,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _sim_process import simulator_process
-from _tail_contenders import RunResult, hand_written, litellm_router
+from _tail_contenders import Contender, HandWritten, LiteLLMRouter, RunResult
 
 from engine.loading import load_inputs, load_workflow
 from engine.specs import HedgeConfig, RunOptions, WorkflowSpec
@@ -78,23 +80,44 @@ def records(n: int) -> list[tuple[str, dict[str, Any]]]:
 
 # ---- tailrace contenders -------------------------------------------------------------------------------
 
-def tailrace(root: str, workflow: WorkflowSpec, recs: list[tuple[str, dict[str, Any]]], concurrency: int,
-             scale: float, deadline_s: float, hedging: bool) -> list[RunResult]:
-    from cluster.api import run_batch
-    from cluster.providers import SimulatorEndpoints
-    from policies.hedging import TailTuning, scaled_hedge
+class Tailrace(Contender):
+    """`run_batch` per chunk; the executors' latency windows carry over through a named stats actor."""
 
-    results: list[RunResult] = []
+    def __init__(self, root: str, workflow: WorkflowSpec, concurrency: int, scale: float, hedging: bool,
+                 name: str) -> None:
+        from policies.hedging import TailTuning, scaled_hedge
 
-    def done(o: Any) -> None:
-        results.append(RunResult(o.run_id, o.on_time or o.delivered, o.latency_s, bool(o.degraded_steps),
-                                 None if o.delivered else (o.failure.value if o.failure else "?")))
+        super().__init__()
+        self.root, self.workflow, self.concurrency = root, workflow, concurrency
+        self.hedge = scaled_hedge(HedgeConfig(), scale) if hedging else HedgeConfig(enabled=False)
+        self.tuning = TailTuning().scaled(scale)
+        self.stats_name = name
+        self.deadline_s = math.inf
 
-    hedge = scaled_hedge(HedgeConfig(), scale) if hedging else HedgeConfig(enabled=False)
-    options = RunOptions(**{**workflow.defaults.model_dump(), "deadline_s": deadline_s})
-    run_batch(workflow, (r for _, r in recs), options=options, simulator=SimulatorEndpoints(root + "/v1", root),
-              max_in_flight=concurrency, on_done=done, hedge=hedge, tuning=TailTuning().scaled(scale))
-    return results
+    def run(self, records: list[tuple[str, dict[str, Any]]]) -> list[RunResult]:
+        from cluster.api import run_batch
+        from cluster.providers import SimulatorEndpoints
+
+        results: list[RunResult] = []
+
+        def done(o: Any) -> None:
+            results.append(RunResult(o.run_id, o.delivered, o.latency_s, bool(o.degraded_steps),
+                                     None if o.delivered else (o.failure.value if o.failure else "?")))
+
+        options = RunOptions(**{**self.workflow.defaults.model_dump(), "deadline_s": self.deadline_s})
+        run_batch(self.workflow, (r for _, r in records), options=options, max_in_flight=self.concurrency,
+                  simulator=SimulatorEndpoints(self.root + "/v1", self.root), on_done=done, hedge=self.hedge,
+                  tuning=self.tuning, stats_name=self.stats_name)
+        return results
+
+    def close(self) -> None:
+        import ray
+
+        from actors.latency_stats import NAMESPACE
+
+        with contextlib.suppress(Exception):
+            ray.kill(ray.get_actor(self.stats_name, namespace=NAMESPACE))
+        super().close()
 
 
 # ---- measuring -----------------------------------------------------------------------------------------
@@ -138,7 +161,8 @@ def fmt(x: float) -> str:
 
 def print_table(scenario: str, rows: dict[str, dict[str, Any]], deadline_sim_s: float) -> None:
     print(f"\n### {scenario}: {len(rows[next(iter(rows))]['latencies_sim_s'])} runs per contender, "
-          f"deadline {deadline_sim_s:.2f} s (2x (a)'s p50), latencies in simulated seconds\n")
+          f"deadline {deadline_sim_s:.2f} s (2x (a)'s p50 over its first chunk), latencies in simulated "
+          "seconds\n")
     print("| contender | p50 | p90 | p99 | p99.9 | p99/p50 | p99.9/p50 | hit rate | extra tokens vs (b) "
           "| cost $/run | degraded runs | not delivered |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
@@ -199,6 +223,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--scenarios", nargs="+", default=["heavy-tail", "brownout"])
     parser.add_argument("--contenders", default="abcd", help="which of a, b, c, d to run (a always runs)")
+    parser.add_argument("--chunks", type=int, default=4, help="contenders take turns, this many chunks each")
     parser.add_argument("--out", default=str(RESULTS / "tail.json"))
     parser.add_argument("--plot", default=str(RESULTS / "tail_cdf.png"))
     args = parser.parse_args()
@@ -221,28 +246,47 @@ def main() -> None:
     started = time.perf_counter()
     all_rows: dict[str, dict[str, dict[str, Any]]] = {}
     deadlines: dict[str, float] = {}
+    size = math.ceil(len(recs) / args.chunks)
+    chunks = [recs[i:i + size] for i in range(0, len(recs), size)]
+    timeout = CALL_TIMEOUT_SIM_S * scale
     with tempfile.TemporaryDirectory() as tmp:
         for scenario in args.scenarios:
-            rows: dict[str, dict[str, Any]] = {}
-            deadline_s = math.inf
-            for key in contenders:
-                log = Path(tmp) / f"{scenario}-{key}.jsonl"
-                t0 = time.perf_counter()
-                with simulator_process(scenario, args.seed, scale, str(log)) as root:
-                    timeout = CALL_TIMEOUT_SIM_S * scale
+            results: dict[str, list[RunResult]] = {key: [] for key in contenders}
+            wall: dict[str, float] = dict.fromkeys(contenders, 0.0)
+            with contextlib.ExitStack() as stack:
+                # One simulator per contender, same seed; contenders take turns chunk by chunk, so a
+                # change in the machine's load (it is shared) falls on all of them alike.
+                racers: dict[str, Contender] = {}
+                for key in contenders:
+                    root = stack.enter_context(simulator_process(scenario, args.seed, scale,
+                                                                 str(Path(tmp) / f"{scenario}-{key}.jsonl")))
                     if key == "a":
-                        results = hand_written(root, workflow, recs, args.concurrency, timeout, scale)
+                        racers[key] = HandWritten(root, workflow, args.concurrency, timeout, scale)
                     elif key == "d":
-                        results = litellm_router(root, workflow, recs, args.concurrency, timeout, scale)
+                        racers[key] = LiteLLMRouter(root, workflow, args.concurrency, timeout, scale)
                     else:
-                        results = tailrace(root, workflow, recs, args.concurrency, scale, deadline_s, key == "c")
-                if key == "a":
-                    p50 = quantile([r.latency_s if r.ok else math.inf for r in results], 0.5)
-                    deadline_s = 2 * p50
-                rows[key] = {**summarise(results, scale, deadline_s), "sim": sim_log_totals(log, workflow),
-                             "runs": len(results), "wall_s": time.perf_counter() - t0}
-                print(f"{scenario} {CONTENDERS[key]}: {len(results)} runs in {rows[key]['wall_s']:.0f} s",
-                      flush=True)
+                        racers[key] = Tailrace(root, workflow, args.concurrency, scale, key == "c",
+                                               f"tailrace-bench-{scenario}-{key}")
+                    stack.callback(racers[key].close)
+                for i, chunk in enumerate(chunks):
+                    for key, racer in racers.items():
+                        t0 = time.perf_counter()
+                        results[key] += racer.run(chunk)
+                        wall[key] += time.perf_counter() - t0
+                        if key == "a" and i == 0:
+                            # The deadline: 2x (a)'s p50 over its first chunk, given to (b) and (c).
+                            p50 = quantile([r.latency_s if r.ok else math.inf for r in results["a"]], 0.5)
+                            for r in racers.values():
+                                if isinstance(r, Tailrace):
+                                    r.deadline_s = 2 * p50
+                    print(f"{scenario}: chunk {i + 1}/{len(chunks)} done ({time.perf_counter() - started:.0f} s)",
+                          flush=True)
+            deadline_s = next(r.deadline_s for r in racers.values() if isinstance(r, Tailrace)) \
+                if any(k in contenders for k in "bc") else 2 * quantile(
+                    [r.latency_s if r.ok else math.inf for r in results["a"][:size]], 0.5)
+            rows = {key: {**summarise(res, scale, deadline_s),
+                          "sim": sim_log_totals(Path(tmp) / f"{scenario}-{key}.jsonl", workflow),
+                          "runs": len(res), "wall_s": wall[key]} for key, res in results.items()}
             deadlines[scenario] = deadline_s / scale
             all_rows[scenario] = rows
             print_table(scenario, rows, deadline_s / scale)
