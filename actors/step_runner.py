@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
@@ -29,12 +29,12 @@ from engine.outcomes import (
     FailureReason,
     StepResult,
 )
+from engine.prompts import render_messages
 from engine.providers.base import AttemptProgress, ProviderAdapter, ProviderCall, RawAttempt
 from engine.specs import ModelChoice, StepSpec
-from engine.templates import render
 from engine.tokens import estimate_prompt_tokens, estimate_tokens
-from engine.validation import Verdict, contract_instructions, validate
-from policies.attempts import AttemptPolicy, AttemptState, GiveUp, Start
+from engine.validation import Verdict, validate
+from policies.attempts import AttemptFeedback, AttemptPolicy, AttemptState, GiveUp, Start
 from policies.retry import Rung, SequentialRetryPolicy
 
 
@@ -52,6 +52,11 @@ class StepRequest(BaseModel):
     deadline_epoch: float          # absolute; converted to the receiver's monotonic clock on arrival
     cost_remaining_usd: float | None = None
     max_attempts: int = 4
+    # The fraction of the run's remaining time this step may plan to use (see policies.allocation);
+    # None: all of it.
+    time_share: float | None = None
+    # This step's share of the run's allowance for duplicates and retries, in tokens; None: unlimited.
+    extra_tokens: int | None = None
 
     @property
     def idempotency_key(self) -> str:
@@ -60,6 +65,21 @@ class StepRequest(BaseModel):
 
 
 PolicyFactory = Callable[[StepRequest], AttemptPolicy]
+
+
+class AttemptObserver(Protocol):
+    """Hears every attempt start and end and every step result (the executor's statistics and metrics)."""
+
+    def attempt_started(self, request: StepRequest, choice: ModelChoice, role: str) -> None: ...
+
+    def attempt_ended(self, request: StepRequest, record: AttemptRecord) -> None: ...
+
+    def step_ended(self, request: StepRequest, result: StepResult) -> None: ...
+
+
+def rendered_prompt(request: StepRequest, choice: ModelChoice) -> tuple[str | None, str]:
+    """The (system, prompt) one rung of the step sends: its own prompt variant or the step's."""
+    return render_messages(request.step, choice, request.inputs, request.upstream)
 
 
 def sequential_policy(request: StepRequest) -> AttemptPolicy:
@@ -88,6 +108,8 @@ class _Attempt:
             first_token_at=self.progress.first_token_mono, last_token_at=self.progress.last_token_mono,
             finished_at=None if r is None else self.progress.started_mono + r.latency_s,
             outcome=None if r is None else r.outcome, error=None if r is None else r.error,
+            tokens=None if r is None else r.input_tokens + r.output_tokens,
+            received_chars=self.progress.received_chars,
         )
 
 
@@ -110,6 +132,7 @@ class StepRunner:
         policy_factory: PolicyFactory = sequential_policy,
         gate_factory: Callable[[StepRequest], SpendGate] | None = None,
         return_margin_s: float = 0.05,
+        observer: AttemptObserver | None = None,
     ) -> None:
         self._return_margin_s = return_margin_s
         self._adapters = adapters
@@ -117,6 +140,7 @@ class StepRunner:
         self._policy_factory = policy_factory
         self._gate_factory = gate_factory or (lambda req: RunCostGate(req.cost_remaining_usd))
         self.attempts_in_flight = 0   # across every step running here; the executor pool reads it
+        self._observer = observer
 
     async def run(self, request: StepRequest, stop: asyncio.Event | None = None) -> StepResult:
         """Run the step to a valid answer, a give-up or its deadline. Setting `stop` ends it early
@@ -127,6 +151,7 @@ class StepRunner:
         arrived = self._clock.monotonic()
         deadline = Deadline.from_epoch(request.deadline_epoch - self._return_margin_s, self._clock)
         state = _StepRun(request, deadline, self._gate_factory(request), stop or asyncio.Event())
+        result: StepResult | None = None
         try:
             result = await self._race(state, self._policy_factory(request))
             run_metrics.step_finished(request.workflow, request.step.id, result.ok,
@@ -135,22 +160,35 @@ class StepRunner:
         finally:
             # Cancelled from outside (driver gave up, shutdown): close every HTTP stream.
             await self._cancel_running(state, CancelReason.SHUTDOWN)
+            if self._observer is not None and result is not None:
+                self._observer.step_ended(request, result)
 
     async def _race(self, run: _StepRun, policy: AttemptPolicy) -> StepResult:
+        feedback = policy if isinstance(policy, AttemptFeedback) else None
+        blocked = False   # a refusal a policy without feedback cannot know of: wait for an attempt to end
         while True:
             now = self._clock.monotonic()
             decision = policy.decide([a.state() for a in run.attempts], now, run.deadline.at_monotonic)
             if isinstance(decision, GiveUp):
                 return self._failed(run, decision.reason, decision.detail)
             wake_at = run.deadline.at_monotonic
-            if isinstance(decision, Start):
+            if isinstance(decision, Start) and not blocked:
                 if decision.at <= now:
                     refusal = await self._start(run, decision)
                     if refusal is not None and not self._running(run):
                         return self._failed(run, FailureReason.BUDGET_EXHAUSTED, refusal)
+                    if feedback is not None:
+                        if refusal is None:
+                            feedback.started(decision, now)
+                        else:
+                            feedback.refused(decision, refusal, now)
+                    else:
+                        blocked = refusal is not None
                     continue
                 wake_at = min(wake_at, decision.at)
             finished = await self._wait(run, wake_at)
+            if finished:
+                blocked = False
             for attempt in finished:
                 if attempt.record is not None and attempt.record.outcome == AttemptOutcome.VALID:
                     await self._cancel_running(run, CancelReason.HEDGE_LOST)
@@ -205,20 +243,16 @@ class StepRunner:
         attempt.task = asyncio.create_task(self._attempt(req, call, attempt))
         self.attempts_in_flight += 1
         run.attempts.append(attempt)
+        if self._observer is not None:
+            self._observer.attempt_started(req, choice, decision.role)
         return None
 
     def _call(self, req: StepRequest, choice: ModelChoice, remaining_s: float) -> ProviderCall:
-        step = req.step
-        prompt = render(choice.prompt or step.prompt, req.inputs, req.upstream)
-        system_template = choice.system or step.system
-        system_parts = [render(system_template, req.inputs, req.upstream)] if system_template else []
-        instructions = contract_instructions(step.output, req.inputs)
-        if instructions:
-            system_parts.append(instructions)
-        headers = {"Idempotency-Key": req.idempotency_key} if step.side_effect else {}
+        system, prompt = rendered_prompt(req, choice)
+        headers = {"Idempotency-Key": req.idempotency_key} if req.step.side_effect else {}
         return ProviderCall(
             provider=choice.provider, kind=self._adapters[choice.provider].kind, model=choice.model,
-            prompt=prompt, system="\n\n".join(system_parts) or None, max_tokens=choice.max_tokens,
+            prompt=prompt, system=system, max_tokens=choice.max_tokens,
             temperature=choice.temperature, top_p=choice.top_p, timeout_s=max(0.05, remaining_s) + 1.0,
             headers=headers,
         )
@@ -294,6 +328,8 @@ class StepRunner:
             request=_request_of(attempt.call), **fields,
         )
         run_metrics.attempt_finished(run.request.workflow, record)
+        if self._observer is not None:
+            self._observer.attempt_ended(run.request, record)
         return record
 
     @staticmethod

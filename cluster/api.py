@@ -2,18 +2,25 @@
 
 `ray.init()` starts a local cluster unless Ray is already initialised or `address` names one. With no
 provider configured, the embedded simulator serves the calls (see `cluster.providers`).
+
+Steps are hedged by default (`hedge=HedgeConfig(...)` tunes it, `HedgeConfig(enabled=False)` runs the
+sequential retry policy). Executors share latency windows through a stats actor: one per batch unless
+`stats_name` names a longer-lived one to share (and start warm from) across batches.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import ray
 
+from actors.latency_stats import stats_actor
 from actors.step_executor import StepExecutor
 from cluster.driver import DEFAULT_GRACE_S, WorkflowDriver, run_records
 from cluster.pool import ExecutorPool, PoolConfig
@@ -25,7 +32,8 @@ from engine.loading import check_inputs, load_inputs, load_workflow
 from engine.outcomes import RunOutcome
 from engine.providers.base import AdapterSettings
 from engine.spec_checks import check_validators_registered
-from engine.specs import RunOptions, WorkflowSpec
+from engine.specs import HedgeConfig, RunOptions, WorkflowSpec
+from policies.hedging import TailTuning
 
 log = logging.getLogger("tailrace")
 
@@ -39,10 +47,13 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
     ray.init(address=address, num_cpus=num_cpus, logging_level=logging.WARNING, log_to_driver=False)
 
 
-def start_executors(providers: Mapping[str, AdapterSettings], count: int, num_cpus: float = 0.5) -> list[Any]:
+def start_executors(providers: Mapping[str, AdapterSettings], count: int, num_cpus: float = 0.5, *,
+                    hedge: HedgeConfig | None = None, tuning: TailTuning | None = None,
+                    stats_name: str | None = None) -> list[Any]:
     """Start executors and wait until they answer, so actor start-up is not charged to the first runs."""
     executors = [
-        StepExecutor.options(max_concurrency=1000, num_cpus=num_cpus).remote(dict(providers), f"executor-{i}")
+        StepExecutor.options(max_concurrency=1000, num_cpus=num_cpus).remote(
+            dict(providers), f"executor-{i}", hedge, tuning, stats_name)
         for i in range(count)
     ]
     ray.get([e.health.remote() for e in executors])
@@ -79,6 +90,9 @@ def run_batch(
     trace: TraceConfig | Literal[False] | None = None,
     executor_clock: Clock | None = None,
     on_pool: Callable[[ExecutorPool], None] | None = None,
+    hedge: HedgeConfig | None = None,
+    tuning: TailTuning | None = None,
+    stats_name: str | None = None,
 ) -> BatchSummary:
     """Run every record through the workflow; outcomes stream to `out` (JSONL) as runs finish.
 
@@ -86,6 +100,8 @@ def run_batch(
     Executors come from an `ExecutorPool` (`pool`; default: `num_executors` of them, fixed, dead ones
     replaced). Every attempt is traced to `trace` (default: `<out>.trace.jsonl` next to `out`; False:
     no trace). `executor_clock` is the clock executors run on (tests inject a skewed one).
+    `hedge` is the executors' default tail control (steps override fields with their own `hedge`);
+    `tuning` sets the latency windows, circuit breakers and retry throttle they share.
     """
     spec = workflow if isinstance(workflow, WorkflowSpec) else load_workflow(workflow)
     check_validators_registered(spec)
@@ -96,6 +112,11 @@ def run_batch(
     if trace is None and out is not None:
         trace = TraceConfig(path=str(default_trace_path(out)))
     connect(address)
+    hedge = hedge or HedgeConfig()
+    tuning = tuning or TailTuning()
+    batch_stats = stats_name is None
+    stats_name = stats_name or f"tailrace-latency-stats-{uuid.uuid4().hex[:12]}"
+    stats = stats_actor(stats_name, tuning.latency)   # owned by this driver, not by one executor
     writer = ResultWriter(out)
     tracer = TraceWriter(trace, spec) if trace else None
     summary = BatchSummary()
@@ -114,12 +135,16 @@ def run_batch(
             on_done(outcome)
 
     async def drive() -> None:
-        async with ExecutorPool(providers, pool or PoolConfig.fixed(num_executors),
-                                executor_clock=executor_clock) as executors:
+        async with ExecutorPool(providers, pool or PoolConfig.fixed(num_executors), executor_clock=executor_clock,
+                                executor_kwargs={"hedge": hedge, "tuning": tuning, "stats_name": stats_name},
+                                ) as executors:
             if on_pool is not None:
                 on_pool(executors)
-            driver = WorkflowDriver(spec, options, executors, grace_s=grace_s)
+            driver = WorkflowDriver(spec, options, executors, grace_s=grace_s, hedge=hedge)
             await run_records(driver, remembered(), writer, summary, max_in_flight, finished)
+            if not batch_stats:   # a shared stats actor outlives the batch: hand it the last samples
+                await asyncio.wait_for(asyncio.gather(*(h.sync_stats.remote() for h in executors.handles()),
+                                                      return_exceptions=True), timeout=10)
 
     try:
         asyncio.run(drive())
@@ -127,6 +152,9 @@ def run_batch(
         writer.close()
         if tracer is not None:
             tracer.close()
+        if batch_stats:
+            with contextlib.suppress(Exception):
+                ray.kill(stats)
     return summary
 
 

@@ -5,6 +5,10 @@ Each run's DAG is orchestrated here (deterministic: ready steps start in declara
 deadline is set once when the run starts and travels with every step request; executors end their
 steps at it on their own, and the driver backstops with `grace_s` so no run outlives its deadline by
 more than that, whatever happens to an executor.
+
+Each step request also carries the step's share of the remaining time (its weight over the remaining
+critical path, `policies.allocation`), so the step picks a model that leaves its successors their
+time, and its share of the run's allowance for duplicates and retries (with a `hedge` config).
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from cluster.results import BatchSummary, ResultWriter
 from engine.clock import SYSTEM_CLOCK, Clock, Deadline
 from engine.dag import Dag
 from engine.outcomes import AttemptRecord, FailureReason, RunOutcome, StepResult
-from engine.specs import RunOptions, WorkflowSpec
+from engine.specs import HedgeConfig, RunOptions, WorkflowSpec
+from policies.allocation import split_extra_tokens, step_extra_tokens, step_weights, time_shares
+from policies.hedging import effective_config
 
 DEFAULT_GRACE_S = 0.25
 
@@ -45,6 +51,16 @@ class _RunState:
     failure: FailureReason | None = None
     detail: str | None = None
     failed_step: str | None = None
+    extra_allowance: int | None = None                           # tokens for duplicates and retries
+    extra_spent: int = 0
+    extra_held: dict[str, int] = field(default_factory=dict)     # running step -> its share
+
+    def extra_grants(self, steps: list[str]) -> dict[str, int | None]:
+        if self.extra_allowance is None:
+            return dict.fromkeys(steps)
+        free = self.extra_allowance - self.extra_spent - sum(self.extra_held.values())
+        share = split_extra_tokens(free, len(steps))
+        return dict.fromkeys(steps, share)
 
 
 @dataclass
@@ -100,19 +116,22 @@ class RunAdmission(Protocol):
 class WorkflowDriver:
     def __init__(self, workflow: WorkflowSpec, options: RunOptions, executors: Sequence[Any] | ExecutorSource,
                  clock: Clock = SYSTEM_CLOCK, grace_s: float = DEFAULT_GRACE_S,
-                 admission: RunAdmission | None = None) -> None:
+                 admission: RunAdmission | None = None, hedge: HedgeConfig | None = None) -> None:
         self.admission = admission
         self.workflow = workflow
         self.options = options
         self.dag = Dag.from_spec(workflow)
         # A fixed list of executors, or a pool that grows, shrinks and replaces them (cluster.pool).
         self.pool: ExecutorSource = executors if hasattr(executors, "lease") else ExecutorChooser(executors)
+        self.hedge = hedge
+        self.time_shares = time_shares(self.dag, step_weights(workflow))
         self.clock = clock
         self.grace_s = grace_s
 
     async def run(self, run_id: str, inputs: dict[str, Any]) -> RunOutcome:
         deadline = Deadline.after(self.options.deadline_s, self.clock)
-        state = _RunState(run_id, inputs, deadline, self.clock.time(), deadline.to_epoch(), self.clock.monotonic())
+        state = _RunState(run_id, inputs, deadline, self.clock.time(), deadline.to_epoch(), self.clock.monotonic(),
+                          extra_allowance=self._extra_allowance(inputs))
         pending: _Pending = {}
         started: set[str] = set()
         if self.admission is not None:
@@ -122,7 +141,10 @@ class WorkflowDriver:
                 return self._outcome(state)
         try:
             while len(state.outputs) < len(self.workflow.steps) and state.failure is None:
-                for step_id in self.dag.ready(set(state.outputs), started):
+                ready = self.dag.ready(set(state.outputs), started)
+                for step_id, grant in state.extra_grants(ready).items():
+                    if grant is not None:
+                        state.extra_held[step_id] = grant
                     started.add(step_id)
                     call = _StepCall(step_id)
                     pending[asyncio.ensure_future(self._run_step(state, call))] = call
@@ -138,6 +160,16 @@ class WorkflowDriver:
             await self._stop_pending(state, pending)
         return self._outcome(state)
 
+    def _extra_allowance(self, inputs: dict[str, Any]) -> int | None:
+        """The run's tokens for duplicates and retries: each step's fraction of its expected tokens."""
+        if self.hedge is None or not self.hedge.enabled:
+            return None
+        total = 0
+        for step in self.workflow.steps:
+            config = effective_config(self.hedge, step.hedge)
+            total += step_extra_tokens(step, inputs, config.extra_token_fraction)
+        return total
+
     async def _run_step(self, state: _RunState, call: _StepCall) -> StepResult:
         step = self.workflow.step(call.step_id)
         avoid = None
@@ -149,7 +181,8 @@ class WorkflowDriver:
                 run_id=state.run_id, workflow=self.workflow.name, tenant=self.options.tenant, step=step,
                 inputs=state.inputs, upstream={d: state.outputs[d] for d in self.dag.ancestors(step.id)},
                 deadline_epoch=state.deadline_epoch, cost_remaining_usd=remaining_cost,
-                max_attempts=self.options.max_attempts_per_step,
+                max_attempts=self.options.max_attempts_per_step, time_share=self.time_shares[step.id],
+                extra_tokens=state.extra_held.get(step.id),
             )
             lease = await self.pool.lease(state.deadline, avoid)
             call.index, call.executor = lease.key, lease.executor
@@ -177,6 +210,8 @@ class WorkflowDriver:
             return
         state.attempts.extend(result.attempts)
         state.cost_usd += sum(a.cost_usd for a in result.attempts)
+        state.extra_held.pop(step_id, None)
+        state.extra_spent += sum(a.input_tokens + a.output_tokens for a in result.attempts if a.role != "primary")
         if result.ok:
             state.outputs[step_id] = result.output
             if result.tier:

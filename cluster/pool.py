@@ -169,12 +169,13 @@ class ExecutorPool:
 
     def __init__(self, providers: Mapping[str, Any], config: PoolConfig | None = None, *,
                  clock: Clock = SYSTEM_CLOCK, executor_clock: Clock | None = None,
-                 name: str = "executor") -> None:
+                 executor_kwargs: Mapping[str, Any] | None = None, name: str = "executor") -> None:
         self.config = config or PoolConfig()
         self.clock = clock
         self.events: deque[PoolEvent] = deque(maxlen=2000)
         self._providers = dict(providers)
         self._executor_clock = executor_clock
+        self._executor_kwargs = dict(executor_kwargs or {})   # tail control settings for every executor
         self._name = name
         self._members: dict[int, _Member] = {}
         self._keys = itertools.count()
@@ -301,7 +302,7 @@ class ExecutorPool:
         if self.config.spread:
             options["scheduling_strategy"] = "SPREAD"
         handle = StepExecutor.options(**options).remote(self._providers, f"{self._name}-{key}",
-                                                        self._executor_clock)
+                                                        self._executor_clock, **self._executor_kwargs)
         self._members[key] = _Member(key, handle, MemberState.STARTING, self.clock.monotonic())
         self._record("grow" if reason != "replace" else "replace", reason)
 

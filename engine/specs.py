@@ -68,6 +68,34 @@ class OutputContract(_Spec):
     min_chars: int = Field(default=1, ge=0)
 
 
+class HedgeConfig(_Spec):
+    """How a step controls its tail: when a duplicate starts, how many run at once, what extra load it may add.
+
+    Lives here (not in `policies`) so a step spec can carry it; `policies.hedging` implements it.
+    A step's `hedge` overrides only the fields it sets; the rest come from the executor's default.
+    Durations are in seconds of the run's clock.
+    """
+
+    enabled: bool = True                     # False: the sequential one-at-a-time retry policy
+    # A duplicate starts when the newest running attempt has no first token by this quantile of its
+    # model's observed time to first token, or no complete answer by this quantile of its latency...
+    ttft_quantile: float = Field(default=0.95, gt=0, lt=1)
+    latency_quantile: float = Field(default=0.99, gt=0, lt=1)
+    # ... or its stream has been silent this long after the first token ...
+    stall_gap_s: float = Field(default=2.0, gt=0)
+    # ... or, after streaming for `min_stream_s`, it has delivered fewer tokens than this fraction of
+    # its model's median decode rate would have (a slow stream: a straggler that started in time).
+    slow_stream_factor: float = Field(default=0.4, ge=0, lt=1)
+    min_stream_s: float = Field(default=0.5, gt=0)
+    max_concurrent: int = Field(default=3, ge=1)     # attempts of one step in flight at once
+    max_duplicates: int = Field(default=2, ge=0)     # duplicates per step, on top of primary + retries
+    # A rung is chosen only if this quantile of its latency fits in the step's share of the time left.
+    fit_quantile: float = Field(default=0.9, gt=0, lt=1)
+    # Duplicates and retries of a run may spend this fraction of the run's expected tokens (shared by
+    # the steps running at once). A bound for runs that go wrong, not the average: hedging adds far less.
+    extra_token_fraction: float = Field(default=2.0, ge=0)
+
+
 class StepSpec(_Spec):
     id: str = Field(pattern=STEP_ID_PATTERN)
     prompt: str
@@ -76,6 +104,7 @@ class StepSpec(_Spec):
     models: list[ModelChoice]
     output: OutputContract = Field(default_factory=OutputContract)
     side_effect: bool = False
+    hedge: HedgeConfig | None = None         # per-step overrides of the executor's hedging defaults
 
 
 class RunOptions(_Spec):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from engine.outcomes import AttemptOutcome, FailureReason, ProviderError
 
@@ -24,6 +24,8 @@ class AttemptState:
     finished_at: float | None = None
     outcome: AttemptOutcome | None = None   # None while running
     error: ProviderError | None = None
+    tokens: int | None = None               # input + output tokens as settled, once it has ended
+    received_chars: int = 0                 # answer text streamed so far
 
     @property
     def running(self) -> bool:
@@ -50,3 +52,17 @@ class AttemptPolicy(Protocol):
     def decide(self, attempts: Sequence[AttemptState], now: float, deadline: float) -> Decision:
         """What to do next, given every attempt so far, the time now and the step's deadline."""
         ...
+
+
+@runtime_checkable
+class AttemptFeedback(Protocol):
+    """Optional: a policy that also implements these hears what became of its `Start`s.
+
+    `refused` matters most: a budget said no, and a policy that is not told would ask for the same
+    attempt again at once. A runner whose policy lacks these waits for a running attempt to end
+    before it asks again after a refusal.
+    """
+
+    def started(self, decision: Start, now: float) -> None: ...
+
+    def refused(self, decision: Start, reason: str, now: float) -> None: ...

@@ -100,7 +100,8 @@ def test_hanging_provider_ends_the_run_at_its_deadline(simulator, tmp_path):
 def test_invalid_output_is_retried_and_the_final_output_is_valid(simulator):
     sim = simulator("clean", seed=1, time_scale=0.05, script={"gpt-4.1": [Fault.SCHEMA_MISS]})
     outcomes = []
-    summary = run_batch(DEMO, demo_records(1), options=RunOptions(deadline_s=10), simulator=endpoints(sim),
+    # 30 s: time for every step on its first rung (with less, the time allocator drops steps down the ladder).
+    summary = run_batch(DEMO, demo_records(1), options=RunOptions(deadline_s=30), simulator=endpoints(sim),
                         on_done=outcomes.append)
     assert summary.delivered == 1
     classify = [a for a in outcomes[0].attempts if a.step_id == "classify"]
@@ -113,7 +114,7 @@ def test_invalid_output_is_retried_and_the_final_output_is_valid(simulator):
 def test_non_retryable_400_is_not_retried_on_the_same_model(simulator):
     sim = simulator("clean", seed=1, time_scale=0.05, force_fault={"gpt-4.1": Fault.CONTEXT_LENGTH})
     outcomes = []
-    summary = run_batch(DEMO, demo_records(2), options=RunOptions(deadline_s=10), simulator=endpoints(sim),
+    summary = run_batch(DEMO, demo_records(2), options=RunOptions(deadline_s=30), simulator=endpoints(sim),
                         on_done=outcomes.append)
     assert summary.delivered == 2
     for outcome in outcomes:

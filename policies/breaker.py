@@ -1,0 +1,163 @@
+"""A circuit breaker per model: stop sending work to a model that keeps failing, probe it after a pause.
+
+closed -> open after `consecutive_failures` failures in a row, or a failure rate of at least
+`failure_rate` over the last `window_s` (once `min_requests` outcomes are in it). open -> half-open
+when `cooldown_s` has passed: one probe attempt at a time is allowed. half-open -> closed on the
+probe's success, back to open (a fresh cool-down) on its failure. While open, the hedging policy
+skips the model. Only provider-health failures count (5xx, overload, rate limit, timeouts,
+connection drops); a 400 for a too-long prompt says nothing about the model's health.
+
+Pure: time comes in as arguments (monotonic seconds).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class CircuitState(StrEnum):
+    CLOSED = "closed"
+    HALF_OPEN = "half_open"
+    OPEN = "open"
+
+
+# For the `tailrace_circuit_state` gauge.
+STATE_VALUE = {CircuitState.CLOSED: 0, CircuitState.HALF_OPEN: 1, CircuitState.OPEN: 2}
+
+
+class BreakerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    consecutive_failures: int = Field(default=5, ge=1)
+    failure_rate: float = Field(default=0.3, gt=0, le=1)
+    window_s: float = Field(default=30.0, gt=0)
+    min_requests: int = Field(default=10, ge=1)
+    cooldown_s: float = Field(default=5.0, gt=0)
+
+    def scaled(self, factor: float) -> BreakerConfig:
+        return self.model_copy(update={"window_s": self.window_s * factor, "cooldown_s": self.cooldown_s * factor})
+
+
+class CircuitBreaker:
+    def __init__(self, config: BreakerConfig | None = None) -> None:
+        self.config = config or BreakerConfig()
+        self.state = CircuitState.CLOSED
+        self._consecutive = 0
+        self._outcomes: deque[tuple[float, bool]] = deque()    # (time, failed)
+        self._opened_at = 0.0
+        self._probing = False
+
+    def _advance(self, now: float) -> None:
+        if self.state == CircuitState.OPEN and now - self._opened_at >= self.config.cooldown_s:
+            self.state = CircuitState.HALF_OPEN
+            self._probing = False
+
+    def current(self, now: float) -> CircuitState:
+        self._advance(now)
+        return self.state
+
+    def allows(self, now: float) -> bool:
+        """Whether an attempt may be sent now (half-open: only when no probe is out)."""
+        self._advance(now)
+        if self.state == CircuitState.CLOSED:
+            return True
+        return self.state == CircuitState.HALF_OPEN and not self._probing
+
+    def started(self, now: float) -> None:
+        """An attempt was sent; in half-open it is the probe."""
+        self._advance(now)
+        if self.state == CircuitState.HALF_OPEN:
+            self._probing = True
+
+    def record(self, now: float, failed: bool) -> None:
+        self._advance(now)
+        horizon = now - self.config.window_s
+        self._outcomes.append((now, failed))
+        while self._outcomes and self._outcomes[0][0] < horizon:
+            self._outcomes.popleft()
+        if self.state == CircuitState.HALF_OPEN:
+            if failed:
+                self._open(now)
+            else:
+                self._close()
+            return
+        if self.state == CircuitState.OPEN:
+            return  # an attempt sent before the circuit opened; the cool-down decides
+        self._consecutive = self._consecutive + 1 if failed else 0
+        failures = sum(1 for _, f in self._outcomes if f)
+        by_rate = len(self._outcomes) >= self.config.min_requests and \
+            failures / len(self._outcomes) >= self.config.failure_rate
+        if self._consecutive >= self.config.consecutive_failures or by_rate:
+            self._open(now)
+
+    def abandoned(self, now: float) -> None:
+        """The probe ended without telling anything (cancelled): let another probe go."""
+        self._advance(now)
+        if self.state == CircuitState.HALF_OPEN:
+            self._probing = False
+
+    def _open(self, now: float) -> None:
+        self.state = CircuitState.OPEN
+        self._opened_at = now
+        self._probing = False
+        self._consecutive = 0
+        self._outcomes.clear()
+
+    def _close(self) -> None:
+        self.state = CircuitState.CLOSED
+        self._consecutive = 0
+        self._probing = False
+        self._outcomes.clear()
+
+
+class BreakerBoard:
+    """One breaker per model, created on first use; `on_change(model, state)` hears every transition."""
+
+    def __init__(self, config: BreakerConfig | None = None,
+                 on_change: Callable[[str, CircuitState], None] | None = None) -> None:
+        self.config = config or BreakerConfig()
+        self._breakers: dict[str, CircuitBreaker] = {}
+        self._on_change = on_change
+
+    def _get(self, model: str) -> CircuitBreaker:
+        breaker = self._breakers.get(model)
+        if breaker is None:
+            breaker = self._breakers[model] = CircuitBreaker(self.config)
+        return breaker
+
+    def _watch(self, model: str, breaker: CircuitBreaker, before: CircuitState) -> None:
+        if breaker.state != before and self._on_change is not None:
+            self._on_change(model, breaker.state)
+
+    def state(self, model: str, now: float) -> CircuitState:
+        breaker = self._get(model)
+        before = breaker.state
+        state = breaker.current(now)
+        self._watch(model, breaker, before)
+        return state
+
+    def allows(self, model: str, now: float) -> bool:
+        breaker = self._get(model)
+        before = breaker.state
+        ok = breaker.allows(now)
+        self._watch(model, breaker, before)
+        return ok
+
+    def started(self, model: str, now: float) -> None:
+        self._get(model).started(now)
+
+    def record(self, model: str, now: float, failed: bool) -> None:
+        breaker = self._get(model)
+        before = breaker.state
+        breaker.record(now, failed)
+        self._watch(model, breaker, before)
+
+    def abandoned(self, model: str, now: float) -> None:
+        self._get(model).abandoned(now)
+
+    def states(self, now: float) -> dict[str, CircuitState]:
+        return {m: self.state(m, now) for m in list(self._breakers)}

@@ -1,0 +1,220 @@
+"""Per-model sliding windows of observed time to first token, total latency and failures.
+
+What the hedging policy reads: a model's TTFT and latency quantiles (its own prior, from the spec, while
+the model is cold), and its health (recent failure rate, recent latency shifted up against the window).
+Windows are bounded in time (old samples expire) and in count (a busy model keeps the newest).
+
+Samples are stamped with the wall clock (epoch seconds), so windows from executors on different nodes
+merge: `take_new()` hands out what this process observed since the last call, `merge()` adds what
+others observed (the stats actor relays them). Fast failures are not latency samples: an error that
+comes back in 50 ms says nothing about how long an answer takes, so it only counts as a failure.
+An attempt cancelled before it answered is a *censored* sample (its latency is at least its age),
+kept only when it had already outlived the quantile: dropping those would bias the window toward
+the fast answers hedging leaves behind and make duplicates ever earlier.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.clock import Clock
+from engine.specs import ModelChoice
+
+Kind = Literal["ok", "fail", "censored"]
+Metric = Literal["ttft", "latency", "tokens_per_s"]
+
+
+@dataclass(frozen=True)
+class Sample:
+    at: float                          # wall-clock epoch seconds when the attempt ended
+    kind: Kind                         # ok: answered (valid or not); fail: provider failure; censored
+    ttft_s: float | None = None        # for censored: a lower bound
+    latency_s: float | None = None     # for censored: a lower bound
+    tokens_per_s: float | None = None  # decode rate after the first token (answered attempts)
+
+
+Snapshot = dict[str, list[Sample]]     # model key -> samples; what executors exchange
+
+
+def model_key(provider: str, model: str) -> str:
+    """Windows are per provider and model: the same model name behind two accounts can differ."""
+    return f"{provider}/{model}"
+
+
+class LatencyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    window_s: float = Field(default=60.0, gt=0)      # samples older than this expire
+    max_samples: int = Field(default=512, ge=8)      # per model; the newest are kept
+    min_samples: int = Field(default=20, ge=1)       # fewer latency samples: the model is cold
+    recent_s: float = Field(default=10.0, gt=0)      # "recent" for health: failure rate, latency shift
+    min_recent: int = Field(default=4, ge=1)         # recent events needed before health is judged
+    shift_factor: float = Field(default=1.6, gt=1)   # recent median this much above the window's: shifted
+    unhealthy_failure_rate: float = Field(default=0.25, gt=0, le=1)
+    # Cold: hedge triggers use the prior times this (conservative: later), fits use the prior as is.
+    cold_trigger_factor: float = Field(default=1.5, ge=1)
+
+    def scaled(self, factor: float) -> LatencyConfig:
+        """The same config on a clock `factor` times faster or slower (e.g. a time-scaled simulator)."""
+        return self.model_copy(update={"window_s": self.window_s * factor, "recent_s": self.recent_s * factor})
+
+
+@dataclass(frozen=True)
+class Health:
+    failure_rate: float        # over the recent window, among answered + failed attempts
+    events: int                # answered + failed attempts in the recent window
+    shifted: bool              # recent latency well above the window's
+    unhealthy: bool            # failing or shifted: duplicates go elsewhere
+
+    @classmethod
+    def unknown(cls) -> Health:
+        return cls(0.0, 0, False, False)
+
+
+class ModelWindow:
+    """One model's samples, oldest first, with sorted views rebuilt lazily after a change."""
+
+    def __init__(self, config: LatencyConfig) -> None:
+        self._config = config
+        self._samples: deque[Sample] = deque(maxlen=config.max_samples)
+        self._sorted: dict[Metric, list[float]] | None = None
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def add(self, sample: Sample) -> None:
+        if self._samples and sample.at < self._samples[-1].at:
+            # Merged samples can arrive out of order; keep the deque sorted by time so expiry stays O(1).
+            items = list(self._samples)
+            bisect.insort(items, sample, key=lambda s: s.at)
+            self._samples = deque(items[-self._config.max_samples:], maxlen=self._config.max_samples)
+        else:
+            self._samples.append(sample)
+        self._sorted = None
+
+    def expire(self, now_epoch: float) -> None:
+        horizon = now_epoch - self._config.window_s
+        while self._samples and self._samples[0].at < horizon:
+            self._samples.popleft()
+            self._sorted = None
+
+    def _values(self, metric: Metric) -> list[float]:
+        if self._sorted is None:
+            ttft = sorted(s.ttft_s for s in self._samples if s.kind != "fail" and s.ttft_s is not None)
+            latency = sorted(s.latency_s for s in self._samples if s.kind != "fail" and s.latency_s is not None)
+            rate = sorted(s.tokens_per_s for s in self._samples if s.kind == "ok" and s.tokens_per_s is not None)
+            self._sorted = {"ttft": ttft, "latency": latency, "tokens_per_s": rate}
+        return self._sorted[metric]
+
+    def quantile(self, metric: Metric, q: float) -> float | None:
+        """The q-quantile (nearest rank), or None while the window holds fewer than `min_samples`."""
+        values = self._values(metric)
+        if len(values) < self._config.min_samples:
+            return None
+        return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))]
+
+    def health(self, now_epoch: float, prior_latency_s: float | None = None) -> Health:
+        """Failure rate and latency shift over the recent window. The latency baseline is the window's
+        median, or the model's prior when that is lower: a brownout longer than the window would
+        otherwise become the new normal."""
+        c = self._config
+        recent_from = now_epoch - c.recent_s
+        recent = [s for s in self._samples if s.at >= recent_from]
+        answered = [s for s in recent if s.kind == "ok"]
+        failed = sum(1 for s in recent if s.kind == "fail")
+        events = len(answered) + failed
+        rate = failed / events if events else 0.0
+        shifted = False
+        baselines = [b for b in (self.quantile("latency", 0.5), prior_latency_s) if b is not None]
+        baseline = min(baselines) if baselines else None
+        recent_lat = sorted(s.latency_s for s in recent if s.kind != "fail" and s.latency_s is not None)
+        if baseline is not None and len(recent_lat) >= c.min_recent:
+            shifted = recent_lat[len(recent_lat) // 2] > c.shift_factor * baseline
+        failing = events >= c.min_recent and rate >= c.unhealthy_failure_rate
+        return Health(rate, events, shifted, failing or shifted)
+
+    def samples(self) -> list[Sample]:
+        return list(self._samples)
+
+
+class LatencyStats:
+    """Every model's window in one process. Time is read from the injected clock (fake in tests)."""
+
+    def __init__(self, config: LatencyConfig | None = None, clock: Clock | None = None) -> None:
+        from engine.clock import SYSTEM_CLOCK
+
+        self.config = config or LatencyConfig()
+        self._clock = clock or SYSTEM_CLOCK
+        self._windows: dict[str, ModelWindow] = {}
+        self._new: Snapshot = {}       # observed here, not yet handed to the stats actor
+
+    def _window(self, model: str) -> ModelWindow:
+        window = self._windows.get(model)
+        if window is None:
+            window = self._windows[model] = ModelWindow(self.config)
+        window.expire(self._clock.time())
+        return window
+
+    # ---- observing ----------------------------------------------------------------------------------
+
+    def observe(self, model: str, kind: Kind, ttft_s: float | None = None, latency_s: float | None = None,
+                tokens_per_s: float | None = None) -> None:
+        """Record one attempt's end, observed in this process."""
+        sample = Sample(self._clock.time(), kind, ttft_s, latency_s, tokens_per_s)
+        self._window(model).add(sample)
+        self._new.setdefault(model, []).append(sample)
+
+    def take_new(self) -> Snapshot:
+        """Samples observed here since the last call (to push to the shared stats)."""
+        new, self._new = self._new, {}
+        return new
+
+    def merge(self, snapshot: Mapping[str, Iterable[Sample]]) -> None:
+        """Add samples observed elsewhere; expired ones are dropped on the way in."""
+        horizon = self._clock.time() - self.config.window_s
+        for model, samples in snapshot.items():
+            window = self._window(model)
+            for s in samples:
+                if s.at >= horizon:
+                    window.add(s)
+
+    def snapshot(self) -> Snapshot:
+        """Every live sample, per model."""
+        return {model: self._window(model).samples() for model in list(self._windows)}
+
+    # ---- reading ------------------------------------------------------------------------------------
+
+    def count(self, model: str) -> int:
+        return len(self._window(model))
+
+    def quantile(self, model: str, metric: Metric, q: float) -> float | None:
+        return self._window(model).quantile(metric, q)
+
+    def ttft_s(self, choice: ModelChoice, q: float, *, trigger: bool = True) -> float:
+        """The q-quantile of `choice`'s TTFT; cold: the spec's prior (times the cold factor for triggers)."""
+        value = self.quantile(model_key(choice.provider, choice.model), "ttft", q)
+        if value is None:
+            return choice.expected_ttft_s * (self.config.cold_trigger_factor if trigger else 1.0)
+        return value
+
+    def latency_s(self, choice: ModelChoice, q: float, *, trigger: bool = True) -> float:
+        value = self.quantile(model_key(choice.provider, choice.model), "latency", q)
+        if value is None:
+            return choice.expected_latency_s * (self.config.cold_trigger_factor if trigger else 1.0)
+        return value
+
+    def decode_rate(self, choice: ModelChoice, q: float = 0.5) -> float | None:
+        """The q-quantile of `choice`'s decode rate (tokens/s after the first token); None while cold."""
+        return self.quantile(model_key(choice.provider, choice.model), "tokens_per_s", q)
+
+    def health(self, model: str, prior_latency_s: float | None = None) -> Health:
+        if model not in self._windows:
+            return Health.unknown()
+        return self._window(model).health(self._clock.time(), prior_latency_s)
