@@ -53,7 +53,7 @@ def start_executors(providers: Mapping[str, AdapterSettings], count: int, num_cp
     """Start executors and wait until they answer, so actor start-up is not charged to the first runs."""
     executors = [
         StepExecutor.options(max_concurrency=1000, num_cpus=num_cpus).remote(
-            dict(providers), f"executor-{i}", hedge, tuning, stats_name)
+            dict(providers), f"executor-{i}", hedge=hedge, tuning=tuning, stats_name=stats_name)
         for i in range(count)
     ]
     ray.get([e.health.remote() for e in executors])

@@ -140,7 +140,7 @@ def test_new_executor_starts_warm_from_the_shared_statistics(simulator):
         assert summary.delivered == 30
         assert ray.get(stats.counts.remote()).get("openai/gpt-4.1", 0) >= 25
         providers = resolve_providers(workflow_from_dict(one_step()), endpoints(sim))
-        fresh = StepExecutor.options(max_concurrency=100, num_cpus=0).remote(providers, "fresh", HEDGE, tuning, name)
+        fresh = StepExecutor.options(max_concurrency=100, num_cpus=0).remote(providers, "fresh", hedge=HEDGE, tuning=tuning, stats_name=name)
         try:
             ray.get(fresh.sync_stats.remote())
             seen = ray.get(fresh.tail_snapshot.remote())
