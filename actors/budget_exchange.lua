@@ -55,6 +55,7 @@ local function load(key, cap, rate)
 end
 
 local function write_off(b, amount)
+  refill(b)
   amount = math.min(math.max(0, amount), b.outstanding)
   b.outstanding = b.outstanding - amount
   b.written_off = b.written_off + amount
@@ -90,12 +91,12 @@ if req.lease_id ~= '' then
   end
 end
 
--- 3. Provider feedback: trust a lower remaining; a 429 blocks until its Retry-After.
+-- 3. Provider feedback: the free level never above the provider's remaining; a 429 blocks until its Retry-After.
 for key, fb in pairs(req.feedback) do
   local b = load(key, fb.capacity, fb.rate)
   refill(b)
   if type(fb.remaining) == 'number' then
-    local ceiling = fb.remaining - b.outstanding
+    local ceiling = fb.remaining
     if b.level > ceiling then
       local removed = b.level - math.max(ceiling, -b.capacity)
       b.level = b.level - removed
@@ -117,6 +118,7 @@ for key, op in pairs(req.ops) do
   if not lost then
     local h = held[key] or 0
     local spent = math.min(num(op.spent), h)
+    refill(b)   -- before the held tokens leave: until now they filled the room
     local s = math.min(math.max(0, spent), b.outstanding)
     b.outstanding = b.outstanding - s
     b.spent = b.spent + s

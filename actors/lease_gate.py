@@ -11,6 +11,12 @@ Priority when the lease cannot serve everyone: primaries and retries wait in a `
 reservation that cannot be granted before its run's deadline, even with the whole rate, is refused
 at once. Duplicates never wait: they spend only spare capacity (`speculative_allowed`).
 
+Held tokens are reported spent only when their attempt ends: until then the provider may not have
+charged them yet (a request can sit in an event loop or a connection pool for a while), and the
+ledger must not start refilling for tokens the provider has not taken -- its bucket may be full and
+refilling nothing meanwhile. What an attempt did not use goes back to the lease (or, if that lease
+is gone, back to the ledger as a refund once the ledger has written the lease off).
+
 Provider feedback travels back with the next report: a 429 blocks the bucket for its Retry-After
 (here at once, at the ledger for everyone), and rate-limit headers that show fewer tokens left than
 the ledger believes (another client on the key) lower the ledger to the provider's figure.
@@ -78,7 +84,6 @@ class LocalLedgerClient:
 class _Held:
     specs: tuple[tuple[BucketSpec, Charges], ...]
     amounts: dict[str, float]
-    epoch: int = 0
     lease_id: str | None = None
     granted_at: float = 0.0
 
@@ -160,12 +165,14 @@ class LeasePool:
         self._views_at = -math.inf
         self._targets: dict[str, float] = {}
         self._queue = FairQueue(config.weight)
-        self._epoch = 0
         self._seq = itertools.count(1)
-        # Not yet reported: held amounts used, refunds, debits, spend per tenant, provider feedback.
-        self._spent: defaultdict[str, float] = defaultdict(float)
-        self._refunds: defaultdict[str, float] = defaultdict(float)
+        # Not yet reported, per lease: held amounts that ended attempts used, and what they did not use
+        # but could not give back to a live lease. Plus debits, spend per tenant, provider feedback.
+        self._spent: defaultdict[str, defaultdict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self._leftover: defaultdict[str, defaultdict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self._dead: set[str] = set()                   # leases the ledger has written off (lost or closed)
         self._debits: defaultdict[str, float] = defaultdict(float)
+        self._in_flight = 0
         self._spend: dict[tuple[str, str], SpendDelta] = {}
         self._feedback: dict[str, ProviderFeedback] = {}
         self._pending: ExchangeRequest | None = None    # sent, not acknowledged: resent as is
@@ -208,11 +215,11 @@ class LeasePool:
               now: float) -> Grant:
         for key, amount in need.items():
             self.balances[key] -= amount
-            self._spent[key] += amount
             self._reserved_since[key] += amount
             self.counters.reserved[_bucket_label(key)] += amount
         self.counters.grants += 1
-        return Grant(ask, _Held(specs, need, self._epoch, self.lease_id, now))
+        self._in_flight += 1
+        return Grant(ask, _Held(specs, need, self.lease_id, now))
 
     async def reserve(self, ask: SpendAsk) -> Grant | Refusal:
         now = self._now()
@@ -295,21 +302,29 @@ class LeasePool:
         """Undo a grant whose attempt was never sent."""
         held: _Held = grant.token  # type: ignore[assignment]
         for key, amount in held.amounts.items():
-            self._give_back(key, amount, held)
+            self._end(key, 0.0, amount, held)
+        self._in_flight -= 1
         self._pump()
 
-    def _give_back(self, key: str, amount: float, held: _Held) -> None:
-        if held.epoch == self._epoch and held.lease_id == self.lease_id and self._usable(self._now()):
-            # Not reported as spent yet: it simply never left this lease.
-            self._spent[key] -= amount
-            self.balances[key] += amount
-        else:
-            self._refunds[key] += amount
+    def _end(self, key: str, used: float, reserved: float, held: _Held) -> None:
+        """An attempt ended: `used` of its `reserved` was charged by the provider."""
+        lease = held.lease_id or ""
+        self._spent[lease][key] += min(used, reserved)
+        if used > reserved:
+            self._debits[key] += used - reserved
+        left = reserved - used
+        if left > 1e-12:
+            if held.lease_id == self.lease_id and self._usable(self._now()):
+                self.balances[key] += left       # it never left this lease
+            else:
+                self._leftover[lease][key] += left
 
     async def settle(self, grant: Grant, used: Usage) -> None:
         held: _Held = grant.token  # type: ignore[assignment]
         ask = grant.ask
         unknown = usage_unknown(used)
+        if held.specs:
+            self._in_flight -= 1
         for spec, charges in held.specs:
             reserved = held.amounts.get(spec.key, 0.0)
             final = settled_amount(spec, charges, ask, used)
@@ -317,11 +332,9 @@ class LeasePool:
             self.counters.used[label] += final
             if used.cancelled and spec.family != "usd":
                 self.counters.wasted[label] += final
-            if reserved - final > 1e-9:
-                self._give_back(spec.key, reserved - final, held)
+            if reserved > final:
                 self.counters.refunded[label] += reserved - final
-            elif final - reserved > 1e-9:
-                self._debits[spec.key] += final - reserved
+            self._end(spec.key, final, reserved, held)
         usd = ask.cost_usd if unknown else used.cost_usd
         wasted = int(sum(held.amounts.get(s.key, 0.0) for s, _ in held.specs if s.family == "tokens")) \
             if used.cancelled else 0
@@ -330,6 +343,7 @@ class LeasePool:
         self._spend[key] = self._spend[key].plus(delta) if key in self._spend else delta
         self._provider_feedback(held, used)
         self._pump()
+        self._poke()   # there is spend to report now
 
     def _provider_feedback(self, held: _Held, used: Usage) -> None:
         now = self._now()
@@ -353,8 +367,7 @@ class LeasePool:
                 continue
             # The header is as old as the attempt: the provider has refilled since.
             aged = said + spec.rate_per_s * age
-            ours = view.level + view.outstanding
-            if aged < ours - 0.01 * spec.capacity:
+            if aged < view.level - 0.01 * spec.capacity:
                 self._feedback[spec.key] = ProviderFeedback(remaining=aged)
         if self._feedback:
             self._poke()
@@ -385,8 +398,8 @@ class LeasePool:
             self._wake.set()
 
     def _unreported(self) -> bool:
-        return bool(self._spend or self._feedback or any(self._spent.values()) or any(self._refunds.values())
-                    or any(self._debits.values()))
+        return bool(self._spend or self._feedback or any(any(v.values()) for v in self._spent.values())
+                    or any(any(v.values()) for v in self._leftover.values()) or any(self._debits.values()))
 
     def _due(self, now: float) -> float:
         if self._pending is not None or self._feedback:
@@ -394,7 +407,9 @@ class LeasePool:
         flush = self.config.flush_interval_s
         if self._queue:
             return max(now, self._last_exchange + flush / 4)
-        active = now - self._last_use < self.config.idle_release_s
+        # A lease stays open while attempts it granted are in flight: closing it would write their
+        # tokens off as spent now, possibly before the provider has charged them.
+        active = now - self._last_use < self.config.idle_release_s or self._in_flight > 0
         if not active:
             return now if (self.lease_id is not None or self._unreported()) else math.inf
         due = self._expires - self.config.lease_ttl_s / 2 if self.lease_id is not None else now
@@ -443,19 +458,30 @@ class LeasePool:
         for key, amount in self._reserved_since.items():
             self._demand[key] = 0.5 * self._demand[key] + 0.5 * amount / dt
         self._reserved_since.clear()
-        close = not self._queue and now - self._last_use >= self.config.idle_release_s
+        close = not self._queue and self._in_flight <= 0 and now - self._last_use >= self.config.idle_release_s
         usable = self._usable(now)
+        lease = self.lease_id or ""
         wants = {} if close else self._wants(now)
+        spent = self._spent.pop(lease, {})
+        own_leftover = self._leftover.pop(lease, {})
+        refunds: defaultdict[str, float] = defaultdict(float)
+        for dead in [x for x in self._leftover if x in self._dead or x == ""]:
+            for key, amount in self._leftover.pop(dead).items():
+                refunds[key] += amount      # that lease was written off: these tokens are free again
+        for dead in [x for x in self._spent if x in self._dead or x == ""]:
+            del self._spent[dead]           # written off with its lease already
         ops: dict[str, BucketOp] = {}
-        for key in set(self.balances) | set(self._spent) | set(self._refunds) | set(self._debits) | set(wants):
-            ret = 0.0
+        keys = set(self.balances) | set(spent) | set(own_leftover) | set(refunds) | set(self._debits) | set(wants)
+        for key in keys:
+            ret = own_leftover.get(key, 0.0)   # unused, under this lease, while it was not usable here
             if usable and close:
-                ret = self.balances[key]
+                ret += self.balances[key]
+                self.balances[key] = 0.0
             elif usable and key in self._targets and self.balances[key] > self._targets[key] * RETURN_ABOVE_TARGET:
-                ret = self.balances[key] - self._targets[key]
-            self.balances[key] -= ret
-            ops[key] = BucketOp(want=wants.get(key, 0.0), ret=ret, spent=self._spent[key],
-                                refund=self._refunds[key], debit=self._debits[key])
+                ret += self.balances[key] - self._targets[key]
+                self.balances[key] = self._targets[key]
+            ops[key] = BucketOp(want=wants.get(key, 0.0), ret=ret, spent=spent.get(key, 0.0),
+                                refund=refunds.get(key, 0.0), debit=self._debits.get(key, 0.0))
         # One day per report, the oldest first (spend is recorded per UTC day).
         days = sorted({d for d, _ in self._spend})
         day = days[0] if days else utc_day(self._clock.time())
@@ -464,11 +490,8 @@ class LeasePool:
             executor=self._id, report_id=f"{self._id}-{self._boot}-{next(self._seq)}", lease_id=self.lease_id,
             ops=ops, feedback=dict(self._feedback), spend=spend, day=day, ttl_s=self.config.lease_ttl_s,
             close=close, balances={k: v for k, v in self.balances.items() if v > 0})
-        self._spent.clear()
-        self._refunds.clear()
         self._debits.clear()
         self._feedback.clear()
-        self._epoch += 1
         return req
 
     async def _exchange(self) -> None:
@@ -484,17 +507,17 @@ class LeasePool:
         self._pending = None
         self.degraded = reply.degraded
         self._views, self._views_at, self._targets = dict(reply.buckets), self._now(), dict(reply.targets)
-        if reply.lost and self.lease_id is not None:
+        if req.lease_id is not None and (reply.lost or req.close):
+            self._dead.add(req.lease_id)        # written off by the ledger
+        if reply.lost and req.lease_id is not None:
             self.counters.leases_lost += 1
         if req.close:
             self.lease_id, self._expires = None, -math.inf
             self.balances.clear()
         else:
             if reply.lost or reply.lease_id != self.lease_id:
-                # Whatever was held or spent under the old lease is the ledger's to write off.
+                # Whatever was held under the old lease is the ledger's to write off.
                 self.balances.clear()
-                self._spent.clear()
-                self._epoch += 1
             self.lease_id = reply.lease_id
             margin = max(0.05, 0.1 * reply.ttl_s)
             self._expires = sent_at + reply.ttl_s - margin
@@ -550,6 +573,15 @@ class DirectGate:
         self._clock = clock
         self._kinds: dict[tuple[str, str], tuple[tuple[BucketSpec, Charges], ...]] = {}
 
+    def gate(self) -> SpendGate:
+        return self
+
+    async def aclose(self) -> None:
+        return None
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"mode": "direct"}
+
     async def _call(self, req: ExchangeRequest) -> ExchangeReply:
         for attempt in range(20):
             try:
@@ -577,7 +609,7 @@ class DirectGate:
                 return Refusal("budget_exhausted: the budget ledger is unreachable")
             lease_id = reply.lease_id
             if reply.granted:
-                return Grant(ask, _Held(specs, need, 0, lease_id, self._clock.monotonic()))
+                return Grant(ask, _Held(specs, need, lease_id, self._clock.monotonic()))
             spare = all(v.free_fraction >= self.config.spare_fraction for v in reply.buckets.values())
             eta = max((v.seconds_until(need[k]) for k, v in reply.buckets.items()), default=0.0)
             if priority_class(ask.role) == SPECULATIVE and not spare:

@@ -10,9 +10,11 @@ import asyncio
 import os
 from collections import Counter
 from collections.abc import Mapping
+from typing import Any
 
 import ray
 
+from actors.spend import RunCostGate, SpendGate
 from actors.step_runner import StepRequest, StepRunner
 from engine.clock import SYSTEM_CLOCK
 from engine.outcomes import StepResult
@@ -21,15 +23,25 @@ from engine.providers.base import AdapterSettings, ProviderAdapter, build_adapte
 
 @ray.remote(concurrency_groups={"admin": 1}, max_restarts=-1, max_task_retries=0)
 class StepExecutor:
-    def __init__(self, providers: Mapping[str, AdapterSettings], name: str = "executor") -> None:
+    def __init__(self, providers: Mapping[str, AdapterSettings], name: str = "executor",
+                 budget: Any = None) -> None:
         self._name = name
         self._adapters: dict[str, ProviderAdapter] = {
             provider: build_adapter(settings, SYSTEM_CLOCK) for provider, settings in providers.items()
         }
-        self._runner = StepRunner(self._adapters)
+        # With a cluster budget (an `actors.budget_actor.BudgetHandle`), every attempt also reserves
+        # from this executor's lease, after the run's cost cap.
+        self._budget = None if budget is None else budget.executor_gate(f"{name}-{os.getpid()}")
+        self._runner = StepRunner(self._adapters, gate_factory=self._gate if self._budget is not None else None)
         self._stops: dict[str, asyncio.Event] = {}   # run id -> stop signal for its steps here
         self._steps_per_run: Counter[str] = Counter()
         self._in_flight = 0
+
+    def _gate(self, request: StepRequest) -> SpendGate:
+        from actors.lease_gate import ComposedGate
+
+        assert self._budget is not None
+        return ComposedGate([RunCostGate(request.cost_remaining_usd), self._budget.gate()])
 
     async def run_step(self, request: StepRequest) -> StepResult:
         run_id = request.run_id
@@ -54,7 +66,10 @@ class StepExecutor:
     @ray.method(concurrency_group="admin")
     async def health(self) -> dict[str, object]:
         return {"name": self._name, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
-                "in_flight": self._in_flight}
+                "in_flight": self._in_flight,
+                **({"budget": self._budget.snapshot()} if self._budget is not None else {})}
 
     async def shutdown(self) -> None:
+        if self._budget is not None:
+            await self._budget.aclose()   # return the lease and report the last spend
         await asyncio.gather(*(a.aclose() for a in self._adapters.values()), return_exceptions=True)

@@ -58,6 +58,7 @@ class StepRequest(BaseModel):
 
 
 PolicyFactory = Callable[[StepRequest], AttemptPolicy]
+REFUSED_RETRY_S = 0.1   # after a refusal while attempts run, ask the policy again no sooner than this
 
 
 def sequential_policy(request: StepRequest) -> AttemptPolicy:
@@ -132,10 +133,15 @@ class StepRunner:
             if isinstance(decision, Start):
                 if decision.at <= now:
                     refusal = await self._start(run, decision)
-                    if refusal is not None and not self._running(run):
+                    if refusal is None:
+                        continue
+                    if not self._running(run):
                         return self._failed(run, FailureReason.BUDGET_EXHAUSTED, refusal)
-                    continue
-                wake_at = min(wake_at, decision.at)
+                    # Refused while other attempts run (a duplicate without spare budget): wait for
+                    # them, or ask again a little later, never again at once.
+                    wake_at = min(wake_at, self._clock.monotonic() + REFUSED_RETRY_S)
+                else:
+                    wake_at = min(wake_at, decision.at)
             finished = await self._wait(run, wake_at)
             for attempt in finished:
                 if attempt.record is not None and attempt.record.outcome == AttemptOutcome.VALID:
@@ -179,7 +185,7 @@ class StepRunner:
             max_output_tokens=choice.max_tokens,
             cost_usd=choice.cost_usd(input_estimate, choice.max_tokens), deadline_epoch=req.deadline_epoch,
         )
-        grant = await run.gate.reserve(ask)
+        grant = await self._reserve(run, ask)
         if isinstance(grant, Refusal):
             run.refusals.append(grant.reason)
             return grant.reason
@@ -191,6 +197,28 @@ class StepRunner:
         attempt.task = asyncio.create_task(self._attempt(req, call, attempt))
         run.attempts.append(attempt)
         return None
+
+    async def _reserve(self, run: _StepRun, ask: SpendAsk) -> Grant | Refusal:
+        """Ask the gate; a gate may make an attempt wait for budget, but never past the step's deadline
+        or after its run was stopped."""
+        reserve = asyncio.ensure_future(run.gate.reserve(ask))
+        if reserve.done():
+            return reserve.result()
+        stopped = asyncio.ensure_future(run.stop.wait())
+        timer = asyncio.ensure_future(self._clock.sleep(run.deadline.remaining()))
+        try:
+            await asyncio.wait([reserve, stopped, timer], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            timer.cancel()
+            if not reserve.done():
+                reserve.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reserve
+        if reserve.done() and not reserve.cancelled():
+            return reserve.result()
+        return Refusal("stopped while waiting for budget" if run.stop.is_set()
+                       else "budget_exhausted: the step's deadline came while waiting for budget")
 
     def _call(self, req: StepRequest, choice: ModelChoice, remaining_s: float) -> ProviderCall:
         step = req.step

@@ -24,6 +24,7 @@ from engine.clock import SYSTEM_CLOCK, Clock, Deadline
 from engine.dag import Dag
 from engine.outcomes import AttemptRecord, FailureReason, RunOutcome, StepResult
 from engine.specs import RunOptions, WorkflowSpec
+from policies.spend_limits import attempt_weight, split_cost
 
 DEFAULT_GRACE_S = 0.25
 
@@ -38,6 +39,7 @@ class _RunState:
     attempts: list[AttemptRecord] = field(default_factory=list)
     degraded: dict[str, str] = field(default_factory=dict)
     cost_usd: float = 0.0
+    promised_usd: dict[str, float] = field(default_factory=dict)   # running steps' shares of the cost cap
     failure: FailureReason | None = None
     detail: str | None = None
     failed_step: str | None = None
@@ -75,7 +77,8 @@ class ExecutorChooser:
 
 
 class RunAdmission(Protocol):
-    """Asked once when a run starts; a refusal ends the run at once as `budget_exhausted`."""
+    """Asked once when a run starts; a refusal ends the run at once as `budget_exhausted`.
+    An admission may also define `finished(run_id, outcome)`, called when an admitted run ends."""
 
     async def admit(self, run_id: str, workflow: WorkflowSpec, options: RunOptions,
                     deadline_epoch: float) -> str | None:
@@ -107,10 +110,12 @@ class WorkflowDriver:
                 return self._outcome(state)
         try:
             while len(state.outputs) < len(self.workflow.steps) and state.failure is None:
-                for step_id in self.dag.ready(set(state.outputs), started):
+                ready = self.dag.ready(set(state.outputs), started)
+                shares = self._cost_shares(state, ready)
+                for step_id in ready:
                     started.add(step_id)
                     call = _StepCall(step_id)
-                    pending[asyncio.ensure_future(self._run_step(state, call))] = call
+                    pending[asyncio.ensure_future(self._run_step(state, call, shares.get(step_id)))] = call
                 done, _ = await asyncio.wait(pending, timeout=state.deadline.remaining() + self.grace_s,
                                              return_when=asyncio.FIRST_COMPLETED)
                 if not done:
@@ -120,15 +125,31 @@ class WorkflowDriver:
                     self._absorb(state, pending.pop(task).step_id, task)
         finally:
             await self._stop_pending(state, pending)
-        return self._outcome(state)
+        outcome = self._outcome(state)
+        finished = getattr(self.admission, "finished", None)
+        if finished is not None:
+            finished(run_id, outcome)
+        return outcome
 
-    async def _run_step(self, state: _RunState, call: _StepCall) -> StepResult:
+    def _cost_shares(self, state: _RunState, ready: Sequence[str]) -> dict[str, float]:
+        """Steps starting together split what is left of the run's cost cap (less what running steps
+        hold), so together they cannot spend more than the cap; a step alone gets all that is left."""
+        if self.options.max_cost_usd is None or not ready:
+            return {}
+        unpromised = self.options.max_cost_usd - state.cost_usd - sum(state.promised_usd.values())
+        shares = split_cost(max(0.0, unpromised), {s: attempt_weight(self.workflow.step(s)) for s in ready})
+        state.promised_usd.update(shares)
+        return shares
+
+    async def _run_step(self, state: _RunState, call: _StepCall, cost_share: float | None = None) -> StepResult:
         step = self.workflow.step(call.step_id)
         avoid = None
         while True:
             remaining_cost = None
             if self.options.max_cost_usd is not None:
                 remaining_cost = max(0.0, self.options.max_cost_usd - state.cost_usd)
+                if cost_share is not None:
+                    remaining_cost = min(remaining_cost, cost_share)
             request = StepRequest(
                 run_id=state.run_id, workflow=self.workflow.name, tenant=self.options.tenant, step=step,
                 inputs=state.inputs, upstream={d: state.outputs[d] for d in self.dag.ancestors(step.id)},
@@ -158,6 +179,7 @@ class WorkflowDriver:
             return
         state.attempts.extend(result.attempts)
         state.cost_usd += sum(a.cost_usd for a in result.attempts)
+        state.promised_usd.pop(step_id, None)
         if result.ok:
             state.outputs[step_id] = result.output
             if result.tier:

@@ -101,15 +101,20 @@ class TokenBucket:
         self.returned_total += amount
         return amount
 
-    def spend(self, amount: float) -> float:
-        """Held tokens were used: they leave the bucket (the provider refills them over time)."""
+    def spend(self, amount: float, now: float) -> float:
+        """Held tokens were used: they leave the bucket (the provider refills them over time).
+
+        Refill first: until now the held tokens filled the room, so no refill was due for them. (Refilling
+        afterwards would credit the whole interval with the larger room, more than the provider got.)"""
+        self.refill(now)
         amount = min(max(0.0, amount), self.outstanding)
         self.outstanding -= amount
         self.spent_total += amount
         return amount
 
-    def write_off(self, amount: float) -> float:
+    def write_off(self, amount: float, now: float) -> float:
         """A lease expired unreturned: assume its holder spent it all (never assume it was free)."""
+        self.refill(now)
         amount = min(max(0.0, amount), self.outstanding)
         self.outstanding -= amount
         self.written_off_total += amount
@@ -131,13 +136,15 @@ class TokenBucket:
     # ---- what the provider says ------------------------------------------------------------------
 
     def clamp(self, provider_remaining: float, now: float) -> float:
-        """The provider reports fewer tokens left than we think (someone else shares the key):
-        trust it. Returns how much was removed."""
+        """The provider reports fewer tokens left than we have free (someone else shares the key):
+        trust it, our free level goes down to its figure. Returns how much was removed.
+
+        Compared with the free level only: tokens held by leases are partly in flight, already
+        charged by the provider, so `level + outstanding` may rightly exceed what it reports."""
         self.refill(now)
-        ceiling = provider_remaining - self.outstanding
-        if self.level <= ceiling:
+        if self.level <= provider_remaining:
             return 0.0
-        removed = self.level - max(ceiling, -self.capacity)
+        removed = self.level - max(provider_remaining, -self.capacity)
         self.level -= removed
         self.clamped_total += removed
         return removed

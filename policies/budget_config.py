@@ -136,6 +136,18 @@ class BudgetConfig(_Spec):
                 have.add((account, None))
         return self.model_copy(update={"limits": limits, "provider_kinds": kinds})
 
+    def merged(self, newer: BudgetConfig) -> BudgetConfig:
+        """This config updated with a newer one's limits, tenants and accounts (a second workflow on a
+        running cluster). Where the ledger lives (Redis URL, namespace) never changes at run time."""
+        limits = {(lim.account, lim.model): lim for lim in self.limits}
+        limits.update({(lim.account, lim.model): lim for lim in newer.limits})
+        keep = {"redis_url", "namespace", "actor_name"}
+        update = {k: getattr(newer, k) for k in type(self).model_fields if k not in keep}
+        update.update(limits=list(limits.values()), tenants={**self.tenants, **newer.tenants},
+                      accounts={**self.accounts, **newer.accounts},
+                      provider_kinds={**self.provider_kinds, **newer.provider_kinds})
+        return self.model_copy(update=update)
+
     def account_of(self, provider: str) -> str:
         return self.accounts.get(provider, provider)
 

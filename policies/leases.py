@@ -169,18 +169,18 @@ class LeaseBook:
     def expire(self, now: float) -> list[Lease]:
         dead = [lease for lease in self.leases.values() if lease.expires_at <= now]
         for lease in dead:
-            self._write_off(lease)
+            self._write_off(lease, now)
             del self.leases[lease.lease_id]
         return dead
 
-    def _write_off(self, lease: Lease) -> None:
+    def _write_off(self, lease: Lease, now: float) -> None:
         for key, held in lease.held.items():
             if key in self.buckets:
-                self.buckets[key].write_off(held)
+                self.buckets[key].write_off(held, now)
         lease.held.clear()
 
     def exchange(self, req: ExchangeRequest, now: float, new_lease_id: str) -> ExchangeReply:
-        seen = self._replies.get(req.report_id)
+        seen = self._replies.get(req.report_id) if req.report_id else None
         if seen is not None:
             return seen
         self.expire(now)
@@ -205,7 +205,7 @@ class LeaseBook:
             if not lost:
                 held = lease.held.get(key, 0.0)
                 spent = min(op.spent, held)
-                bucket.spend(spent)
+                bucket.spend(spent, now)
                 held -= spent
                 back = bucket.give_back(min(op.ret, held), now)
                 lease.held[key] = held - back
@@ -213,7 +213,7 @@ class LeaseBook:
             bucket.debit(op.debit, now)
         granted = self._grant(req, lease, buckets, now)
         if req.close:
-            self._write_off(lease)
+            self._write_off(lease, now)
             self.leases.pop(lease.lease_id, None)
         else:
             lease.expires_at = now + req.ttl_s
@@ -221,7 +221,8 @@ class LeaseBook:
         for tenant, delta in req.spend.items():
             self.spend.setdefault((req.day, tenant), SpendTotals()).add(delta)
         reply = ExchangeReply(lease.lease_id, lost, granted, self.views(buckets, now), req.ttl_s)
-        self._replies[req.report_id] = reply
+        if req.report_id:
+            self._replies[req.report_id] = reply
         while len(self._replies) > MAX_REMEMBERED_REPLIES:
             self._replies.popitem(last=False)
         return reply

@@ -32,6 +32,6 @@ def test_daily_allowance_is_a_bucket_per_utc_day():
     assert config.spend_bucket("nobody-limited", day) is None
     b = TokenBucket.full(spec.capacity, spec.rate_per_s, 0.0)
     assert b.take_exactly(4.0, 0.0)
-    b.spend(4.0)
+    b.spend(4.0, 0.0)
     assert not b.take_exactly(1.5, 86_000.0)       # no refill, however long we wait
     assert utc_day(1_700_000_000.0 + 86_400) != day   # the next day is a new, full bucket
