@@ -222,6 +222,8 @@ class LeasePool:
         return Grant(ask, _Held(specs, need, self.lease_id, now))
 
     async def reserve(self, ask: SpendAsk) -> Grant | Refusal:
+        if self._closed:
+            return Refusal("the executor is shutting down: its budget lease was returned")
         now = self._now()
         specs, need = _needs(self.config, ask, self._clock.time(), self._kinds)
         if not need:

@@ -135,6 +135,9 @@ class StepRunner:
                     refusal = await self._start(run, decision)
                     if refusal is None:
                         continue
+                    if run.stop.is_set():
+                        await self._cancel_running(run, CancelReason.RUN_FAILED)
+                        return self._failed(run, FailureReason.CANCELLED, "the run ended elsewhere")
                     if not self._running(run):
                         return self._failed(run, FailureReason.BUDGET_EXHAUSTED, refusal)
                     # Refused while other attempts run (a duplicate without spare budget): wait for

@@ -72,7 +72,8 @@ class BudgetAdmission:
         self._planner = AdmissionPlanner(buckets, config.weight, clock.monotonic(), margin=config.admission_margin)
         self._need: dict[str, dict[str, float]] = {s.id: self._first_guess(s) for s in workflow.steps}
         first_latency = {s.id: s.models[0].expected_latency_s for s in workflow.steps}
-        self.critical_path_s = Dag.from_spec(workflow).critical_path(first_latency)[1]
+        # The latency priors are medians: leave room for the tail.
+        self.critical_path_s = config.admission_latency_factor * Dag.from_spec(workflow).critical_path(first_latency)[1]
         self._sync_task: asyncio.Task[None] | None = None
         self.refused = 0
         self.admitted = 0

@@ -107,6 +107,7 @@ class BudgetConfig(_Spec):
     # Runs that cannot be served before their deadline are refused at submission.
     admission: bool = True
     admission_margin: float = Field(default=0.05, ge=0, lt=1)  # plan with (1 - margin) of each rate
+    admission_latency_factor: float = Field(default=1.5, ge=1)  # critical path = factor x expected latencies
 
     @field_validator("redis_url", mode="before")
     @classmethod
