@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import math
 import uuid
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -50,7 +51,15 @@ from policies.budget_config import (
     usage_unknown,
     utc_day,
 )
-from policies.leases import BucketOp, BucketView, ExchangeReply, ExchangeRequest, ProviderFeedback, SpendDelta
+from policies.leases import (
+    BucketOp,
+    BucketView,
+    ExchangeReply,
+    ExchangeRequest,
+    ProviderFeedback,
+    SpendDelta,
+    SpendTotals,
+)
 from policies.priority import SPECULATIVE, FairQueue, Waiter, priority_class, speculative_allowed
 
 HORIZON_PERIODS = 4          # a lease aims to hold this many report periods of demand
@@ -88,11 +97,26 @@ class _Held:
     granted_at: float = 0.0
 
 
+@functools.lru_cache(maxsize=4096)
 def _bucket_label(key: str) -> str:
     return key.rsplit(":", 1)[0] if key.startswith("usd:") else key   # no day in metric labels
 
 
-def _needs(config: BudgetConfig, ask: SpendAsk, epoch_now: float,
+class _Today:
+    """The UTC day of an epoch time, recomputed only when the day changes (formatting dates is slow)."""
+
+    def __init__(self) -> None:
+        self._start, self._end, self._day = math.inf, -math.inf, ""
+
+    def __call__(self, epoch_s: float) -> str:
+        if not self._start <= epoch_s < self._end:
+            self._start = math.floor(epoch_s / 86_400) * 86_400
+            self._end = self._start + 86_400
+            self._day = utc_day(epoch_s)
+        return self._day
+
+
+def _needs(config: BudgetConfig, ask: SpendAsk, day: str,
            kinds: dict[tuple[str, str], tuple[tuple[BucketSpec, Charges], ...]]) -> tuple[
                tuple[tuple[BucketSpec, Charges], ...], dict[str, float]]:
     cache_key = (ask.provider, ask.model)
@@ -100,7 +124,7 @@ def _needs(config: BudgetConfig, ask: SpendAsk, epoch_now: float,
     if specs is None:
         specs = tuple((spec, spec.charges or "admission") for spec in config.buckets_for(ask.provider, ask.model))
         kinds[cache_key] = specs
-    usd = config.spend_bucket(ask.tenant, utc_day(epoch_now))
+    usd = config.spend_bucket(ask.tenant, day) if config.tenants or config.default_tenant.daily_usd else None
     if usd is not None:
         specs = (*specs, (usd, "usage"))
     return specs, {spec.key: reserve_amount(spec, ask) for spec, _ in specs}
@@ -170,10 +194,11 @@ class LeasePool:
         # but could not give back to a live lease. Plus debits, spend per tenant, provider feedback.
         self._spent: defaultdict[str, defaultdict[str, float]] = defaultdict(lambda: defaultdict(float))
         self._leftover: defaultdict[str, defaultdict[str, float]] = defaultdict(lambda: defaultdict(float))
-        self._dead: set[str] = set()                   # leases the ledger has written off (lost or closed)
+        self._dead: OrderedDict[str, None] = OrderedDict()   # leases the ledger wrote off (lost or closed)
         self._debits: defaultdict[str, float] = defaultdict(float)
         self._in_flight = 0
-        self._spend: dict[tuple[str, str], SpendDelta] = {}
+        self._spend: dict[tuple[str, str], SpendTotals] = {}
+        self._today = _Today()
         self._feedback: dict[str, ProviderFeedback] = {}
         self._pending: ExchangeRequest | None = None    # sent, not acknowledged: resent as is
         self._demand: defaultdict[str, float] = defaultdict(float)       # units/s, smoothed
@@ -192,7 +217,7 @@ class LeasePool:
     # ---- the gate ---------------------------------------------------------------------------------
 
     def gate(self) -> SpendGate:
-        return _PoolGate(self)
+        return LeaseGate(self)
 
     def _now(self) -> float:
         return self._clock.monotonic()
@@ -225,7 +250,7 @@ class LeasePool:
         if self._closed:
             return Refusal("the executor is shutting down: its budget lease was returned")
         now = self._now()
-        specs, need = _needs(self.config, ask, self._clock.time(), self._kinds)
+        specs, need = _needs(self.config, ask, self._today(self._clock.time()), self._kinds)
         if not need:
             return Grant(ask, _Held((), {}))
         too_large = _too_large(specs, need)
@@ -340,14 +365,23 @@ class LeasePool:
         usd = ask.cost_usd if unknown else used.cost_usd
         wasted = int(sum(held.amounts.get(s.key, 0.0) for s, _ in held.specs if s.family == "tokens")) \
             if used.cancelled else 0
-        key = (utc_day(self._clock.time()), ask.tenant)
-        delta = SpendDelta(usd, used.input_tokens, used.output_tokens, 1, int(used.cancelled), wasted)
-        self._spend[key] = self._spend[key].plus(delta) if key in self._spend else delta
+        key = (self._today(self._clock.time()), ask.tenant)
+        totals = self._spend.get(key)
+        if totals is None:
+            totals = self._spend[key] = SpendTotals()
+        totals.usd += usd
+        totals.input_tokens += used.input_tokens
+        totals.output_tokens += used.output_tokens
+        totals.attempts += 1
+        totals.cancelled += int(used.cancelled)
+        totals.wasted_tokens += wasted
         self._provider_feedback(held, used)
         self._pump()
         self._poke()   # there is spend to report now
 
     def _provider_feedback(self, held: _Held, used: Usage) -> None:
+        if used.status != 429 and not used.rate_limit:
+            return
         now = self._now()
         headers = {k.lower(): v for k, v in used.rate_limit.items()}
         age = max(0.0, now - held.granted_at)
@@ -486,8 +520,8 @@ class LeasePool:
                                 refund=refunds.get(key, 0.0), debit=self._debits.get(key, 0.0))
         # One day per report, the oldest first (spend is recorded per UTC day).
         days = sorted({d for d, _ in self._spend})
-        day = days[0] if days else utc_day(self._clock.time())
-        spend = {t: self._spend.pop((d, t)) for d, t in list(self._spend) if d == day}
+        day = days[0] if days else self._today(self._clock.time())
+        spend = {t: SpendDelta(**vars(self._spend.pop((d, t)))) for d, t in list(self._spend) if d == day}
         req = ExchangeRequest(
             executor=self._id, report_id=f"{self._id}-{self._boot}-{next(self._seq)}", lease_id=self.lease_id,
             ops=ops, feedback=dict(self._feedback), spend=spend, day=day, ttl_s=self.config.lease_ttl_s,
@@ -510,7 +544,9 @@ class LeasePool:
         self.degraded = reply.degraded
         self._views, self._views_at, self._targets = dict(reply.buckets), self._now(), dict(reply.targets)
         if req.lease_id is not None and (reply.lost or req.close):
-            self._dead.add(req.lease_id)        # written off by the ledger
+            self._dead[req.lease_id] = None     # written off by the ledger
+            while len(self._dead) > 256:
+                self._dead.popitem(last=False)
         if reply.lost and req.lease_id is not None:
             self.counters.leases_lost += 1
         if req.close:
@@ -549,7 +585,9 @@ class LeasePool:
                 "waiting": len(self._queue), "degraded": self.degraded, "failures": self._failures}
 
 
-class _PoolGate:
+class LeaseGate:
+    """The `SpendGate` an executor's step runner uses: reservations served from the executor's lease."""
+
     def __init__(self, pool: LeasePool) -> None:
         self._pool = pool
 
@@ -593,7 +631,7 @@ class DirectGate:
         raise LedgerUnavailable("the budget ledger did not answer")
 
     async def reserve(self, ask: SpendAsk) -> Grant | Refusal:
-        specs, need = _needs(self.config, ask, self._clock.time(), self._kinds)
+        specs, need = _needs(self.config, ask, utc_day(self._clock.time()), self._kinds)
         if not need:
             return Grant(ask, _Held((), {}))
         too_large = _too_large(specs, need)

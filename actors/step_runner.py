@@ -204,9 +204,9 @@ class StepRunner:
     async def _reserve(self, run: _StepRun, ask: SpendAsk) -> Grant | Refusal:
         """Ask the gate; a gate may make an attempt wait for budget, but never past the step's deadline
         or after its run was stopped."""
+        if isinstance(run.gate, RunCostGate):   # never waits: no race to set up
+            return await run.gate.reserve(ask)
         reserve = asyncio.ensure_future(run.gate.reserve(ask))
-        if reserve.done():
-            return reserve.result()
         stopped = asyncio.ensure_future(run.stop.wait())
         timer = asyncio.ensure_future(self._clock.sleep(run.deadline.remaining()))
         try:
