@@ -5,7 +5,9 @@ submission that cannot be served before their deadline, and report tenants' spen
 (`policies.admission.AdmissionPlanner`), so a refusal takes microseconds, not an actor round trip;
 in the background it lowers the plan to what the budget actor says is really free (another
 cluster on the same account, provider feedback). A run's need is learned per step from finished
-runs (what their attempts were charged, retries included), starting from the templates' size.
+runs (what their attempts were charged, retries included), starting from the templates' size, and
+so is how long a run takes once it has its tokens (the critical path), starting from the models'
+latency priors; admitted runs that come in late stretch that estimate until they stop coming late.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import contextlib
 import math
 import re
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,13 +25,16 @@ from actors.budget_actor import BudgetHandle, budget_actor, find_budget_actor
 from actors.budget_ledger import LedgerStatus, RedisLedger
 from engine.clock import SYSTEM_CLOCK, Clock, Deadline
 from engine.dag import Dag
-from engine.outcomes import AttemptOutcome, RunOutcome
+from engine.outcomes import AttemptOutcome, FailureReason, RunOutcome
 from engine.specs import RunOptions, StepSpec, WorkflowSpec
 from engine.tokens import estimate_tokens
 from policies.admission import AdmissionPlanner
 from policies.budget_config import BucketSpec, BudgetConfig, reserve_amount, settled_amount, utc_day
 
 LEARNING_RATE = 0.2             # weight of each finished run in a step's learned need
+OBSERVED_RUNS = 200             # finished runs whose critical path latency is remembered
+PATH_MARGIN = 1.2               # on top of the observed p95 critical path
+MAX_LATE_SCALE = 4.0
 TOKENS_PER_INPUT_GUESS = 64     # before any run finished: tokens a template reference expands to
 _REFERENCE = re.compile(r"\{\{\s*(input|steps)\.([A-Za-z0-9_-]+)")
 
@@ -72,11 +78,21 @@ class BudgetAdmission:
         self._planner = AdmissionPlanner(buckets, config.weight, clock.monotonic(), margin=config.admission_margin)
         self._need: dict[str, dict[str, float]] = {s.id: self._first_guess(s) for s in workflow.steps}
         first_latency = {s.id: s.models[0].expected_latency_s for s in workflow.steps}
+        self._dag = Dag.from_spec(workflow)
         # The latency priors are medians: leave room for the tail.
-        self.critical_path_s = config.admission_latency_factor * Dag.from_spec(workflow).critical_path(first_latency)[1]
+        self._prior_path_s = config.admission_latency_factor * self._dag.critical_path(first_latency)[1]
+        self._observed_paths: deque[float] = deque(maxlen=OBSERVED_RUNS)
+        self._observed_p95 = 0.0
+        self._late_scale = 1.0
         self._sync_task: asyncio.Task[None] | None = None
         self.refused = 0
         self.admitted = 0
+
+    @property
+    def critical_path_s(self) -> float:
+        """How long before its deadline a run must have its tokens: the critical path's latency (prior,
+        or the p95 observed on finished runs if longer), stretched while admitted runs come in late."""
+        return max(self._prior_path_s, PATH_MARGIN * self._observed_p95) * self._late_scale
 
     def _buckets(self, provider: str, model: str) -> list[BucketSpec]:
         key = (provider, model)
@@ -130,11 +146,26 @@ class BudgetAdmission:
             for key, amount in charged.items():
                 used_total[key] = used_total.get(key, 0.0) + amount
         self._planner.done(run_id, used_total, self._clock.monotonic())
+        self._learn_latency(outcome)
         if outcome.delivered:
             for step_id, charged in per_step.items():
                 learned = self._need[step_id]
                 for key in set(learned) | set(charged):
                     learned[key] = (1 - LEARNING_RATE) * learned.get(key, 0.0) + LEARNING_RATE * charged.get(key, 0.0)
+
+    def _learn_latency(self, outcome: RunOutcome) -> None:
+        """Slow providers or a starved machine make runs slower than the priors say: learn the critical
+        path from the winning attempts, and back off (multiplicatively) when admitted runs are late."""
+        winners = {a.step_id: a.latency_s for a in outcome.attempts if a.outcome == AttemptOutcome.VALID}
+        if outcome.delivered and len(winners) == len(self._workflow.steps):
+            self._observed_paths.append(self._dag.critical_path(winners)[1])
+            if len(self._observed_paths) >= 20 and len(self._observed_paths) % 10 == 0:
+                ordered = sorted(self._observed_paths)
+                self._observed_p95 = ordered[int(0.95 * (len(ordered) - 1))]
+        if outcome.failure == FailureReason.DEADLINE_EXCEEDED:
+            self._late_scale = min(MAX_LATE_SCALE, self._late_scale * 1.25)
+        elif outcome.on_time:
+            self._late_scale = max(1.0, self._late_scale * 0.99)
 
     # ---- the real ledger lowers the plan ---------------------------------------------------------
 
