@@ -28,7 +28,8 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from actors import metrics
 from actors.budget_ledger import LedgerStatus, LedgerUnavailable, MemoryLedger, RedisLedger
-from actors.lease_gate import DirectGate, LeasePool
+from actors.direct_gate import DirectGate
+from actors.lease_gate import LeasePool
 from policies.budget_config import BucketSpec, BudgetConfig, utc_day
 from policies.leases import BucketOp, DemandBoard, ExchangeReply, ExchangeRequest, SpendDelta
 

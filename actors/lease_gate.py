@@ -21,50 +21,34 @@ Provider feedback travels back with the next report: a 429 blocks the bucket for
 (here at once, at the ledger for everyone), and rate-limit headers that show fewer tokens left than
 the ledger believes (another client on the key) lower the ledger to the provider's figure.
 
-`DirectGate` is the one-actor-call-per-attempt alternative (`BudgetConfig.mode="direct"`), kept for
-comparison and for tiny deployments. `ComposedGate` puts the run's cost cap in front of either.
+`actors.direct_gate` has the one-actor-call-per-attempt alternative (`BudgetConfig.mode="direct"`)
+and `ComposedGate`, which puts the run's cost cap in front of either.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
 import math
 import uuid
 from collections import OrderedDict, defaultdict
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from actors import metrics
+from actors._budget_common import Held, LedgerClient, LocalLedgerClient, Today, bucket_label, needs, too_large
 from actors.budget_ledger import LedgerUnavailable
 from actors.spend import Grant, Refusal, SpendAsk, SpendGate, Usage
 from engine.clock import SYSTEM_CLOCK, Clock, Deadline
-from policies.budget_config import (
-    BucketSpec,
-    BudgetConfig,
-    Charges,
-    reserve_amount,
-    settled_amount,
-    usage_unknown,
-    utc_day,
-)
-from policies.leases import (
-    BucketOp,
-    BucketView,
-    ExchangeReply,
-    ExchangeRequest,
-    ProviderFeedback,
-    SpendDelta,
-    SpendTotals,
-)
+from policies.budget_config import BucketSpec, BudgetConfig, Charges, settled_amount, usage_unknown
+from policies.leases import BucketOp, BucketView, ExchangeRequest, ProviderFeedback, SpendDelta, SpendTotals
 from policies.priority import SPECULATIVE, FairQueue, Waiter, priority_class, speculative_allowed
+
+__all__ = ["LeaseGate", "LeasePool", "LedgerClient", "LocalLedgerClient"]
 
 HORIZON_PERIODS = 4          # a lease aims to hold this many report periods of demand
 RETURN_ABOVE_TARGET = 1.5    # return what is held beyond this multiple of the fair holding
-DUPLICATE_RETRY_S = 0.1      # a refused duplicate may ask again after this long
 
 _REMAINING_HEADERS = {
     "tokens": ("x-ratelimit-remaining-tokens", "anthropic-ratelimit-tokens-remaining"),
@@ -72,71 +56,6 @@ _REMAINING_HEADERS = {
     "input_tokens": ("anthropic-ratelimit-input-tokens-remaining",),
     "output_tokens": ("anthropic-ratelimit-output-tokens-remaining",),
 }
-
-
-class LedgerClient(Protocol):
-    async def exchange(self, req: ExchangeRequest) -> ExchangeReply: ...
-
-
-class LocalLedgerClient:
-    """A ledger in this process (tests, one-process use): the real `MemoryLedger`, no actor in between."""
-
-    def __init__(self, ledger: Any, clock: Clock = SYSTEM_CLOCK) -> None:
-        self._ledger = ledger
-        self._clock = clock
-
-    async def exchange(self, req: ExchangeRequest) -> ExchangeReply:
-        return await self._ledger.exchange(req, self._clock.time(), uuid.uuid4().hex)
-
-
-@dataclass(frozen=True)
-class _Held:
-    specs: tuple[tuple[BucketSpec, Charges], ...]
-    amounts: dict[str, float]
-    lease_id: str | None = None
-    granted_at: float = 0.0
-
-
-@functools.lru_cache(maxsize=4096)
-def _bucket_label(key: str) -> str:
-    return key.rsplit(":", 1)[0] if key.startswith("usd:") else key   # no day in metric labels
-
-
-class _Today:
-    """The UTC day of an epoch time, recomputed only when the day changes (formatting dates is slow)."""
-
-    def __init__(self) -> None:
-        self._start, self._end, self._day = math.inf, -math.inf, ""
-
-    def __call__(self, epoch_s: float) -> str:
-        if not self._start <= epoch_s < self._end:
-            self._start = math.floor(epoch_s / 86_400) * 86_400
-            self._end = self._start + 86_400
-            self._day = utc_day(epoch_s)
-        return self._day
-
-
-def _needs(config: BudgetConfig, ask: SpendAsk, day: str,
-           kinds: dict[tuple[str, str], tuple[tuple[BucketSpec, Charges], ...]]) -> tuple[
-               tuple[tuple[BucketSpec, Charges], ...], dict[str, float]]:
-    cache_key = (ask.provider, ask.model)
-    specs = kinds.get(cache_key)
-    if specs is None:
-        specs = tuple((spec, spec.charges or "admission") for spec in config.buckets_for(ask.provider, ask.model))
-        kinds[cache_key] = specs
-    usd = config.spend_bucket(ask.tenant, day) if config.tenants or config.default_tenant.daily_usd else None
-    if usd is not None:
-        specs = (*specs, (usd, "usage"))
-    return specs, {spec.key: reserve_amount(spec, ask) for spec, _ in specs}
-
-
-def _too_large(specs: Sequence[tuple[BucketSpec, Charges]], need: dict[str, float]) -> str | None:
-    for spec, _ in specs:
-        if need[spec.key] > spec.capacity + 1e-9:
-            what = "daily spend allowance" if spec.family == "usd" else "limit"
-            return (f"budget_exhausted: the attempt needs {need[spec.key]:,.4g} of {spec.key}, more than the whole "
-                    f"{what} ({spec.capacity:,.4g})")
-    return None
 
 
 @dataclass
@@ -198,7 +117,7 @@ class LeasePool:
         self._debits: defaultdict[str, float] = defaultdict(float)
         self._in_flight = 0
         self._spend: dict[tuple[str, str], SpendTotals] = {}
-        self._today = _Today()
+        self._today = Today()
         self._feedback: dict[str, ProviderFeedback] = {}
         self._pending: ExchangeRequest | None = None    # sent, not acknowledged: resent as is
         self._demand: defaultdict[str, float] = defaultdict(float)       # units/s, smoothed
@@ -241,22 +160,22 @@ class LeasePool:
         for key, amount in need.items():
             self.balances[key] -= amount
             self._reserved_since[key] += amount
-            self.counters.reserved[_bucket_label(key)] += amount
+            self.counters.reserved[bucket_label(key)] += amount
         self.counters.grants += 1
         self._in_flight += 1
-        return Grant(ask, _Held(specs, need, self.lease_id, now))
+        return Grant(ask, Held(specs, need, self.lease_id, now))
 
     async def reserve(self, ask: SpendAsk) -> Grant | Refusal:
         if self._closed:
             return Refusal("the executor is shutting down: its budget lease was returned")
         now = self._now()
-        specs, need = _needs(self.config, ask, self._today(self._clock.time()), self._kinds)
+        specs, need = needs(self.config, ask, self._today(self._clock.time()), self._kinds)
         if not need:
-            return Grant(ask, _Held((), {}))
-        too_large = _too_large(specs, need)
-        if too_large:
+            return Grant(ask, Held((), {}))
+        refusal = too_large(specs, need)
+        if refusal:
             self.counters.refusals["too_large"] += 1
-            return Refusal(too_large)
+            return Refusal(refusal)
         self._ensure_running()
         self._last_use = now
         for key, amount in need.items():
@@ -327,13 +246,13 @@ class LeasePool:
 
     def release(self, grant: Grant) -> None:
         """Undo a grant whose attempt was never sent."""
-        held: _Held = grant.token  # type: ignore[assignment]
+        held: Held = grant.token  # type: ignore[assignment]
         for key, amount in held.amounts.items():
             self._end(key, 0.0, amount, held)
         self._in_flight -= 1
         self._pump()
 
-    def _end(self, key: str, used: float, reserved: float, held: _Held) -> None:
+    def _end(self, key: str, used: float, reserved: float, held: Held) -> None:
         """An attempt ended: `used` of its `reserved` was charged by the provider."""
         lease = held.lease_id or ""
         self._spent[lease][key] += min(used, reserved)
@@ -347,7 +266,7 @@ class LeasePool:
                 self._leftover[lease][key] += left
 
     async def settle(self, grant: Grant, used: Usage) -> None:
-        held: _Held = grant.token  # type: ignore[assignment]
+        held: Held = grant.token  # type: ignore[assignment]
         ask = grant.ask
         unknown = usage_unknown(used)
         if held.specs:
@@ -355,7 +274,7 @@ class LeasePool:
         for spec, charges in held.specs:
             reserved = held.amounts.get(spec.key, 0.0)
             final = settled_amount(spec, charges, ask, used)
-            label = _bucket_label(spec.key)
+            label = bucket_label(spec.key)
             self.counters.used[label] += final
             if used.cancelled and spec.family != "usd":
                 self.counters.wasted[label] += final
@@ -379,7 +298,7 @@ class LeasePool:
         self._pump()
         self._poke()   # there is spend to report now
 
-    def _provider_feedback(self, held: _Held, used: Usage) -> None:
+    def _provider_feedback(self, held: Held, used: Usage) -> None:
         if used.status != 429 and not used.rate_limit:
             return
         now = self._now()
@@ -599,106 +518,3 @@ class LeaseGate:
 
     def release(self, grant: Grant) -> None:
         self._pool.release(grant)
-
-
-class DirectGate:
-    """One ledger call per reservation and one per settlement: the baseline leases are measured
-    against. Waits by polling the ledger's estimate; no local priority queue."""
-
-    def __init__(self, config: BudgetConfig, ledger: LedgerClient, executor_id: str,
-                 clock: Clock = SYSTEM_CLOCK) -> None:
-        self.config = config
-        self._ledger = ledger
-        self._id = executor_id
-        self._clock = clock
-        self._kinds: dict[tuple[str, str], tuple[tuple[BucketSpec, Charges], ...]] = {}
-
-    def gate(self) -> SpendGate:
-        return self
-
-    async def aclose(self) -> None:
-        return None
-
-    def snapshot(self) -> dict[str, Any]:
-        return {"mode": "direct"}
-
-    async def _call(self, req: ExchangeRequest) -> ExchangeReply:
-        for attempt in range(20):
-            try:
-                return await self._ledger.exchange(req)
-            except LedgerUnavailable:
-                await self._clock.sleep(min(0.5, 0.02 * 2 ** attempt))
-        raise LedgerUnavailable("the budget ledger did not answer")
-
-    async def reserve(self, ask: SpendAsk) -> Grant | Refusal:
-        specs, need = _needs(self.config, ask, utc_day(self._clock.time()), self._kinds)
-        if not need:
-            return Grant(ask, _Held((), {}))
-        too_large = _too_large(specs, need)
-        if too_large:
-            return Refusal(too_large)
-        deadline = Deadline.from_epoch(ask.deadline_epoch, self._clock)
-        ttl = max(self.config.lease_ttl_s, deadline.remaining() + 5.0)
-        lease_id = None
-        while True:
-            try:
-                reply = await self._call(ExchangeRequest(
-                    executor=self._id, report_id=uuid.uuid4().hex, lease_id=lease_id, exact=True, ttl_s=ttl,
-                    ops={k: BucketOp(want=a) for k, a in need.items()}))
-            except LedgerUnavailable:
-                return Refusal("budget_exhausted: the budget ledger is unreachable")
-            lease_id = reply.lease_id
-            if reply.granted:
-                return Grant(ask, _Held(specs, need, lease_id, self._clock.monotonic()))
-            spare = all(v.free_fraction >= self.config.spare_fraction for v in reply.buckets.values())
-            eta = max((v.seconds_until(need[k]) for k, v in reply.buckets.items()), default=0.0)
-            if priority_class(ask.role) == SPECULATIVE and not spare:
-                eta = math.inf
-            if eta > deadline.remaining():
-                with contextlib.suppress(LedgerUnavailable):
-                    await self._call(ExchangeRequest(executor=self._id, report_id=uuid.uuid4().hex,
-                                                     lease_id=lease_id, close=True))
-                return Refusal("budget_exhausted: cannot be granted before the run's deadline")
-            await self._clock.sleep(min(max(eta, 0.005), deadline.remaining()))
-
-    async def settle(self, grant: Grant, used: Usage) -> None:
-        held: _Held = grant.token  # type: ignore[assignment]
-        ask = grant.ask
-        ops = {}
-        for spec, charges in held.specs:
-            reserved, final = held.amounts[spec.key], settled_amount(spec, charges, ask, used)
-            ops[spec.key] = BucketOp(spent=min(reserved, final), ret=max(0.0, reserved - final),
-                                     debit=max(0.0, final - reserved))
-        unknown = usage_unknown(used)
-        spend = {ask.tenant: SpendDelta(ask.cost_usd if unknown else used.cost_usd, used.input_tokens,
-                                        used.output_tokens, 1, int(used.cancelled))}
-        with contextlib.suppress(LedgerUnavailable):
-            await self._call(ExchangeRequest(executor=self._id, report_id=uuid.uuid4().hex, lease_id=held.lease_id,
-                                             ops=ops, spend=spend, day=utc_day(self._clock.time()), close=True))
-
-
-class ComposedGate:
-    """Gates asked in order (the run's cost cap first, then the cluster budget). A refusal undoes the
-    grants before it; settlement goes to all of them."""
-
-    def __init__(self, gates: Sequence[SpendGate]) -> None:
-        self._gates = list(gates)
-
-    async def reserve(self, ask: SpendAsk) -> Grant | Refusal:
-        grants: list[tuple[SpendGate, Grant]] = []
-        for gate in self._gates:
-            answer = await gate.reserve(ask)
-            if isinstance(answer, Refusal):
-                for earlier, grant in reversed(grants):
-                    release = getattr(earlier, "release", None)
-                    if release is not None:
-                        release(grant)
-                    else:   # never sent: settles as free
-                        await earlier.settle(grant, Usage(0, 0, 0.0))
-                return answer
-            grants.append((gate, answer))
-        return Grant(ask, grants)
-
-    async def settle(self, grant: Grant, used: Usage) -> None:
-        for gate, inner in grant.token:  # type: ignore[attr-defined]
-            await gate.settle(inner, used)

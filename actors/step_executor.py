@@ -38,7 +38,7 @@ class StepExecutor:
         self._in_flight = 0
 
     def _gate(self, request: StepRequest) -> SpendGate:
-        from actors.lease_gate import ComposedGate
+        from actors.direct_gate import ComposedGate
 
         assert self._budget is not None
         return ComposedGate([RunCostGate(request.cost_remaining_usd), self._budget.gate()])

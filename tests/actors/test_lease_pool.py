@@ -9,7 +9,8 @@ import asyncio
 import pytest
 
 from actors.budget_ledger import MemoryLedger
-from actors.lease_gate import ComposedGate, DirectGate, LeasePool, LocalLedgerClient
+from actors.direct_gate import ComposedGate, DirectGate
+from actors.lease_gate import LeasePool, LocalLedgerClient
 from actors.spend import Grant, Refusal, RunCostGate, SpendAsk, Usage
 from engine.clock import FakeClock
 from policies.budget_config import BudgetConfig, LimitSpec, TenantBudget

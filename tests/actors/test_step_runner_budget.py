@@ -8,7 +8,8 @@ import asyncio
 import time
 
 from actors.budget_ledger import MemoryLedger
-from actors.lease_gate import ComposedGate, LeasePool, LocalLedgerClient
+from actors.direct_gate import ComposedGate
+from actors.lease_gate import LeasePool, LocalLedgerClient
 from actors.spend import RunCostGate
 from actors.step_runner import StepRequest, StepRunner
 from engine.clock import SYSTEM_CLOCK
