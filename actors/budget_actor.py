@@ -16,6 +16,7 @@ is in memory; a restarted actor then starts every bucket empty, since it forgot 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -86,7 +87,8 @@ class BudgetActor:
         self._exchanges += 1
         if now - self._last_metrics >= METRICS_INTERVAL_S:
             self._last_metrics = now
-            self._export_metrics(reply, now)
+            with contextlib.suppress(Exception):   # metrics are never worth a failed exchange
+                self._export_metrics(reply, now)
         return replace(reply, targets=targets, degraded=self._fallback is not None)
 
     async def _exchange(self, req: ExchangeRequest, now: float) -> ExchangeReply:

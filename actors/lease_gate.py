@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import math
 import uuid
 from collections import OrderedDict, defaultdict
@@ -46,6 +47,8 @@ from policies.leases import BucketOp, BucketView, ExchangeRequest, ProviderFeedb
 from policies.priority import SPECULATIVE, FairQueue, Waiter, priority_class, speculative_allowed
 
 __all__ = ["LeaseGate", "LeasePool", "LedgerClient", "LocalLedgerClient"]
+
+log = logging.getLogger("tailrace.budget")
 
 HORIZON_PERIODS = 4          # a lease aims to hold this many report periods of demand
 RETURN_ABOVE_TARGET = 1.5    # return what is held beyond this multiple of the fair holding
@@ -398,6 +401,11 @@ class LeasePool:
                 self._failures += 1
                 backoff = min(0.5, max(0.02, backoff * 2))
                 await self._clock.sleep(backoff)
+            except Exception:   # a bug must not silently stop this executor's budget: log, back off, go on
+                log.exception("budget lease loop error")
+                self._failures += 1
+                backoff = min(0.5, max(0.02, backoff * 2))
+                await self._clock.sleep(backoff)
 
     def _wants(self, now: float) -> dict[str, float]:
         horizon = self.config.flush_interval_s * HORIZON_PERIODS
@@ -480,10 +488,11 @@ class LeasePool:
             self._expires = sent_at + reply.ttl_s - margin
             for key, amount in reply.granted.items():
                 self.balances[key] += amount
-        self.counters.flush()
-        metrics.gauge("tailrace_budget_waiting", "Reservations waiting for budget in this executor",
-                      {"executor": self._id}, len(self._queue))
         self._pump()
+        with contextlib.suppress(Exception):   # metrics are never worth a lost report
+            self.counters.flush()
+            metrics.gauge("tailrace_budget_waiting", "Reservations waiting for budget in this executor",
+                          {"executor": self._id}, len(self._queue))
 
     async def aclose(self) -> None:
         """Return the lease and report what is left (executor shutdown)."""
