@@ -12,10 +12,12 @@ import asyncio
 import os
 from collections import Counter
 from collections.abc import Mapping
+from typing import Any
 
 import ray
 
 from actors.latency_stats import StatsSync
+from actors.spend import RunCostGate, SpendGate
 from actors.step_runner import StepRequest, StepRunner
 from actors.tail_control import TailControl
 from engine.clock import SYSTEM_CLOCK, Clock
@@ -29,7 +31,7 @@ from policies.hedging import TailTuning
 class StepExecutor:
     def __init__(self, providers: Mapping[str, AdapterSettings], name: str = "executor",
                  clock: Clock | None = None, hedge: HedgeConfig | None = None, tuning: TailTuning | None = None,
-                 stats_name: str | None = None) -> None:
+                 stats_name: str | None = None, budget: Any = None) -> None:
         # `clock` is this process's view of time; tests inject a skewed one to play a node whose
         # wall clock is off (the deadline each step gets is converted with it, once, on arrival).
         clock = clock or SYSTEM_CLOCK
@@ -38,8 +40,12 @@ class StepExecutor:
             provider: build_adapter(settings, clock) for provider, settings in providers.items()
         }
         self.tail = TailControl(hedge, tuning, clock)
+        # With a cluster budget (an `actors.budget_actor.BudgetHandle`), every attempt also reserves
+        # from this executor's lease, after the run's cost cap.
+        self._budget = None if budget is None else budget.executor_gate(f"{name}-{os.getpid()}")
         self._runner = StepRunner(self._adapters, clock=clock, policy_factory=self.tail.policy_for,
-                                  observer=self.tail)
+                                  observer=self.tail,
+                                  gate_factory=self._gate if self._budget is not None else None)
         self._sync: StatsSync | None = None
         if stats_name is not None:
             source = f"{name}-{os.getpid()}-{id(self):x}"
@@ -47,6 +53,12 @@ class StepExecutor:
         self._stops: dict[str, asyncio.Event] = {}   # run id -> stop signal for its steps here
         self._steps_per_run: Counter[str] = Counter()
         self._in_flight = 0
+
+    def _gate(self, request: StepRequest) -> SpendGate:
+        from actors.direct_gate import ComposedGate
+
+        assert self._budget is not None
+        return ComposedGate([RunCostGate(request.cost_remaining_usd), self._budget.gate()])
 
     async def run_step(self, request: StepRequest) -> StepResult:
         if self._sync is not None:
@@ -73,7 +85,8 @@ class StepExecutor:
     @ray.method(concurrency_group="admin")
     async def health(self) -> dict[str, object]:
         return {"name": self._name, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
-                "in_flight": self._in_flight, "attempts_in_flight": self._runner.attempts_in_flight}
+                "in_flight": self._in_flight, "attempts_in_flight": self._runner.attempts_in_flight,
+                **({"budget": self._budget.snapshot()} if self._budget is not None else {})}
 
     async def tail_snapshot(self) -> dict[str, object]:
         """What tail control sees now: sample counts, circuit states, retry tokens, syncs done."""
@@ -92,4 +105,6 @@ class StepExecutor:
     async def shutdown(self) -> None:
         if self._sync is not None:
             await self._sync.stop()
+        if self._budget is not None:
+            await self._budget.aclose()   # return the lease and report the last spend
         await asyncio.gather(*(a.aclose() for a in self._adapters.values()), return_exceptions=True)

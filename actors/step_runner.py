@@ -175,15 +175,21 @@ class StepRunner:
             if isinstance(decision, Start) and not blocked:
                 if decision.at <= now:
                     refusal = await self._start(run, decision)
-                    if refusal is not None and not self._running(run):
-                        return self._failed(run, FailureReason.BUDGET_EXHAUSTED, refusal)
-                    if feedback is not None:
-                        if refusal is None:
+                    if refusal is None:
+                        if feedback is not None:
                             feedback.started(decision, now)
-                        else:
-                            feedback.refused(decision, refusal, now)
+                        continue
+                    if run.stop.is_set():
+                        await self._cancel_running(run, CancelReason.RUN_FAILED)
+                        return self._failed(run, FailureReason.CANCELLED, "the run ended elsewhere")
+                    if not self._running(run):
+                        return self._failed(run, FailureReason.BUDGET_EXHAUSTED, refusal)
+                    # Refused while other attempts run (a duplicate without spare budget): the policy
+                    # hears of it and waits on the running attempt; without feedback, wait for one to end.
+                    if feedback is not None:
+                        feedback.refused(decision, refusal, now)
                     else:
-                        blocked = refusal is not None
+                        blocked = True
                     continue
                 wake_at = min(wake_at, decision.at)
             finished = await self._wait(run, wake_at)
@@ -231,7 +237,7 @@ class StepRunner:
             max_output_tokens=choice.max_tokens,
             cost_usd=choice.cost_usd(input_estimate, choice.max_tokens), deadline_epoch=req.deadline_epoch,
         )
-        grant = await run.gate.reserve(ask)
+        grant = await self._reserve(run, ask)
         if isinstance(grant, Refusal):
             run.refusals.append(grant.reason)
             return grant.reason
@@ -246,6 +252,28 @@ class StepRunner:
         if self._observer is not None:
             self._observer.attempt_started(req, choice, decision.role)
         return None
+
+    async def _reserve(self, run: _StepRun, ask: SpendAsk) -> Grant | Refusal:
+        """Ask the gate; a gate may make an attempt wait for budget, but never past the step's deadline
+        or after its run was stopped."""
+        if isinstance(run.gate, RunCostGate):   # never waits: no race to set up
+            return await run.gate.reserve(ask)
+        reserve = asyncio.ensure_future(run.gate.reserve(ask))
+        stopped = asyncio.ensure_future(run.stop.wait())
+        timer = asyncio.ensure_future(self._clock.sleep(run.deadline.remaining()))
+        try:
+            await asyncio.wait([reserve, stopped, timer], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            timer.cancel()
+            if not reserve.done():
+                reserve.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reserve
+        if reserve.done() and not reserve.cancelled():
+            return reserve.result()
+        return Refusal("stopped while waiting for budget" if run.stop.is_set()
+                       else "budget_exhausted: the step's deadline came while waiting for budget")
 
     def _call(self, req: StepRequest, choice: ModelChoice, remaining_s: float) -> ProviderCall:
         system, prompt = rendered_prompt(req, choice)

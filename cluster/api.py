@@ -20,8 +20,10 @@ from typing import Any, Literal
 
 import ray
 
+from actors.budget_actor import BudgetHandle
 from actors.latency_stats import stats_actor
 from actors.step_executor import StepExecutor
+from cluster.budget import BudgetAdmission, budget_status, ensure_budget
 from cluster.driver import DEFAULT_GRACE_S, WorkflowDriver, run_records
 from cluster.pool import ExecutorPool, PoolConfig
 from cluster.providers import SimulatorEndpoints, needs_simulator, resolve_providers
@@ -33,6 +35,7 @@ from engine.outcomes import RunOutcome
 from engine.providers.base import AdapterSettings
 from engine.spec_checks import check_validators_registered
 from engine.specs import HedgeConfig, RunOptions, WorkflowSpec
+from policies.budget_config import BudgetConfig
 from policies.hedging import TailTuning
 
 log = logging.getLogger("tailrace")
@@ -49,11 +52,11 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
 
 def start_executors(providers: Mapping[str, AdapterSettings], count: int, num_cpus: float = 0.5, *,
                     hedge: HedgeConfig | None = None, tuning: TailTuning | None = None,
-                    stats_name: str | None = None) -> list[Any]:
+                    stats_name: str | None = None, budget: BudgetHandle | None = None) -> list[Any]:
     """Start executors and wait until they answer, so actor start-up is not charged to the first runs."""
     executors = [
         StepExecutor.options(max_concurrency=1000, num_cpus=num_cpus).remote(
-            dict(providers), f"executor-{i}", hedge=hedge, tuning=tuning, stats_name=stats_name)
+            dict(providers), f"executor-{i}", hedge=hedge, tuning=tuning, stats_name=stats_name, budget=budget)
         for i in range(count)
     ]
     ray.get([e.health.remote() for e in executors])
@@ -93,6 +96,7 @@ def run_batch(
     hedge: HedgeConfig | None = None,
     tuning: TailTuning | None = None,
     stats_name: str | None = None,
+    budget: BudgetConfig | None = None,
 ) -> BatchSummary:
     """Run every record through the workflow; outcomes stream to `out` (JSONL) as runs finish.
 
@@ -102,6 +106,9 @@ def run_batch(
     no trace). `executor_clock` is the clock executors run on (tests inject a skewed one).
     `hedge` is the executors' default tail control (steps override fields with their own `hedge`);
     `tuning` sets the latency windows, circuit breakers and retry throttle they share.
+    With `budget`, every attempt is counted against the cluster's budget actor (TPM, RPM, tenants'
+    daily spend; found or created by name) and runs that cannot be served before their deadline
+    are refused at submission (`budget_exhausted`).
     """
     spec = workflow if isinstance(workflow, WorkflowSpec) else load_workflow(workflow)
     check_validators_registered(spec)
@@ -117,6 +124,9 @@ def run_batch(
     batch_stats = stats_name is None
     stats_name = stats_name or f"tailrace-latency-stats-{uuid.uuid4().hex[:12]}"
     stats = stats_actor(stats_name, tuning.latency)   # owned by this driver, not by one executor
+    handle = ensure_budget(budget, spec) if budget is not None else None
+    admission = BudgetAdmission(handle.config, spec, handle.actor) \
+        if handle is not None and handle.config.admission else None
     writer = ResultWriter(out)
     tracer = TraceWriter(trace, spec) if trace else None
     summary = BatchSummary()
@@ -136,12 +146,16 @@ def run_batch(
 
     async def drive() -> None:
         async with ExecutorPool(providers, pool or PoolConfig.fixed(num_executors), executor_clock=executor_clock,
-                                executor_kwargs={"hedge": hedge, "tuning": tuning, "stats_name": stats_name},
+                                executor_kwargs={"hedge": hedge, "tuning": tuning, "stats_name": stats_name,
+                                                 "budget": handle},
                                 ) as executors:
             if on_pool is not None:
                 on_pool(executors)
-            driver = WorkflowDriver(spec, options, executors, grace_s=grace_s, hedge=hedge)
+            driver = WorkflowDriver(spec, options, executors, grace_s=grace_s, hedge=hedge, admission=admission)
             await run_records(driver, remembered(), writer, summary, max_in_flight, finished)
+            if handle is not None:   # executors return their leases and report their last spend
+                await asyncio.wait_for(asyncio.gather(*(h.shutdown.remote() for h in executors.handles()),
+                                                      return_exceptions=True), timeout=10)
             if not batch_stats:   # a shared stats actor outlives the batch: hand it the last samples
                 await asyncio.wait_for(asyncio.gather(*(h.sync_stats.remote() for h in executors.handles()),
                                                       return_exceptions=True), timeout=10)
@@ -158,4 +172,5 @@ def run_batch(
     return summary
 
 
-__all__ = ["ExecutorPool", "PoolConfig", "TraceConfig", "connect", "needs_simulator", "run_batch", "start_executors"]
+__all__ = ["BudgetConfig", "ExecutorPool", "PoolConfig", "TraceConfig", "budget_status", "connect", "needs_simulator",
+           "run_batch", "start_executors"]

@@ -1,4 +1,5 @@
-"""The `tailrace` command: run a workflow batch, run the bundled demo, or serve the simulator.
+"""The `tailrace` command: run a workflow batch, run the bundled demo, serve the simulator, or show the
+cluster budget (`tailrace budget status`).
 
 Bad input (missing file, malformed JSONL line, invalid spec) ends in one clear paragraph on stderr
 and exit status 2, never a traceback.
@@ -53,6 +54,15 @@ def _parser() -> argparse.ArgumentParser:
     from cluster import cli_ops
 
     cli_ops.add_commands(sub, SCENARIO_NAMES)  # submit, status, logs, results, stop, report, replay
+    budget = sub.add_parser("budget", help="the cluster budget: tenants' spend, rate buckets")
+    budget_sub = budget.add_subparsers(dest="budget_command", required=True)
+    status = budget_sub.add_parser("status", help="today's spend per tenant and each bucket's state")
+    status.add_argument("--address", help="Ray cluster address (default: the local cluster)")
+    status.add_argument("--name", default="tailrace-budget", help="budget actor name")
+    status.add_argument("--redis-url", help="read the ledger from Redis directly (default: $TAILRACE_REDIS_URL)")
+    status.add_argument("--namespace", default="default", help="ledger namespace in Redis")
+    status.add_argument("--day", help="UTC day, YYYY-MM-DD (default: today)")
+    status.add_argument("--json", action="store_true", help="print JSON instead of tables")
     return parser
 
 
@@ -79,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if args.command in cli_ops.COMMANDS:
             return cli_ops.run(args)
+        if args.command == "budget":
+            return _budget_status(args)
         if args.command == "demo":
             args.workflow, args.inputs = str(DEMO_WORKFLOW), str(DEMO_INPUTS)
         return _run(args)
@@ -88,6 +100,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         errors.print("interrupted: finished runs are in the results file; run again to resume")
         return 130
+
+
+def _budget_status(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from cluster.budget import bucket_rows, budget_status, spend_rows
+    from policies.budget_config import redact_url
+
+    redis_url = args.redis_url or os.environ.get("TAILRACE_REDIS_URL")
+    try:
+        status = budget_status(address=args.address, name=args.name, redis_url=redis_url,
+                               namespace=args.namespace, day=args.day)
+    except LookupError as exc:
+        errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        return 2
+    except Exception as exc:   # never echo a URL with its password
+        where = redact_url(redis_url) if redis_url else "the cluster"
+        errors.print(f"[bold red]error:[/] cannot read the budget from {escape(where)} ({type(exc).__name__})",
+                     highlight=False)
+        return 2
+    if args.json:
+        console.print_json(json.dumps({"day": status.day, "backend": status.backend, "leases": status.leases,
+                                       "spend": spend_rows(status), "buckets": bucket_rows(status)}, default=str))
+        return 0
+    spend = Table(title=f"spend on {status.day} (UTC), ledger: {status.backend}")
+    for column in ("tenant", "cost $", "input tokens", "output tokens", "attempts", "cancelled", "wasted tokens"):
+        spend.add_column(column, justify="right")
+    for row in spend_rows(status):
+        spend.add_row(escape(row["tenant"]), f"{row['usd']:.6f}", f"{row['input_tokens']:,}",
+                      f"{row['output_tokens']:,}", f"{row['attempts']:,}", f"{row['cancelled']:,}",
+                      f"{row['wasted_tokens']:,}")
+    console.print(spend)
+    buckets = Table(title=f"buckets ({status.leases} live leases)")
+    for column in ("bucket", "limit", "per minute", "free", "leased", "used %"):
+        buckets.add_column(column, justify="right")
+    for row in bucket_rows(status):
+        per_min = "-" if row["per_minute"] != row["per_minute"] else f"{row['per_minute']:,.0f}"
+        buckets.add_row(escape(row["bucket"]), f"{row['capacity']:,.4g}", per_min, f"{row['free']:,.4g}",
+                        f"{row['leased']:,.4g}", f"{100 * row['utilisation']:.0f}")
+    console.print(buckets)
+    return 0
 
 
 def _serve_simulator(args: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ from engine.outcomes import AttemptRecord, FailureReason, RunOutcome, StepResult
 from engine.specs import HedgeConfig, RunOptions, WorkflowSpec
 from policies.allocation import split_extra_tokens, step_extra_tokens, step_weights, time_shares
 from policies.hedging import effective_config
+from policies.spend_limits import attempt_weight, split_cost
 
 DEFAULT_GRACE_S = 0.25
 
@@ -48,6 +49,7 @@ class _RunState:
     attempts: list[AttemptRecord] = field(default_factory=list)
     degraded: dict[str, str] = field(default_factory=dict)
     cost_usd: float = 0.0
+    promised_usd: dict[str, float] = field(default_factory=dict)   # running steps' shares of the cost cap
     failure: FailureReason | None = None
     detail: str | None = None
     failed_step: str | None = None
@@ -105,7 +107,8 @@ class ExecutorChooser:
 
 
 class RunAdmission(Protocol):
-    """Asked once when a run starts; a refusal ends the run at once as `budget_exhausted`."""
+    """Asked once when a run starts; a refusal ends the run at once as `budget_exhausted`.
+    An admission may also define `finished(run_id, outcome)`, called when an admitted run ends."""
 
     async def admit(self, run_id: str, workflow: WorkflowSpec, options: RunOptions,
                     deadline_epoch: float) -> str | None:
@@ -142,12 +145,13 @@ class WorkflowDriver:
         try:
             while len(state.outputs) < len(self.workflow.steps) and state.failure is None:
                 ready = self.dag.ready(set(state.outputs), started)
+                shares = self._cost_shares(state, ready)
                 for step_id, grant in state.extra_grants(ready).items():
                     if grant is not None:
                         state.extra_held[step_id] = grant
                     started.add(step_id)
                     call = _StepCall(step_id)
-                    pending[asyncio.ensure_future(self._run_step(state, call))] = call
+                    pending[asyncio.ensure_future(self._run_step(state, call, shares.get(step_id)))] = call
                 # The backstop fires halfway into the grace, leaving the rest to collect the stragglers' records.
                 done, _ = await asyncio.wait(pending, timeout=state.deadline.remaining() + self.grace_s / 2,
                                              return_when=asyncio.FIRST_COMPLETED)
@@ -158,7 +162,11 @@ class WorkflowDriver:
                     self._absorb(state, pending.pop(task).step_id, task)
         finally:
             await self._stop_pending(state, pending)
-        return self._outcome(state)
+        outcome = self._outcome(state)
+        finished = getattr(self.admission, "finished", None)
+        if finished is not None:
+            finished(run_id, outcome)
+        return outcome
 
     def _extra_allowance(self, inputs: dict[str, Any]) -> int | None:
         """The run's tokens for duplicates and retries: each step's fraction of its expected tokens."""
@@ -170,13 +178,25 @@ class WorkflowDriver:
             total += step_extra_tokens(step, inputs, config.extra_token_fraction)
         return total
 
-    async def _run_step(self, state: _RunState, call: _StepCall) -> StepResult:
+    def _cost_shares(self, state: _RunState, ready: Sequence[str]) -> dict[str, float]:
+        """Steps starting together split what is left of the run's cost cap (less what running steps
+        hold), so together they cannot spend more than the cap; a step alone gets all that is left."""
+        if self.options.max_cost_usd is None or not ready:
+            return {}
+        unpromised = self.options.max_cost_usd - state.cost_usd - sum(state.promised_usd.values())
+        shares = split_cost(max(0.0, unpromised), {s: attempt_weight(self.workflow.step(s)) for s in ready})
+        state.promised_usd.update(shares)
+        return shares
+
+    async def _run_step(self, state: _RunState, call: _StepCall, cost_share: float | None = None) -> StepResult:
         step = self.workflow.step(call.step_id)
         avoid = None
         while True:
             remaining_cost = None
             if self.options.max_cost_usd is not None:
                 remaining_cost = max(0.0, self.options.max_cost_usd - state.cost_usd)
+                if cost_share is not None:
+                    remaining_cost = min(remaining_cost, cost_share)
             request = StepRequest(
                 run_id=state.run_id, workflow=self.workflow.name, tenant=self.options.tenant, step=step,
                 inputs=state.inputs, upstream={d: state.outputs[d] for d in self.dag.ancestors(step.id)},
@@ -212,6 +232,7 @@ class WorkflowDriver:
         state.cost_usd += sum(a.cost_usd for a in result.attempts)
         state.extra_held.pop(step_id, None)
         state.extra_spent += sum(a.input_tokens + a.output_tokens for a in result.attempts if a.role != "primary")
+        state.promised_usd.pop(step_id, None)
         if result.ok:
             state.outputs[step_id] = result.output
             if result.tier:

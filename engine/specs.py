@@ -28,6 +28,8 @@ class ProviderSpec(_Spec):
     api_key_env: str | None = None           # None: OPENAI_API_KEY / ANTHROPIC_API_KEY
     tpm: int | None = Field(default=None, gt=0)      # account tokens per minute, for the budget
     rpm: int | None = Field(default=None, gt=0)
+    input_tpm: int | None = Field(default=None, gt=0)  # Anthropic-style separate input/output limits
+    output_tpm: int | None = Field(default=None, gt=0)
 
 
 DEFAULT_PROVIDERS: dict[str, ProviderSpec] = {

@@ -21,7 +21,9 @@ def start_session_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        # address="local": always a fresh cluster of our own, never one another process left in /tmp/ray.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
+                 log_to_driver=False)
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +46,100 @@ def simulator() -> Iterator[Callable[..., Any]]:
             return stack.enter_context(SimServer.in_thread(scenario(name, **overrides), log_path=log_path))
 
         yield start
+
+
+# ---- a real redis-server on a free loopback port (the budget ledger's shared store) -----------------
+
+class RedisServer:
+    """One redis-server process: `url` has the password (if any) and TLS settings; `stop`/`start` keep the
+    port, so a test can take Redis away mid-run and bring it back."""
+
+    def __init__(self, workdir: Any, password: str | None, tls: bool) -> None:
+        import shutil
+        import socket
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed: the budget tests need a real Redis. Install it with "
+                        "`apt-get install -y redis-server` (.ci/run does this when it is missing).", pytrace=False)
+        self.binary = binary
+        self.workdir = workdir
+        self.password = password
+        self.tls = tls
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.cert = self._make_cert() if tls else None
+        self.proc: Any = None
+
+    def _make_cert(self) -> str:
+        import shutil
+        import subprocess
+
+        if shutil.which("openssl") is None:
+            pytest.fail("openssl is needed to make a certificate for the Redis TLS test", pytrace=False)
+        cert, key = self.workdir / "redis.crt", self.workdir / "redis.key"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                        "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key),
+                        "-out", str(cert)], check=True, capture_output=True)
+        return str(cert)
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        if self.tls:
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.cert}"
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        import subprocess
+        import time
+
+        args = [self.binary, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
+                "--protected-mode", "no", "--loglevel", "warning"]
+        if self.password:
+            args += ["--requirepass", self.password]
+        if self.tls:
+            key = str(self.workdir / "redis.key")
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.cert, "--tls-key-file", key,
+                     "--tls-ca-cert-file", self.cert, "--tls-auth-clients", "no"]
+        else:
+            args += ["--port", str(self.port)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        import redis
+
+        client = redis.Redis.from_url(self.url, socket_timeout=1)
+        for _ in range(200):
+            try:
+                client.ping()
+                client.close()
+                return self
+            except redis.exceptions.ConnectionError:
+                if self.proc.poll() is not None:
+                    pytest.fail("redis-server exited: " + self.proc.stderr.read().decode()[-1000:], pytrace=False)
+                time.sleep(0.025)
+        pytest.fail(f"redis-server did not answer on port {self.port}", pytrace=False)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+
+@pytest.fixture
+def redis_server(tmp_path: Any) -> Iterator[Callable[..., RedisServer]]:
+    """Start real redis-servers on free loopback ports: `redis_server(password="pw", tls=False)`.
+    Every server started through this fixture is stopped when the test ends."""
+    servers: list[RedisServer] = []
+
+    def start(password: str | None = None, tls: bool = False) -> RedisServer:
+        workdir = tmp_path / f"redis{len(servers)}"
+        workdir.mkdir()
+        server = RedisServer(workdir, password, tls).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

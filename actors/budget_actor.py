@@ -1,0 +1,230 @@
+"""The budget actor: one per cluster (Ray namespace `tailrace`, named), holding the ledger every
+executor leases from.
+
+It is off the hot path: executors call `exchange` a few times a second each (report, return, top
+up), never per attempt. It sizes grants by demand (`DemandBoard`), so a scarce bucket is shared in
+proportion to what executors want, and tells executors holding more than their share to return it.
+
+With `redis_url` the ledger lives in Redis: a restarted actor resumes where it was; two clusters
+(two actors) on one Redis enforce one limit. If Redis becomes unreachable the actor fails safe: it
+serves from a local ledger at `redis_fallback_fraction` of each limit, starting empty, and probes
+Redis every second; when Redis is back it charges Redis with everything granted meanwhile and
+replays the spend recorded meanwhile (idempotently), then switches back. Without Redis the ledger
+is in memory; a restarted actor then starts every bucket empty, since it forgot recent spend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, replace
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
+
+from actors import metrics
+from actors.budget_ledger import LedgerStatus, LedgerUnavailable, MemoryLedger, RedisLedger
+from actors.direct_gate import DirectGate
+from actors.lease_gate import LeasePool
+from policies.budget_config import BucketSpec, BudgetConfig, utc_day
+from policies.leases import BucketOp, DemandBoard, ExchangeReply, ExchangeRequest, SpendDelta
+
+log = logging.getLogger("tailrace.budget")
+
+RAY_NAMESPACE = "tailrace"
+PROBE_INTERVAL_S = 1.0
+METRICS_INTERVAL_S = 1.0
+
+
+@ray.remote(concurrency_groups={"admin": 1}, max_restarts=-1, max_task_retries=0)
+class BudgetActor:
+    def __init__(self, config: BudgetConfig) -> None:
+        self._config = config
+        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        self.restarts_seen = int(restarted)
+        self._board = DemandBoard(ttl_s=config.lease_ttl_s)
+        self._free: dict[str, float] = {}
+        self._redis: RedisLedger | None = None
+        self._memory: MemoryLedger | None = None
+        if config.redis_url is not None:
+            self._redis = RedisLedger(config.redis_url.get_secret_value(), config.namespace, self._resolve,
+                                      timeout_s=config.redis_timeout_s)
+        else:
+            # A restarted in-memory ledger forgot recent spend: start dry rather than open.
+            self._memory = MemoryLedger(self._resolve, start_full=not restarted)
+        self._fallback: MemoryLedger | None = None
+        self._fallback_spend: list[tuple[str, str, dict[str, SpendDelta]]] = []
+        self._next_probe = 0.0
+        self._admin_redis: RedisLedger | None = None
+        self._exchanges = 0
+        self._last_metrics = 0.0
+
+    def _resolve(self, key: str) -> BucketSpec | None:
+        return self._config.bucket(key)
+
+    # ---- the hot-ish path: executors' reports and top-ups ---------------------------------------------
+
+    async def exchange(self, req: ExchangeRequest) -> ExchangeReply:
+        now = time.time()
+        targets: dict[str, float] = {}
+        wants = {k: op.want for k, op in req.ops.items() if op.want > 0}
+        if req.close:
+            self._board.forget(req.executor)
+        elif wants and not req.exact:
+            self._board.report(req.executor, wants, req.balances, now)
+            capped, targets = self._board.cap(req.executor, wants, self._free, now)
+            req = replace(req, ops={k: replace(op, want=capped.get(k, op.want)) for k, op in req.ops.items()})
+        reply = await self._exchange(req, now)
+        if reply.granted and not req.exact:
+            self._board.granted(req.executor, reply.granted, now)
+        for key, view in reply.buckets.items():
+            self._free[key] = max(0.0, view.level) if view.blocked_s <= 0 else 0.0
+        self._exchanges += 1
+        if now - self._last_metrics >= METRICS_INTERVAL_S:
+            self._last_metrics = now
+            with contextlib.suppress(Exception):   # metrics are never worth a failed exchange
+                self._export_metrics(reply, now)
+        return replace(reply, targets=targets, degraded=self._fallback is not None)
+
+    async def _exchange(self, req: ExchangeRequest, now: float) -> ExchangeReply:
+        new_id = uuid.uuid4().hex
+        if self._redis is None:
+            assert self._memory is not None
+            return await self._memory.exchange(req, now, new_id)
+        if self._fallback is None or now >= self._next_probe:
+            try:
+                if self._fallback is not None:
+                    await self._redis.ping()
+                    await self._resync(now)
+                return await self._redis.exchange(req, now, new_id)
+            except LedgerUnavailable as exc:
+                if self._fallback is None:
+                    log.warning("budget ledger degraded to a local limit of %.0f%%: %s",
+                                100 * self._config.redis_fallback_fraction, exc)
+                    self._fallback = MemoryLedger(self._resolve, start_full=False,
+                                                  scale=self._config.redis_fallback_fraction)
+                self._next_probe = now + PROBE_INTERVAL_S
+        assert self._fallback is not None
+        if req.spend and req.report_id not in self._fallback.book._replies:
+            self._fallback_spend.append((req.report_id, req.day, dict(req.spend)))
+        return await self._fallback.exchange(req, now, new_id)
+
+    async def _resync(self, now: float) -> None:
+        """Redis is back: charge it with everything granted during the outage (conservative: it may all
+        be spent), then replay the spend recorded meanwhile under its original report ids."""
+        assert self._redis is not None and self._fallback is not None
+        book = self._fallback.book
+        debits = {key: BucketOp(debit=b.granted_total) for key, b in book.buckets.items() if b.granted_total > 0}
+        if debits:
+            await self._redis.exchange(ExchangeRequest(executor="resync", report_id=f"resync-{uuid.uuid4().hex}",
+                                                       ops=debits, close=True), now, "resync")
+        while self._fallback_spend:
+            report_id, day, spend = self._fallback_spend[0]
+            await self._redis.exchange(ExchangeRequest(executor="resync", report_id=report_id, spend=spend, day=day,
+                                                       close=True), now, "resync")
+            self._fallback_spend.pop(0)
+        log.warning("budget ledger back on Redis; %d buckets charged for the outage", len(debits))
+        self._fallback = None
+
+    def _export_metrics(self, reply: ExchangeReply, now: float) -> None:
+        for key, view in reply.buckets.items():
+            label = key.rsplit(":", 1)[0] if key.startswith("usd:") else key
+            used = 1.0 - max(0.0, view.level) / view.capacity if view.capacity > 0 else 1.0
+            metrics.gauge("tailrace_budget_bucket_utilisation", "Fraction of a bucket not free for new grants",
+                          {"bucket": label}, min(1.0, max(0.0, used)))
+            metrics.gauge("tailrace_budget_bucket_leased", "Amount of a bucket held by live leases",
+                          {"bucket": label}, view.outstanding)
+        metrics.gauge("tailrace_budget_leases", "Executors holding a live lease (this actor's view)", {},
+                      len(self._board.live(now)))
+        metrics.gauge("tailrace_budget_degraded", "1 while the shared ledger is unreachable", {},
+                      1.0 if self._fallback is not None else 0.0)
+
+    # ---- admin ------------------------------------------------------------------------------------
+
+    async def configure(self, config: BudgetConfig) -> None:
+        """Add a workflow's limits and tenants (the ledger's location never changes)."""
+        self._config = self._config.merged(config)
+
+    def config(self) -> BudgetConfig:
+        return self._config
+
+    @ray.method(concurrency_group="admin")
+    async def status(self, day: str | None = None) -> LedgerStatus:
+        """Buckets, live leases and tenants' recorded spend for one UTC day (today by default)."""
+        now = time.time()
+        day = day or utc_day(now)
+        if self._redis is None:
+            assert self._memory is not None
+            return await self._memory.status(day, now)
+        fallback = self._fallback
+        try:
+            if self._admin_redis is None:   # this group has its own event loop: its own client
+                cfg = self._config
+                assert cfg.redis_url is not None
+                self._admin_redis = RedisLedger(cfg.redis_url.get_secret_value(), cfg.namespace, self._resolve,
+                                                timeout_s=cfg.redis_timeout_s)
+            status = await self._admin_redis.status(day, now)
+            return replace(status, backend="redis-degraded" if fallback is not None else "redis")
+        except LedgerUnavailable:
+            if fallback is None:
+                raise
+            status = await fallback.status(day, now)
+            return replace(status, backend="redis-degraded", redis=self._config.redacted_redis_url())
+
+    @ray.method(concurrency_group="admin")
+    async def health(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "backend": "redis" if self._redis is not None else "memory",
+                "degraded": self._fallback is not None, "exchanges": self._exchanges,
+                "restarted": bool(self.restarts_seen), "redis": self._config.redacted_redis_url()}
+
+
+class ActorLedgerClient:
+    """How an executor reaches the budget actor. Any failure (dead, restarting, slow) is
+    `LedgerUnavailable`: the executor keeps its report and sends the same one again."""
+
+    def __init__(self, actor: Any, timeout_s: float = 5.0) -> None:
+        self._actor = actor
+        self._timeout_s = timeout_s
+
+    async def exchange(self, req: ExchangeRequest) -> ExchangeReply:
+        try:
+            return await asyncio.wait_for(self._actor.exchange.remote(req), self._timeout_s)
+        except (RayActorError, GetTimeoutError, TimeoutError, RayError) as exc:
+            raise LedgerUnavailable(f"budget actor unavailable ({type(exc).__name__})") from None
+
+
+@dataclass(frozen=True)
+class BudgetHandle:
+    """What an executor needs to build its gate: the config and the actor (both picklable)."""
+
+    config: BudgetConfig
+    actor: Any
+
+    def executor_gate(self, executor_id: str) -> LeasePool | DirectGate:
+        client = ActorLedgerClient(self.actor)
+        if self.config.mode == "direct":
+            return DirectGate(self.config, client, executor_id)
+        return LeasePool(self.config, client, executor_id)
+
+
+def budget_actor(config: BudgetConfig) -> Any:
+    """Find the cluster's budget actor by name, or create it; then make sure it knows `config`'s limits."""
+    actor = BudgetActor.options(  # type: ignore[attr-defined]
+        name=config.actor_name, namespace=RAY_NAMESPACE, get_if_exists=True, lifetime="detached",
+        num_cpus=0, max_concurrency=1000,
+    ).remote(config)
+    ray.get(actor.configure.remote(config))
+    return actor
+
+
+def find_budget_actor(name: str = "tailrace-budget") -> Any:
+    """The running budget actor, or None."""
+    try:
+        return ray.get_actor(name, namespace=RAY_NAMESPACE)
+    except ValueError:
+        return None

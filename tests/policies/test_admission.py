@@ -1,0 +1,94 @@
+"""Run admission on fake time: EDF feasibility, immediate refusal, corrections, fair share between tenants."""
+
+from __future__ import annotations
+
+import pytest
+
+from policies.admission import AdmissionPlanner
+
+KEY = "tokens:acct:*"
+T0 = 1_000.0
+
+
+def planner(capacity=1000.0, rate=100.0, weights=None, margin=0.0) -> AdmissionPlanner:
+    w = weights or {}
+    return AdmissionPlanner({KEY: (capacity, rate)}, lambda t: w.get(t, 1.0), T0, margin=margin)
+
+
+def test_admits_what_fits_and_refuses_what_cannot_arrive_before_its_latest_start():
+    p = planner()
+    assert p.admit("r1", "a", {KEY: 1000}, latest=T0 + 1, now=T0) is None      # the full bucket
+    assert p.admit("r2", "a", {KEY: 500}, latest=T0 + 6, now=T0) is None       # 5 s of refill
+    why = p.admit("r3", "a", {KEY: 200}, latest=T0 + 6, now=T0)
+    assert why is not None and "tokens:acct:*" in why
+    assert p.admit("r4", "a", {KEY: 200}, latest=T0 + 7, now=T0) is None
+
+
+def test_edf_an_urgent_run_goes_ahead_of_runs_with_slack():
+    p = planner()
+    assert p.admit("late1", "a", {KEY: 1000}, latest=T0 + 20, now=T0) is None
+    assert p.admit("late2", "a", {KEY: 500}, latest=T0 + 20, now=T0) is None
+    # Arrives later but is due sooner: fits ahead of them since they still make it by T0 + 20.
+    assert p.admit("urgent", "a", {KEY: 500}, latest=T0 + 5, now=T0) is None
+    # Fits its own latest start (T0 + 6) but would push late2 to T0 + 21.
+    assert "admitted run late" in p.admit("too_much", "a", {KEY: 1100}, latest=T0 + 10, now=T0)
+    assert p.admit("fits", "a", {KEY: 1000}, latest=T0 + 10, now=T0) is None
+
+
+def test_refuses_when_the_deadline_leaves_no_time():
+    p = planner()
+    assert p.admit("r", "a", {KEY: 1}, latest=T0 - 0.1, now=T0) is not None
+
+
+def test_done_corrects_the_plan_with_actual_use():
+    p = planner()
+    assert p.admit("r1", "a", {KEY: 1000}, latest=T0 + 1, now=T0) is None
+    assert p.admit("r2", "a", {KEY: 200}, latest=T0 + 1, now=T0) is not None
+    p.done("r1", {KEY: 400}, now=T0)              # used far less than planned
+    assert p.free(KEY, T0) == pytest.approx(600)
+    assert p.admit("r2", "a", {KEY: 200}, latest=T0 + 1, now=T0) is None
+    p.done("r2", {KEY: 700}, now=T0)              # retries: more than planned is charged
+    assert p.free(KEY, T0) == pytest.approx(-100)
+    assert p.admit("r3", "a", {KEY: 100}, latest=T0 + 1.9, now=T0) is not None
+    assert p.admit("r3", "a", {KEY: 100}, latest=T0 + 2.0, now=T0) is None
+
+
+def test_sync_never_plans_with_more_than_the_ledger_has():
+    p = planner()
+    p.sync(KEY, 100.0, T0)
+    assert p.admit("r", "a", {KEY: 300}, latest=T0 + 1, now=T0) is not None
+
+
+def test_margin_plans_below_the_rate():
+    p = planner(capacity=100, rate=100, margin=0.5)
+    assert p.admit("r1", "a", {KEY: 100}, latest=T0, now=T0 - 1e-9) is None
+    assert p.admit("r2", "a", {KEY: 100}, latest=T0 + 1.5, now=T0) is not None   # only 50/s planned
+    assert p.admit("r3", "a", {KEY: 100}, latest=T0 + 2.1, now=T0) is None
+
+
+def test_fair_share_two_to_one_between_backlogged_tenants():
+    """Both tenants offer far more than the bucket can serve; admitted tokens split 2:1 by weight."""
+    p = planner(capacity=1000, rate=100, weights={"gold": 2.0, "std": 1.0})
+    admitted = {"gold": 0.0, "std": 0.0}
+    now, n = T0, 0
+    while now < T0 + 120:
+        for tenant in ("gold", "std", "std", "gold", "std"):   # std asks more often
+            n += 1
+            run = f"{tenant}{n}"
+            if p.admit(run, tenant, {KEY: 50}, latest=now + 2.0, now=now) is None:
+                if now > T0 + 20:
+                    admitted[tenant] += 50
+                p.done(run, {KEY: 50}, now)
+        now += 0.1
+    assert admitted["gold"] / admitted["std"] == pytest.approx(2.0, rel=0.1)
+    assert sum(admitted.values()) == pytest.approx(100 * 100, rel=0.05)   # the whole rate is used
+
+
+def test_a_lone_tenant_may_use_everything():
+    p = planner(weights={"gold": 2.0, "std": 1.0})
+    got, now = 0.0, T0
+    while now < T0 + 60:
+        if p.admit(f"r{now}", "std", {KEY: 50}, latest=now + 2.0, now=now) is None:
+            got += 50
+        now += 0.1
+    assert got == pytest.approx(1000 + 100 * 60, rel=0.05)
