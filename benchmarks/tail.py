@@ -280,6 +280,7 @@ def main() -> None:
     size = math.ceil(len(recs) / args.chunks)
     chunks = [recs[i:i + size] for i in range(0, len(recs), size)]
     timeout = CALL_TIMEOUT_SIM_S * scale
+    loads: list[float] = [os.getloadavg()[0]]   # this machine is shared: how busy it was, for the record
     with tempfile.TemporaryDirectory() as tmp:
         for scenario in args.scenarios:
             results: dict[str, list[RunResult]] = {key: [] for key in contenders}
@@ -310,8 +311,9 @@ def main() -> None:
                             for r in racers.values():
                                 if isinstance(r, Tailrace):
                                     r.deadline_s = 2 * p50
-                    print(f"{scenario}: chunk {i + 1}/{len(chunks)} done ({time.perf_counter() - started:.0f} s)",
-                          flush=True)
+                    loads.append(os.getloadavg()[0])
+                    print(f"{scenario}: chunk {i + 1}/{len(chunks)} done ({time.perf_counter() - started:.0f} s, "
+                          f"load average {loads[-1]:.1f})", flush=True)
             deadline_s = next(r.deadline_s for r in racers.values() if isinstance(r, Tailrace)) \
                 if any(k in contenders for k in "bc") else 2 * quantile(
                     [r.latency_s if r.ok else math.inf for r in results["a"][:size]], 0.5)
@@ -326,10 +328,11 @@ def main() -> None:
     print(f"\nno-fault floor of this DAG on its first rung (simulator's latency model, free engine): "
           f"p50 {floor['p50']:.2f} s, p99/p50 {floor['p99/p50']:.2f}, p99.9/p50 {floor['p99.9/p50']:.2f}")
     print(f"total {time.perf_counter() - started:.0f} s; time scale {scale}, seed {args.seed}, "
-          f"concurrency {args.concurrency}")
+          f"concurrency {args.concurrency}; 1-minute load average {min(loads):.1f}-{max(loads):.1f} on "
+          f"{os.cpu_count()} cores")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "deadlines_sim_s": deadlines, "results": {
+    out.write_text(json.dumps({"args": vars(args), "deadlines_sim_s": deadlines, "load_average": loads, "results": {
         s: {k: {kk: vv for kk, vv in v.items() if kk != "latencies_sim_s"} for k, v in rows.items()}
         for s, rows in all_rows.items()}}, indent=1, default=str))
     try:
