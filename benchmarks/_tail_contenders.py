@@ -105,10 +105,13 @@ class Contender:
 
     def close(self) -> None:
         # Library background tasks (LiteLLM's logging worker) end with the loop, quietly.
-        pending = asyncio.all_tasks(self.loop)
-        for task in pending:
-            task.cancel()
-        self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        async def cancel_the_rest() -> None:
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in rest:
+                task.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
+
+        self.loop.run_until_complete(cancel_the_rest())
         self.loop.close()
 
 

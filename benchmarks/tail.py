@@ -155,6 +155,37 @@ def summarise(results: list[RunResult], scale: float, deadline_s: float) -> dict
     return out
 
 
+def natural_floor(workflow: WorkflowSpec, n: int = 20_000, seed: int = 1) -> dict[str, float]:
+    """The run latency this DAG would have with no fault at all and a free engine, every step on its
+    first rung, drawn from the simulator's own latency model: the floor of p99/p50 for a contender that
+    does not change models."""
+    import random
+
+    from engine.dag import Dag
+    from engine.sim.config import SimConfig
+
+    config, rng = SimConfig(), random.Random(seed)
+    dag = Dag.from_spec(workflow)
+
+    def step(step_id: str) -> float:
+        choice = workflow.step(step_id).models[0]
+        p = config.profile(choice.model)
+        ttft = p.ttft_median_s * math.exp(rng.gauss(0, p.ttft_sigma))
+        tps = p.tokens_per_s * math.exp(rng.gauss(0, p.tps_sigma))
+        out = min(max(8.0, p.output_tokens_median * math.exp(rng.gauss(0, p.output_tokens_sigma))),
+                  0.9 * choice.max_tokens)
+        return ttft + out / tps
+
+    runs = []
+    for _ in range(n):
+        finish: dict[str, float] = {}
+        for s in dag.topological_order():
+            finish[s] = max((finish[p] for p in dag.parents(s)), default=0.0) + step(s)
+        runs.append(max(finish.values()))
+    p50 = quantile(runs, 0.5)
+    return {"p50": p50, "p99/p50": quantile(runs, 0.99) / p50, "p99.9/p50": quantile(runs, 0.999) / p50}
+
+
 def fmt(x: float) -> str:
     return "inf" if math.isinf(x) else f"{x:.2f}"
 
@@ -249,6 +280,7 @@ def main() -> None:
     size = math.ceil(len(recs) / args.chunks)
     chunks = [recs[i:i + size] for i in range(0, len(recs), size)]
     timeout = CALL_TIMEOUT_SIM_S * scale
+    loads: list[float] = [os.getloadavg()[0]]   # this machine is shared: how busy it was, for the record
     with tempfile.TemporaryDirectory() as tmp:
         for scenario in args.scenarios:
             results: dict[str, list[RunResult]] = {key: [] for key in contenders}
@@ -279,8 +311,9 @@ def main() -> None:
                             for r in racers.values():
                                 if isinstance(r, Tailrace):
                                     r.deadline_s = 2 * p50
-                    print(f"{scenario}: chunk {i + 1}/{len(chunks)} done ({time.perf_counter() - started:.0f} s)",
-                          flush=True)
+                    loads.append(os.getloadavg()[0])
+                    print(f"{scenario}: chunk {i + 1}/{len(chunks)} done ({time.perf_counter() - started:.0f} s, "
+                          f"load average {loads[-1]:.1f})", flush=True)
             deadline_s = next(r.deadline_s for r in racers.values() if isinstance(r, Tailrace)) \
                 if any(k in contenders for k in "bc") else 2 * quantile(
                     [r.latency_s if r.ok else math.inf for r in results["a"][:size]], 0.5)
@@ -291,11 +324,15 @@ def main() -> None:
             all_rows[scenario] = rows
             print_table(scenario, rows, deadline_s / scale)
     ray.shutdown()
-    print(f"\ntotal {time.perf_counter() - started:.0f} s; time scale {scale}, seed {args.seed}, "
-          f"concurrency {args.concurrency}")
+    floor = natural_floor(load_workflow(EXAMPLE / "workflow.yaml"))
+    print(f"\nno-fault floor of this DAG on its first rung (simulator's latency model, free engine): "
+          f"p50 {floor['p50']:.2f} s, p99/p50 {floor['p99/p50']:.2f}, p99.9/p50 {floor['p99.9/p50']:.2f}")
+    print(f"total {time.perf_counter() - started:.0f} s; time scale {scale}, seed {args.seed}, "
+          f"concurrency {args.concurrency}; 1-minute load average {min(loads):.1f}-{max(loads):.1f} on "
+          f"{os.cpu_count()} cores")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "deadlines_sim_s": deadlines, "results": {
+    out.write_text(json.dumps({"args": vars(args), "deadlines_sim_s": deadlines, "load_average": loads, "results": {
         s: {k: {kk: vv for kk, vv in v.items() if kk != "latencies_sim_s"} for k, v in rows.items()}
         for s, rows in all_rows.items()}}, indent=1, default=str))
     try:

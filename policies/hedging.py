@@ -200,9 +200,11 @@ class HedgingPolicy:
         c, stats = self._config, self._tail.stats
         choice = self._models[a.tier]
         ttft, latency = stats.ttft_s(choice, c.ttft_quantile), stats.latency_s(choice, c.latency_quantile)
-        if self._unhealthy(a.tier):
+        if self._unhealthy(a.tier) and any(not self._unhealthy(i) for i in range(a.tier + 1, len(self._models))):
             # A slowed-down model's window fills with slow samples and its quantiles follow them up; it
             # is backed up against its spec's promise instead, so hedging does not fade in a brownout.
+            # Only while a healthy alternative exists: when everything is slow (an overloaded engine
+            # sees every model late), earlier duplicates would only add to the load.
             factor = stats.config.cold_trigger_factor
             ttft = min(ttft, choice.expected_ttft_s * factor)
             latency = min(latency, choice.expected_latency_s * factor)

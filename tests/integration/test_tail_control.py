@@ -108,9 +108,9 @@ def test_during_a_brownout_duplicates_move_to_the_alternative_model(simulator):
     later = [a for _, dups in backed_up[first:] for a in dups]
     assert len(later) >= 20
     assert {a.model for a in later} == {"claude-haiku-4-5"}
-    # ... and they won: the slow gpt-4.1 attempts were cancelled.
+    # ... and a duplicate won each of those steps: the slow gpt-4.1 attempts were cancelled.
     assert all(p.outcome == AttemptOutcome.CANCELLED for p, _ in backed_up[first:])
-    assert all(a.outcome == AttemptOutcome.VALID for a in later)
+    assert all(any(a.outcome == AttemptOutcome.VALID for a in dups) for _, dups in backed_up[first:])
     # The first slow answer took 8.4 s (simulated): the switch came within a few runs of it.
     assert first <= 12
 

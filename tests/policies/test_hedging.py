@@ -314,3 +314,15 @@ def test_slow_stream_is_backed_up_once_it_falls_behind_the_models_decode_rate():
     # 100 tokens: healthy until T0 + 0.5 + 100/40 s.
     assert p.decide([streaming(400, T0 + 2.0)], T0 + 2.0, DEADLINE) == Start(0, T0 + 3.0, "duplicate")
     assert p.decide([streaming(400, T0 + 2.0)], T0 + 3.0, DEADLINE) == Start(0, T0 + 3.0, "duplicate")
+
+
+@pytest.mark.parametrize(("slowed", "due"), [([0], T0 + 3.0), ([0, 1, 2], T0 + 5.0)])
+def test_a_slowed_model_is_backed_up_against_its_prior_only_while_an_alternative_is_healthy(slowed, due):
+    clock = FakeClock()
+    state = tail(clock=clock)
+    clock.advance(120.0)
+    for tier in slowed:
+        for _ in range(4):
+            state.stats.observe(KEYS[tier], "ok", 5.0, 20.0)
+    # strong: observed TTFT p90 is now 5.0 s; its prior says 2.0 s (x1.5 = 3.0 s to back it up).
+    assert policy(state).decide([running()], T0, DEADLINE) == Start(0, due, "duplicate")
