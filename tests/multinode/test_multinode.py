@@ -74,6 +74,8 @@ def env() -> Any:
     port = _free_port()
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
+        # The job agent's own port, free too: the default (52365) may be held by another cluster on the machine.
+        "dashboard_agent_listen_port": _free_port(),
         # Notice a dead node in ~1.5 s instead of ~15 s, so the kill test stays short.
         "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
                            "health_check_timeout_ms": 500},
