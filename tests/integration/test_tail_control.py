@@ -107,10 +107,14 @@ def test_during_a_brownout_duplicates_move_to_the_alternative_model(simulator):
     first = next(i for i, (_, dups) in enumerate(backed_up) if dups[0].model == "claude-haiku-4-5")
     later = [a for _, dups in backed_up[first:] for a in dups]
     assert len(later) >= 20
-    assert {a.model for a in later} == {"claude-haiku-4-5"}
-    # ... and a duplicate won each of those steps: the slow gpt-4.1 attempts were cancelled.
-    assert all(p.outcome == AttemptOutcome.CANCELLED for p, _ in backed_up[first:])
-    assert all(any(a.outcome == AttemptOutcome.VALID for a in dups) for _, dups in backed_up[first:])
+    # Executors share what they learn once a second, so another executor may still send a duplicate
+    # or two to gpt-4.1 before it hears; by the end every duplicate goes to haiku.
+    assert sum(a.model == "claude-haiku-4-5" for a in later) >= 0.8 * len(later)
+    assert {a.model for _, dups in backed_up[-10:] for a in dups} == {"claude-haiku-4-5"}
+    # ... and a duplicate on haiku won each step it was sent for: the slow gpt-4.1 attempts were cancelled.
+    switched = [(p, d) for p, d in backed_up[first:] if any(a.model == "claude-haiku-4-5" for a in d)]
+    assert all(p.outcome == AttemptOutcome.CANCELLED for p, _ in switched)
+    assert all(any(a.outcome == AttemptOutcome.VALID for a in dups) for _, dups in switched)
     # The first slow answer took 8.4 s (simulated): the switch came within a few runs of it.
     assert first <= 12
 
