@@ -15,8 +15,11 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from enum import StrEnum
+from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
+
+T = TypeVar("T")
 
 
 class CircuitState(StrEnum):
@@ -129,32 +132,26 @@ class BreakerBoard:
             breaker = self._breakers[model] = CircuitBreaker(self.config)
         return breaker
 
-    def _watch(self, model: str, breaker: CircuitBreaker, before: CircuitState) -> None:
+    def _watched(self, model: str, act: Callable[[CircuitBreaker], T]) -> T:
+        """Run `act` on the model's breaker and report a state change it caused."""
+        breaker = self._get(model)
+        before = breaker.state
+        result = act(breaker)
         if breaker.state != before and self._on_change is not None:
             self._on_change(model, breaker.state)
+        return result
 
     def state(self, model: str, now: float) -> CircuitState:
-        breaker = self._get(model)
-        before = breaker.state
-        state = breaker.current(now)
-        self._watch(model, breaker, before)
-        return state
+        return self._watched(model, lambda b: b.current(now))
 
     def allows(self, model: str, now: float) -> bool:
-        breaker = self._get(model)
-        before = breaker.state
-        ok = breaker.allows(now)
-        self._watch(model, breaker, before)
-        return ok
+        return self._watched(model, lambda b: b.allows(now))
 
     def started(self, model: str, now: float) -> None:
         self._get(model).started(now)
 
     def record(self, model: str, now: float, failed: bool) -> None:
-        breaker = self._get(model)
-        before = breaker.state
-        breaker.record(now, failed)
-        self._watch(model, breaker, before)
+        self._watched(model, lambda b: b.record(now, failed))
 
     def abandoned(self, model: str, now: float) -> None:
         self._get(model).abandoned(now)

@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,25 +21,6 @@ from engine.sim import BrownoutConfig, Fault, SimServer, make_features, plan_res
 Start = Callable[..., Awaitable[SimServer]]
 CLIENTS: list[Any] = []  # SDK clients made by a test, closed by the fixture
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hello there"}]
-
-
-@pytest.fixture
-async def start_sim() -> AsyncIterator[Start]:
-    servers: list[SimServer] = []
-
-    async def start(name: str = "clean", log_path: Path | None = None, **overrides: Any) -> SimServer:
-        overrides.setdefault("time_scale", 0.01)
-        server = SimServer(scenario(name, **overrides), log_path)
-        await server.start()
-        servers.append(server)
-        return server
-
-    yield start
-    for client in CLIENTS:
-        await client.close()  # before the test's loop closes, or httpx2 complains at collection
-    CLIENTS.clear()
-    for server in servers:
-        await server.stop()
 
 
 def oa(sim: SimServer, **kw: Any) -> openai.AsyncOpenAI:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -13,7 +13,7 @@ import jsonschema
 import openai
 import pytest
 
-from engine.sim import REFUSAL_TEXT, Fault, SimServer, scenario
+from engine.sim import REFUSAL_TEXT, Fault, SimServer
 
 SCHEMA = {
     "type": "object",
@@ -30,25 +30,6 @@ MESSAGES = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "
 
 Start = Callable[..., Awaitable[SimServer]]
 CLIENTS: list[Any] = []  # SDK clients made by a test, closed by the fixture
-
-
-@pytest.fixture
-async def start_sim() -> AsyncIterator[Start]:
-    servers: list[SimServer] = []
-
-    async def start(name: str = "clean", **overrides: Any) -> SimServer:
-        overrides.setdefault("time_scale", 0.01)
-        server = SimServer(scenario(name, **overrides))
-        await server.start()
-        servers.append(server)
-        return server
-
-    yield start
-    for client in CLIENTS:
-        await client.close()  # before the test's loop closes, or httpx2 complains at collection
-    CLIENTS.clear()
-    for server in servers:
-        await server.stop()
 
 
 def oa(sim: SimServer) -> openai.AsyncOpenAI:
