@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -143,3 +144,27 @@ def redis_server(tmp_path: Any) -> Iterator[Callable[..., RedisServer]]:
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+async def start_sim(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., Any]]:
+    """`await start_sim("clean", log_path=None, **overrides)`; servers and the SDK clients the test module
+    keeps in its `CLIENTS` list are closed when the test ends."""
+    from engine.sim import SimServer, scenario
+
+    servers: list[SimServer] = []
+
+    async def start(name: str = "clean", log_path: Path | None = None, **overrides: Any) -> SimServer:
+        overrides.setdefault("time_scale", 0.01)
+        server = SimServer(scenario(name, **overrides), log_path)
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    clients: list[Any] = getattr(request.module, "CLIENTS", [])
+    for client in clients:
+        await client.close()  # before the test's loop closes, or httpx2 complains at collection
+    clients.clear()
+    for server in servers:
+        await server.stop()
