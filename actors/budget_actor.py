@@ -27,12 +27,12 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
-from actors import metrics
-from actors.budget_ledger import LedgerStatus, LedgerUnavailable, MemoryLedger, RedisLedger
-from actors.direct_gate import DirectGate
-from actors.lease_gate import LeasePool
-from policies.budget_config import BucketSpec, BudgetConfig, utc_day
-from policies.leases import BucketOp, DemandBoard, ExchangeReply, ExchangeRequest, SpendDelta
+from tailrace.policies.budget_config import BucketSpec, BudgetConfig, utc_day
+from tailrace.policies.leases import BucketOp, DemandBoard, ExchangeReply, ExchangeRequest, SpendDelta
+from tailrace.runtime import metrics
+from tailrace.runtime.budget_ledger import LedgerStatus, LedgerUnavailable, MemoryLedger, RedisLedger
+from tailrace.runtime.direct_gate import DirectGate
+from tailrace.runtime.lease_gate import LeasePool
 
 log = logging.getLogger("tailrace.budget")
 
@@ -52,8 +52,9 @@ class BudgetActor:
         self._redis: RedisLedger | None = None
         self._memory: MemoryLedger | None = None
         if config.redis_url is not None:
-            self._redis = RedisLedger(config.redis_url.get_secret_value(), config.namespace, self._resolve,
-                                      timeout_s=config.redis_timeout_s)
+            self._redis = RedisLedger(
+                config.redis_url.get_secret_value(), config.namespace, self._resolve, timeout_s=config.redis_timeout_s
+            )
         else:
             # A restarted in-memory ledger forgot recent spend: start dry rather than open.
             self._memory = MemoryLedger(self._resolve, start_full=not restarted)
@@ -87,7 +88,7 @@ class BudgetActor:
         self._exchanges += 1
         if now - self._last_metrics >= METRICS_INTERVAL_S:
             self._last_metrics = now
-            with contextlib.suppress(Exception):   # metrics are never worth a failed exchange
+            with contextlib.suppress(Exception):  # metrics are never worth a failed exchange
                 self._export_metrics(reply, now)
         return replace(reply, targets=targets, degraded=self._fallback is not None)
 
@@ -104,10 +105,14 @@ class BudgetActor:
                 return await self._redis.exchange(req, now, new_id)
             except LedgerUnavailable as exc:
                 if self._fallback is None:
-                    log.warning("budget ledger degraded to a local limit of %.0f%%: %s",
-                                100 * self._config.redis_fallback_fraction, exc)
-                    self._fallback = MemoryLedger(self._resolve, start_full=False,
-                                                  scale=self._config.redis_fallback_fraction)
+                    log.warning(
+                        "budget ledger degraded to a local limit of %.0f%%: %s",
+                        100 * self._config.redis_fallback_fraction,
+                        exc,
+                    )
+                    self._fallback = MemoryLedger(
+                        self._resolve, start_full=False, scale=self._config.redis_fallback_fraction
+                    )
                 self._next_probe = now + PROBE_INTERVAL_S
         assert self._fallback is not None
         if req.spend and req.report_id not in self._fallback.book._replies:
@@ -121,12 +126,16 @@ class BudgetActor:
         book = self._fallback.book
         debits = {key: BucketOp(debit=b.granted_total) for key, b in book.buckets.items() if b.granted_total > 0}
         if debits:
-            await self._redis.exchange(ExchangeRequest(executor="resync", report_id=f"resync-{uuid.uuid4().hex}",
-                                                       ops=debits, close=True), now, "resync")
+            await self._redis.exchange(
+                ExchangeRequest(executor="resync", report_id=f"resync-{uuid.uuid4().hex}", ops=debits, close=True),
+                now,
+                "resync",
+            )
         while self._fallback_spend:
             report_id, day, spend = self._fallback_spend[0]
-            await self._redis.exchange(ExchangeRequest(executor="resync", report_id=report_id, spend=spend, day=day,
-                                                       close=True), now, "resync")
+            await self._redis.exchange(
+                ExchangeRequest(executor="resync", report_id=report_id, spend=spend, day=day, close=True), now, "resync"
+            )
             self._fallback_spend.pop(0)
         log.warning("budget ledger back on Redis; %d buckets charged for the outage", len(debits))
         self._fallback = None
@@ -135,14 +144,30 @@ class BudgetActor:
         for key, view in reply.buckets.items():
             label = key.rsplit(":", 1)[0] if key.startswith("usd:") else key
             used = 1.0 - max(0.0, view.level) / view.capacity if view.capacity > 0 else 1.0
-            metrics.gauge("tailrace_budget_bucket_utilisation", "Fraction of a bucket not free for new grants",
-                          {"bucket": label}, min(1.0, max(0.0, used)))
-            metrics.gauge("tailrace_budget_bucket_leased", "Amount of a bucket held by live leases",
-                          {"bucket": label}, view.outstanding)
-        metrics.gauge("tailrace_budget_leases", "Executors holding a live lease (this actor's view)", {},
-                      len(self._board.live(now)))
-        metrics.gauge("tailrace_budget_degraded", "1 while the shared ledger is unreachable", {},
-                      1.0 if self._fallback is not None else 0.0)
+            metrics.gauge(
+                "tailrace_budget_bucket_utilisation",
+                "Fraction of a bucket not free for new grants",
+                {"bucket": label},
+                min(1.0, max(0.0, used)),
+            )
+            metrics.gauge(
+                "tailrace_budget_bucket_leased",
+                "Amount of a bucket held by live leases",
+                {"bucket": label},
+                view.outstanding,
+            )
+        metrics.gauge(
+            "tailrace_budget_leases",
+            "Executors holding a live lease (this actor's view)",
+            {},
+            len(self._board.live(now)),
+        )
+        metrics.gauge(
+            "tailrace_budget_degraded",
+            "1 while the shared ledger is unreachable",
+            {},
+            1.0 if self._fallback is not None else 0.0,
+        )
 
     # ---- admin ------------------------------------------------------------------------------------
 
@@ -163,11 +188,12 @@ class BudgetActor:
             return await self._memory.status(day, now)
         fallback = self._fallback
         try:
-            if self._admin_redis is None:   # this group has its own event loop: its own client
+            if self._admin_redis is None:  # this group has its own event loop: its own client
                 cfg = self._config
                 assert cfg.redis_url is not None
-                self._admin_redis = RedisLedger(cfg.redis_url.get_secret_value(), cfg.namespace, self._resolve,
-                                                timeout_s=cfg.redis_timeout_s)
+                self._admin_redis = RedisLedger(
+                    cfg.redis_url.get_secret_value(), cfg.namespace, self._resolve, timeout_s=cfg.redis_timeout_s
+                )
             status = await self._admin_redis.status(day, now)
             return replace(status, backend="redis-degraded" if fallback is not None else "redis")
         except LedgerUnavailable:
@@ -178,9 +204,14 @@ class BudgetActor:
 
     @ray.method(concurrency_group="admin")
     async def health(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "backend": "redis" if self._redis is not None else "memory",
-                "degraded": self._fallback is not None, "exchanges": self._exchanges,
-                "restarted": bool(self.restarts_seen), "redis": self._config.redacted_redis_url()}
+        return {
+            "pid": os.getpid(),
+            "backend": "redis" if self._redis is not None else "memory",
+            "degraded": self._fallback is not None,
+            "exchanges": self._exchanges,
+            "restarted": bool(self.restarts_seen),
+            "redis": self._config.redacted_redis_url(),
+        }
 
 
 class ActorLedgerClient:
@@ -215,8 +246,12 @@ class BudgetHandle:
 def budget_actor(config: BudgetConfig) -> Any:
     """Find the cluster's budget actor by name, or create it; then make sure it knows `config`'s limits."""
     actor = BudgetActor.options(  # type: ignore[attr-defined]
-        name=config.actor_name, namespace=RAY_NAMESPACE, get_if_exists=True, lifetime="detached",
-        num_cpus=0, max_concurrency=1000,
+        name=config.actor_name,
+        namespace=RAY_NAMESPACE,
+        get_if_exists=True,
+        lifetime="detached",
+        num_cpus=0,
+        max_concurrency=1000,
     ).remote(config)
     ray.get(actor.configure.remote(config))
     return actor

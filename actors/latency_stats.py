@@ -21,7 +21,7 @@ from typing import Any
 
 import ray
 
-from policies.latency import LatencyConfig, LatencyStats, Sample, Snapshot
+from tailrace.policies.latency import LatencyConfig, LatencyStats, Sample, Snapshot
 
 log = logging.getLogger("tailrace")
 

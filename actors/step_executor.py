@@ -2,7 +2,7 @@
 
 Many steps run concurrently in one executor (asyncio); health and admin calls have their own
 concurrency group so a busy executor still answers them. Steps are hedged by default (see
-`actors.tail_control`); `hedge=HedgeConfig(enabled=False)` runs the sequential retry policy instead.
+`tailrace.runtime.tail_control`); `hedge=HedgeConfig(enabled=False)` runs the sequential retry policy instead.
 With `stats_name`, the executor shares its latency windows with the others through that stats actor.
 """
 
@@ -16,22 +16,29 @@ from typing import Any
 
 import ray
 
-from actors.latency_stats import StatsSync
-from actors.spend import RunCostGate, SpendGate
-from actors.step_runner import StepRequest, StepRunner
-from actors.tail_control import TailControl
-from engine.clock import SYSTEM_CLOCK, Clock
-from engine.outcomes import StepResult
-from engine.providers.base import AdapterSettings, ProviderAdapter, build_adapter
-from engine.specs import HedgeConfig
-from policies.hedging import TailTuning
+from tailrace.actors.latency_stats import StatsSync
+from tailrace.engine.clock import SYSTEM_CLOCK, Clock
+from tailrace.engine.outcomes import StepResult
+from tailrace.engine.providers.base import AdapterSettings, ProviderAdapter, build_adapter
+from tailrace.engine.specs import HedgeConfig
+from tailrace.policies.hedging import TailTuning
+from tailrace.policies.spend import RunCostGate, SpendGate
+from tailrace.runtime.step_runner import StepRequest, StepRunner
+from tailrace.runtime.tail_control import TailControl
 
 
 @ray.remote(concurrency_groups={"admin": 1}, max_restarts=-1, max_task_retries=0)
 class StepExecutor:
-    def __init__(self, providers: Mapping[str, AdapterSettings], name: str = "executor",
-                 clock: Clock | None = None, hedge: HedgeConfig | None = None, tuning: TailTuning | None = None,
-                 stats_name: str | None = None, budget: Any = None) -> None:
+    def __init__(
+        self,
+        providers: Mapping[str, AdapterSettings],
+        name: str = "executor",
+        clock: Clock | None = None,
+        hedge: HedgeConfig | None = None,
+        tuning: TailTuning | None = None,
+        stats_name: str | None = None,
+        budget: Any = None,
+    ) -> None:
         # `clock` is this process's view of time; tests inject a skewed one to play a node whose
         # wall clock is off (the deadline each step gets is converted with it, once, on arrival).
         clock = clock or SYSTEM_CLOCK
@@ -40,29 +47,33 @@ class StepExecutor:
             provider: build_adapter(settings, clock) for provider, settings in providers.items()
         }
         self.tail = TailControl(hedge, tuning, clock)
-        # With a cluster budget (an `actors.budget_actor.BudgetHandle`), every attempt also reserves
+        # With a cluster budget (an `tailrace.actors.budget_actor.BudgetHandle`), every attempt also reserves
         # from this executor's lease, after the run's cost cap.
         self._budget = None if budget is None else budget.executor_gate(f"{name}-{os.getpid()}")
-        self._runner = StepRunner(self._adapters, clock=clock, policy_factory=self.tail.policy_for,
-                                  observer=self.tail,
-                                  gate_factory=self._gate if self._budget is not None else None)
+        self._runner = StepRunner(
+            self._adapters,
+            clock=clock,
+            policy_factory=self.tail.policy_for,
+            observer=self.tail,
+            gate_factory=self._gate if self._budget is not None else None,
+        )
         self._sync: StatsSync | None = None
         if stats_name is not None:
             source = f"{name}-{os.getpid()}-{id(self):x}"
             self._sync = StatsSync(self.tail.stats, stats_name, source, self.tail.tuning.sync_interval_s)
-        self._stops: dict[str, asyncio.Event] = {}   # run id -> stop signal for its steps here
+        self._stops: dict[str, asyncio.Event] = {}  # run id -> stop signal for its steps here
         self._steps_per_run: Counter[str] = Counter()
         self._in_flight = 0
 
     def _gate(self, request: StepRequest) -> SpendGate:
-        from actors.direct_gate import ComposedGate
+        from tailrace.runtime.direct_gate import ComposedGate
 
         assert self._budget is not None
         return ComposedGate([RunCostGate(request.cost_remaining_usd), self._budget.gate()])
 
     async def run_step(self, request: StepRequest) -> StepResult:
         if self._sync is not None:
-            self._sync.start()   # in this actor's event loop; the first sync warms the windows
+            self._sync.start()  # in this actor's event loop; the first sync warms the windows
         run_id = request.run_id
         stop = self._stops.setdefault(run_id, asyncio.Event())
         self._steps_per_run[run_id] += 1
@@ -84,17 +95,25 @@ class StepExecutor:
 
     @ray.method(concurrency_group="admin")
     async def health(self) -> dict[str, object]:
-        return {"name": self._name, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
-                "in_flight": self._in_flight, "attempts_in_flight": self._runner.attempts_in_flight,
-                **({"budget": self._budget.snapshot()} if self._budget is not None else {})}
+        return {
+            "name": self._name,
+            "pid": os.getpid(),
+            "node": ray.get_runtime_context().get_node_id(),
+            "in_flight": self._in_flight,
+            "attempts_in_flight": self._runner.attempts_in_flight,
+            **({"budget": self._budget.snapshot()} if self._budget is not None else {}),
+        }
 
     async def tail_snapshot(self) -> dict[str, object]:
         """What tail control sees now: sample counts, circuit states, retry tokens, syncs done."""
         now = SYSTEM_CLOCK.monotonic()
         counts = {key: self.tail.stats.count(key) for key in self.tail.stats.snapshot()}
-        return {"samples": counts, "circuits": {k: v.value for k, v in self.tail.breakers.states(now).items()},
-                "retry_tokens": {k: self.tail.throttle.tokens(k) for k in counts},
-                "syncs": 0 if self._sync is None else self._sync.syncs}
+        return {
+            "samples": counts,
+            "circuits": {k: v.value for k, v in self.tail.breakers.states(now).items()},
+            "retry_tokens": {k: self.tail.throttle.tokens(k) for k in counts},
+            "syncs": 0 if self._sync is None else self._sync.syncs,
+        }
 
     async def sync_stats(self) -> None:
         """Sync latency windows with the shared stats actor now (also done in the background)."""
@@ -106,5 +125,5 @@ class StepExecutor:
         if self._sync is not None:
             await self._sync.stop()
         if self._budget is not None:
-            await self._budget.aclose()   # return the lease and report the last spend
+            await self._budget.aclose()  # return the lease and report the last spend
         await asyncio.gather(*(a.aclose() for a in self._adapters.values()), return_exceptions=True)

@@ -21,8 +21,20 @@ def free_port() -> int:
 def simulator_process(scenario: str, seed: int, time_scale: float, log: str | None = None) -> Iterator[str]:
     """Yields the simulator's root URL (OpenAI base URL is ROOT/v1, Anthropic's is ROOT)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "cluster.cli", "sim", "--scenario", scenario, "--seed", str(seed),
-           "--time-scale", str(time_scale), "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tailrace.cluster.cli",
+        "sim",
+        "--scenario",
+        scenario,
+        "--seed",
+        str(seed),
+        "--time-scale",
+        str(time_scale),
+        "--port",
+        str(port),
+    ]
     if log:
         cmd += ["--log", log]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -1,8 +1,8 @@
 """The contenders of `benchmarks/tail.py` that are not tailrace: what a user writes by hand, and LiteLLM.
 
-Both run the same workflow with the same prompts (rendered by `engine.prompts`, so the simulator
+Both run the same workflow with the same prompts (rendered by `tailrace.engine.prompts`, so the simulator
 draws the same answers for the same request) and judge answers with the same quality floor
-(`engine.validation.validate`); an invalid answer is asked again, up to 3 times per step, as a careful
+(`tailrace.engine.validation.validate`); an invalid answer is asked again, up to 3 times per step, as a careful
 user would. Steps are awaited per the DAG with asyncio. Client-side waits (SDK back-off, LiteLLM
 retry delays and cool-downs) are multiplied by the simulator's time scale, so every contender lives in
 the same simulated time; server-directed `retry-after` is already scaled by the simulator.
@@ -17,11 +17,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from engine.dag import Dag
-from engine.prompts import render_messages
-from engine.providers.base import normalise_stop
-from engine.specs import StepSpec, WorkflowSpec
-from engine.validation import validate
+from tailrace.engine.dag import Dag
+from tailrace.engine.prompts import render_messages
+from tailrace.engine.providers.base import normalise_stop
+from tailrace.engine.specs import StepSpec, WorkflowSpec
+from tailrace.engine.validation import validate
 
 ANSWER_TRIES = 3
 
@@ -72,8 +72,9 @@ async def run_dag(workflow: WorkflowSpec, inputs: Mapping[str, Any], call: StepC
             task.cancel()
 
 
-async def run_all(records: list[tuple[str, dict[str, Any]]], concurrency: int,
-                  one: Callable[[dict[str, Any]], Awaitable[None]]) -> list[RunResult]:
+async def run_all(
+    records: list[tuple[str, dict[str, Any]]], concurrency: int, one: Callable[[dict[str, Any]], Awaitable[None]]
+) -> list[RunResult]:
     gate = asyncio.Semaphore(concurrency)
     results: list[RunResult] = []
 
@@ -117,9 +118,11 @@ class Contender:
 
 # ---- (a) by hand: the official SDK, a per-call timeout and its own retries -----------------------------
 
+
 class HandWritten(Contender):
-    def __init__(self, root: str, workflow: WorkflowSpec, concurrency: int, call_timeout_s: float,
-                 time_scale: float) -> None:
+    def __init__(
+        self, root: str, workflow: WorkflowSpec, concurrency: int, call_timeout_s: float, time_scale: float
+    ) -> None:
         super().__init__()
         import openai
 
@@ -133,15 +136,18 @@ class HandWritten(Contender):
                 return wait * time_scale
 
         self.workflow, self.concurrency = workflow, concurrency
-        self.client = ScaledBackoffOpenAI(base_url=root + "/v1", api_key="bench", max_retries=2,
-                                          timeout=call_timeout_s)
+        self.client = ScaledBackoffOpenAI(base_url=root + "/v1", api_key="bench", max_retries=2, timeout=call_timeout_s)
 
     async def _call(self, step: StepSpec, system: str | None, prompt: str) -> tuple[str, str | None, str]:
         choice = step.models[0]
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         params = {"temperature": choice.temperature} if choice.temperature is not None else {}
-        resp = await self.client.chat.completions.create(model=choice.model, messages=messages,  # type: ignore[arg-type]
-                                                         max_tokens=choice.max_tokens, **params)
+        resp = await self.client.chat.completions.create(
+            model=choice.model,
+            messages=messages,  # type: ignore[arg-type]
+            max_tokens=choice.max_tokens,
+            **params,
+        )
         c = resp.choices[0]
         return c.message.content or "", c.finish_reason, "openai"
 
@@ -155,9 +161,11 @@ class HandWritten(Contender):
 
 # ---- (d) LiteLLM's Router, configured as its docs recommend ----------------------------------------------
 
+
 class LiteLLMRouter(Contender):
-    def __init__(self, root: str, workflow: WorkflowSpec, concurrency: int, call_timeout_s: float,
-                 time_scale: float) -> None:
+    def __init__(
+        self, root: str, workflow: WorkflowSpec, concurrency: int, call_timeout_s: float, time_scale: float
+    ) -> None:
         super().__init__()
         # LiteLLM reads its retry back-off constants from the environment at import.
         os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -172,15 +180,23 @@ class LiteLLMRouter(Contender):
         model_list = []
         for choice in ladder:
             api_base = root + "/v1" if choice.provider == "openai" else root
-            model_list.append({"model_name": choice.model, "litellm_params": {
-                "model": f"{choice.provider}/{choice.model}", "api_base": api_base, "api_key": "bench",
-                "timeout": call_timeout_s}})
+            model_list.append(
+                {
+                    "model_name": choice.model,
+                    "litellm_params": {
+                        "model": f"{choice.provider}/{choice.model}",
+                        "api_base": api_base,
+                        "api_key": "bench",
+                        "timeout": call_timeout_s,
+                    },
+                }
+            )
         self.router = Router(
             model_list=model_list,
-            num_retries=2,                                          # the docs' example
+            num_retries=2,  # the docs' example
             timeout=call_timeout_s,
             fallbacks=[{ladder[0].model: [c.model for c in ladder[1:]]}],
-            cooldown_time=5.0 * time_scale,                        # the default cool-down, in simulated time
+            cooldown_time=5.0 * time_scale,  # the default cool-down, in simulated time
         )
         self.workflow, self.concurrency = workflow, concurrency
 
@@ -188,10 +204,11 @@ class LiteLLMRouter(Contender):
         choice = step.models[0]
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         params = {"temperature": choice.temperature} if choice.temperature is not None else {}
-        resp = await self.router.acompletion(model=choice.model, messages=messages, max_tokens=choice.max_tokens,
-                                             **params)
+        resp = await self.router.acompletion(
+            model=choice.model, messages=messages, max_tokens=choice.max_tokens, **params
+        )
         c = resp.choices[0]
-        return c.message.content or "", c.finish_reason, "openai"   # LiteLLM speaks OpenAI's vocabulary
+        return c.message.content or "", c.finish_reason, "openai"  # LiteLLM speaks OpenAI's vocabulary
 
     async def _run(self, records: list[tuple[str, dict[str, Any]]]) -> list[RunResult]:
         return await run_all(records, self.concurrency, lambda record: run_dag(self.workflow, record, self._call))

@@ -26,17 +26,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import openai
 from _sim_process import simulator_process
 
-from cluster.providers import SimulatorEndpoints
-from engine.loading import workflow_from_dict
-from engine.specs import RunOptions
+from tailrace.cluster.providers import SimulatorEndpoints
+from tailrace.engine.loading import workflow_from_dict
+from tailrace.engine.specs import RunOptions
 
 MODEL = "gpt-4o-mini"
 PROMPT = "Summarise ticket {ticket_id} in one line."
-WORKFLOW = workflow_from_dict({
-    "name": "overhead", "inputs": ["ticket_id"],
-    "steps": [{"id": "summary", "prompt": "Summarise ticket {{input.ticket_id}} in one line.",
-               "models": [{"provider": "openai", "model": MODEL, "max_tokens": 200}]}],
-})
+WORKFLOW = workflow_from_dict(
+    {
+        "name": "overhead",
+        "inputs": ["ticket_id"],
+        "steps": [
+            {
+                "id": "summary",
+                "prompt": "Summarise ticket {{input.ticket_id}} in one line.",
+                "models": [{"provider": "openai", "model": MODEL, "max_tokens": 200}],
+            }
+        ],
+    }
+)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -53,8 +61,12 @@ async def bare_loop(root: str, runs: int, concurrency: int) -> tuple[float, list
         async with gate:
             t0 = time.perf_counter()
             stream = await client.chat.completions.create(
-                model=MODEL, max_tokens=200, stream=True, stream_options={"include_usage": True},
-                messages=[{"role": "user", "content": PROMPT.format(ticket_id=f"T-{i}")}])
+                model=MODEL,
+                max_tokens=200,
+                stream=True,
+                stream_options={"include_usage": True},
+                messages=[{"role": "user", "content": PROMPT.format(ticket_id=f"T-{i}")}],
+            )
             text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
             assert text
             latencies.append(time.perf_counter() - t0)
@@ -67,13 +79,19 @@ async def bare_loop(root: str, runs: int, concurrency: int) -> tuple[float, list
 
 
 def tailrace_batch(root: str, runs: int, concurrency: int, out: str) -> tuple[float, list[float]]:
-    from cluster.api import run_batch
+    from tailrace.cluster.api import run_batch
 
     latencies: list[float] = []
     t0 = time.perf_counter()
-    summary = run_batch(WORKFLOW, ({"ticket_id": f"T-{i}", "id": f"r{i}"} for i in range(runs)),
-                        options=RunOptions(deadline_s=60), out=out, simulator=SimulatorEndpoints(root + "/v1", root),
-                        max_in_flight=concurrency, on_done=lambda o: latencies.append(o.latency_s))
+    summary = run_batch(
+        WORKFLOW,
+        ({"ticket_id": f"T-{i}", "id": f"r{i}"} for i in range(runs)),
+        options=RunOptions(deadline_s=60),
+        out=out,
+        simulator=SimulatorEndpoints(root + "/v1", root),
+        max_in_flight=concurrency,
+        on_done=lambda o: latencies.append(o.latency_s),
+    )
     elapsed = time.perf_counter() - t0
     assert summary.delivered == runs, summary.failures
     return elapsed, latencies
@@ -103,8 +121,10 @@ def main() -> None:
         print("| contender | steps/s | p50 ms | p90 ms | p99 ms |")
         print("|---|---:|---:|---:|---:|")
         for name, rate, lat in rows:
-            print(f"| {name} | {rate:.0f} | {pct(lat, .5) * 1e3:.1f} | {pct(lat, .9) * 1e3:.1f} | "
-                  f"{pct(lat, .99) * 1e3:.1f} |")
+            print(
+                f"| {name} | {rate:.0f} | {pct(lat, 0.5) * 1e3:.1f} | {pct(lat, 0.9) * 1e3:.1f} | "
+                f"{pct(lat, 0.99) * 1e3:.1f} |"
+            )
         print(f"\nthroughput ratio tailrace / bare: {rows[1][1] / rows[0][1]:.2f}x (goal >= 0.5x)")
         print(f"added latency per step (p50): {(statistics.median(tr_lat) - statistics.median(bare_lat)) * 1e3:.1f} ms")
         if args.big:
@@ -112,8 +132,10 @@ def main() -> None:
             t0 = time.perf_counter()
             tailrace_batch(root, args.big, args.concurrency, f"{tmp}/big.jsonl")
             size_mib = Path(f"{tmp}/big.jsonl").stat().st_size / 2**20
-            print(f"\ndriver peak RSS: {before:.0f} MiB after {args.runs} runs, {peak_rss_mib():.0f} MiB after "
-                  f"{args.big} more runs ({time.perf_counter() - t0:.0f} s; {size_mib:.1f} MiB of results on disk)")
+            print(
+                f"\ndriver peak RSS: {before:.0f} MiB after {args.runs} runs, {peak_rss_mib():.0f} MiB after "
+                f"{args.big} more runs ({time.perf_counter() - t0:.0f} s; {size_mib:.1f} MiB of results on disk)"
+            )
     ray.shutdown()
 
 

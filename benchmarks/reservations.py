@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-os.environ.setdefault("RAY_AUTH_MODE", "token")   # read when ray is imported
+os.environ.setdefault("RAY_AUTH_MODE", "token")  # read when ray is imported
 
 import ray
 
-from actors.spend import Grant, SpendAsk, Usage
-from policies.budget_config import BudgetConfig, LimitSpec
+from tailrace.policies.budget_config import BudgetConfig, LimitSpec
+from tailrace.policies.spend import Grant, SpendAsk, Usage
 
 
 @ray.remote(num_cpus=0)
@@ -43,9 +43,18 @@ class Client:
 
         async def worker(i: int) -> None:
             nonlocal count, refused
-            ask = SpendAsk(run_id=f"r{i}", step_id="s", tenant="t", provider="openai", model="m", role="primary",
-                           input_tokens=100, max_output_tokens=200, cost_usd=0.0001,
-                           deadline_epoch=time.time() + 3600)
+            ask = SpendAsk(
+                run_id=f"r{i}",
+                step_id="s",
+                tenant="t",
+                provider="openai",
+                model="m",
+                role="primary",
+                input_tokens=100,
+                max_output_tokens=200,
+                cost_usd=0.0001,
+                deadline_epoch=time.time() + 3600,
+            )
             used = Usage(90, 50, 0.00005)
             while time.monotonic() < stop_at:
                 grant = await gate.reserve(ask)
@@ -62,15 +71,19 @@ class Client:
 
 
 def measure(mode: str, clients: int, seconds: float, concurrency: int) -> tuple[float, int, int]:
-    from actors.budget_actor import BudgetHandle, budget_actor
+    from tailrace.actors.budget_actor import BudgetHandle, budget_actor
 
-    config = BudgetConfig(limits=[LimitSpec(account="acct", tpm=10**12, rpm=10**12)], accounts={"openai": "acct"},
-                          provider_kinds={"openai": "openai"}, mode=mode,
-                          actor_name=f"bench-reserve-{mode}-{os.getpid()}")
+    config = BudgetConfig(
+        limits=[LimitSpec(account="acct", tpm=10**12, rpm=10**12)],
+        accounts={"openai": "acct"},
+        provider_kinds={"openai": "openai"},
+        mode=mode,
+        actor_name=f"bench-reserve-{mode}-{os.getpid()}",
+    )
     actor = budget_actor(config)
     handle = BudgetHandle(config, actor)
     workers = [Client.remote(handle, f"{mode}-{i}") for i in range(clients)]
-    ray.get([w.run.remote(0.3, 4) for w in workers])           # warm up: imports, first lease
+    ray.get([w.run.remote(0.3, 4) for w in workers])  # warm up: imports, first lease
     t0 = time.monotonic()
     results = ray.get([w.run.remote(seconds, concurrency) for w in workers])
     wall = time.monotonic() - t0
@@ -89,15 +102,16 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4, help="executor stand-ins (actors)")
     parser.add_argument("--concurrency", type=int, default=64, help="concurrent attempts per client")
     args = parser.parse_args()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
-             log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     rows = []
     for mode in ("lease", "direct"):
         rate, total, exchanges = measure(mode, args.clients, args.seconds, args.concurrency)
 
         rows.append((mode, rate, total, exchanges))
-    print(f"\n{args.clients} clients x {args.concurrency} concurrent attempts, {args.seconds:.0f} s, "
-          f"one budget actor, {os.cpu_count()} cores\n")
+    print(
+        f"\n{args.clients} clients x {args.concurrency} concurrent attempts, {args.seconds:.0f} s, "
+        f"one budget actor, {os.cpu_count()} cores\n"
+    )
     print("| mode | reservations/s (cluster) | reservations | budget-actor calls | calls per reservation |")
     print("|---|---:|---:|---:|---:|")
     for mode, rate, total, exchanges in rows:

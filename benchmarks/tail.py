@@ -41,27 +41,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _sim_process import simulator_process
 from _tail_contenders import Contender, HandWritten, LiteLLMRouter, RunResult
 
-from engine.loading import load_inputs, load_workflow
-from engine.specs import HedgeConfig, RunOptions, WorkflowSpec
+from tailrace.engine.loading import load_inputs, load_workflow
+from tailrace.engine.specs import HedgeConfig, RunOptions, WorkflowSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "support_triage"
 RESULTS = ROOT / "benchmarks" / "results"
-CALL_TIMEOUT_SIM_S = 10.0        # (a) and (d): about 3x the first rung's expected latency
-CONTENDERS = {"a": "(a) by hand: SDK + timeout + retries", "b": "(b) tailrace, hedging off",
-              "c": "(c) tailrace, full policy", "d": "(d) LiteLLM Router"}
+CALL_TIMEOUT_SIM_S = 10.0  # (a) and (d): about 3x the first rung's expected latency
+CONTENDERS = {
+    "a": "(a) by hand: SDK + timeout + retries",
+    "b": "(b) tailrace, hedging off",
+    "c": "(c) tailrace, full policy",
+    "d": "(d) LiteLLM Router",
+}
 QUANTILES = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999))
 
 
 # ---- the workload --------------------------------------------------------------------------------------
+
 
 def scaled_workflow(scale: float) -> WorkflowSpec:
     """The demo workflow with its latency priors in real seconds of the scaled simulator."""
     spec = load_workflow(EXAMPLE / "workflow.yaml")
     steps = []
     for step in spec.steps:
-        models = [m.model_copy(update={"expected_ttft_s": m.expected_ttft_s * scale,
-                                       "expected_latency_s": m.expected_latency_s * scale}) for m in step.models]
+        models = [
+            m.model_copy(
+                update={
+                    "expected_ttft_s": m.expected_ttft_s * scale,
+                    "expected_latency_s": m.expected_latency_s * scale,
+                }
+            )
+            for m in step.models
+        ]
         steps.append(step.model_copy(update={"models": models}))
     return spec.model_copy(update={"steps": steps})
 
@@ -80,12 +92,14 @@ def records(n: int) -> list[tuple[str, dict[str, Any]]]:
 
 # ---- tailrace contenders -------------------------------------------------------------------------------
 
+
 class Tailrace(Contender):
     """`run_batch` per chunk; the executors' latency windows carry over through a named stats actor."""
 
-    def __init__(self, root: str, workflow: WorkflowSpec, concurrency: int, scale: float, hedging: bool,
-                 name: str) -> None:
-        from policies.hedging import TailTuning, scaled_hedge
+    def __init__(
+        self, root: str, workflow: WorkflowSpec, concurrency: int, scale: float, hedging: bool, name: str
+    ) -> None:
+        from tailrace.policies.hedging import TailTuning, scaled_hedge
 
         super().__init__()
         self.root, self.workflow, self.concurrency = root, workflow, concurrency
@@ -95,25 +109,40 @@ class Tailrace(Contender):
         self.deadline_s = math.inf
 
     def run(self, records: list[tuple[str, dict[str, Any]]]) -> list[RunResult]:
-        from cluster.api import run_batch
-        from cluster.providers import SimulatorEndpoints
+        from tailrace.cluster.api import run_batch
+        from tailrace.cluster.providers import SimulatorEndpoints
 
         results: list[RunResult] = []
 
         def done(o: Any) -> None:
-            results.append(RunResult(o.run_id, o.delivered, o.latency_s, bool(o.degraded_steps),
-                                     None if o.delivered else (o.failure.value if o.failure else "?")))
+            results.append(
+                RunResult(
+                    o.run_id,
+                    o.delivered,
+                    o.latency_s,
+                    bool(o.degraded_steps),
+                    None if o.delivered else (o.failure.value if o.failure else "?"),
+                )
+            )
 
         options = RunOptions(**{**self.workflow.defaults.model_dump(), "deadline_s": self.deadline_s})
-        run_batch(self.workflow, (r for _, r in records), options=options, max_in_flight=self.concurrency,
-                  simulator=SimulatorEndpoints(self.root + "/v1", self.root), on_done=done, hedge=self.hedge,
-                  tuning=self.tuning, stats_name=self.stats_name)
+        run_batch(
+            self.workflow,
+            (r for _, r in records),
+            options=options,
+            max_in_flight=self.concurrency,
+            simulator=SimulatorEndpoints(self.root + "/v1", self.root),
+            on_done=done,
+            hedge=self.hedge,
+            tuning=self.tuning,
+            stats_name=self.stats_name,
+        )
         return results
 
     def close(self) -> None:
         import ray
 
-        from actors.latency_stats import NAMESPACE
+        from tailrace.actors.latency_stats import NAMESPACE
 
         with contextlib.suppress(Exception):
             ray.kill(ray.get_actor(self.stats_name, namespace=NAMESPACE))
@@ -121,6 +150,7 @@ class Tailrace(Contender):
 
 
 # ---- measuring -----------------------------------------------------------------------------------------
+
 
 def quantile(values: list[float], q: float) -> float:
     values = sorted(values)
@@ -161,8 +191,8 @@ def natural_floor(workflow: WorkflowSpec, n: int = 20_000, seed: int = 1) -> dic
     does not change models."""
     import random
 
-    from engine.dag import Dag
-    from engine.sim.config import SimConfig
+    from tailrace.engine.dag import Dag
+    from tailrace.engine.sim.config import SimConfig
 
     config, rng = SimConfig(), random.Random(seed)
     dag = Dag.from_spec(workflow)
@@ -172,8 +202,9 @@ def natural_floor(workflow: WorkflowSpec, n: int = 20_000, seed: int = 1) -> dic
         p = config.profile(choice.model)
         ttft = p.ttft_median_s * math.exp(rng.gauss(0, p.ttft_sigma))
         tps = p.tokens_per_s * math.exp(rng.gauss(0, p.tps_sigma))
-        out = min(max(8.0, p.output_tokens_median * math.exp(rng.gauss(0, p.output_tokens_sigma))),
-                  0.9 * choice.max_tokens)
+        out = min(
+            max(8.0, p.output_tokens_median * math.exp(rng.gauss(0, p.output_tokens_sigma))), 0.9 * choice.max_tokens
+        )
         return ttft + out / tps
 
     runs = []
@@ -191,22 +222,33 @@ def fmt(x: float) -> str:
 
 
 def print_table(scenario: str, rows: dict[str, dict[str, Any]], deadline_sim_s: float) -> None:
-    print(f"\n### {scenario}: {len(rows[next(iter(rows))]['latencies_sim_s'])} runs per contender, "
-          f"deadline {deadline_sim_s:.2f} s (2x (a)'s p50 over its first chunk), latencies in simulated "
-          "seconds\n")
-    print("| contender | p50 | p90 | p99 | p99.9 | p99/p50 | p99.9/p50 | hit rate | extra tokens vs (b) "
-          "| cost $/run | degraded runs | not delivered |")
+    print(
+        f"\n### {scenario}: {len(rows[next(iter(rows))]['latencies_sim_s'])} runs per contender, "
+        f"deadline {deadline_sim_s:.2f} s (2x (a)'s p50 over its first chunk), latencies in simulated "
+        "seconds\n"
+    )
+    print(
+        "| contender | p50 | p90 | p99 | p99.9 | p99/p50 | p99.9/p50 | hit rate | extra tokens vs (b) "
+        "| cost $/run | degraded runs | not delivered |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     base = rows.get("b", {}).get("sim", {}).get("tokens")
     for key, r in rows.items():
         extra = f"{r['sim']['tokens'] / base - 1:+.1%}" if base else "n/a"
         failed = ", ".join(f"{k} {v}" for k, v in sorted(r["failed"].items())) or "0"
-        print(f"| {CONTENDERS[key]} | {fmt(r['p50'])} | {fmt(r['p90'])} | {fmt(r['p99'])} | {fmt(r['p99.9'])} "
-              f"| {fmt(r['p99/p50'])} | {fmt(r['p99.9/p50'])} | {r['hit_rate']:.2%} | {extra} "
-              f"| {r['sim']['cost_usd'] / r['runs']:.5f} | {r['degraded_runs']} | {failed} |")
-    print("\nrequests by model (simulator log): " + "; ".join(
-        f"{k}: " + ", ".join(f"{m} {n}" for m, n in sorted(r["sim"]["requests"].items())) + f", cancelled "
-        f"{r['sim']['cancelled']}" for k, r in rows.items()))
+        print(
+            f"| {CONTENDERS[key]} | {fmt(r['p50'])} | {fmt(r['p90'])} | {fmt(r['p99'])} | {fmt(r['p99.9'])} "
+            f"| {fmt(r['p99/p50'])} | {fmt(r['p99.9/p50'])} | {r['hit_rate']:.2%} | {extra} "
+            f"| {r['sim']['cost_usd'] / r['runs']:.5f} | {r['degraded_runs']} | {failed} |"
+        )
+    print(
+        "\nrequests by model (simulator log): "
+        + "; ".join(
+            f"{k}: " + ", ".join(f"{m} {n}" for m, n in sorted(r["sim"]["requests"].items())) + f", cancelled "
+            f"{r['sim']['cancelled']}"
+            for k, r in rows.items()
+        )
+    )
 
 
 def plot(all_rows: dict[str, dict[str, dict[str, Any]]], deadlines: dict[str, float], path: Path) -> None:
@@ -269,18 +311,20 @@ def main() -> None:
     recs = records(args.runs)
     contenders = "a" + args.contenders.replace("a", "")
     if "d" in contenders and not litellm_available():
-        print("LiteLLM is not installed: contender (d) skipped. Install it with\n"
-              "  pip install -e '.[bench,plot]' && pip install --no-deps litellm==1.109.1\n"
-              "(litellm's certifi pin cannot be resolved from the registry; see BENCHMARKS.md)")
+        print(
+            "LiteLLM is not installed: contender (d) skipped. Install it with\n"
+            "  pip install -e '.[bench,plot]' && pip install --no-deps litellm==1.109.1\n"
+            "(litellm's certifi pin cannot be resolved from the registry; see BENCHMARKS.md)"
+        )
         contenders = contenders.replace("d", "")
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     started = time.perf_counter()
     all_rows: dict[str, dict[str, dict[str, Any]]] = {}
     deadlines: dict[str, float] = {}
     size = math.ceil(len(recs) / args.chunks)
-    chunks = [recs[i:i + size] for i in range(0, len(recs), size)]
+    chunks = [recs[i : i + size] for i in range(0, len(recs), size)]
     timeout = CALL_TIMEOUT_SIM_S * scale
-    loads: list[float] = [os.getloadavg()[0]]   # this machine is shared: how busy it was, for the record
+    loads: list[float] = [os.getloadavg()[0]]  # this machine is shared: how busy it was, for the record
     with tempfile.TemporaryDirectory() as tmp:
         for scenario in args.scenarios:
             results: dict[str, list[RunResult]] = {key: [] for key in contenders}
@@ -290,15 +334,17 @@ def main() -> None:
                 # change in the machine's load (it is shared) falls on all of them alike.
                 racers: dict[str, Contender] = {}
                 for key in contenders:
-                    root = stack.enter_context(simulator_process(scenario, args.seed, scale,
-                                                                 str(Path(tmp) / f"{scenario}-{key}.jsonl")))
+                    root = stack.enter_context(
+                        simulator_process(scenario, args.seed, scale, str(Path(tmp) / f"{scenario}-{key}.jsonl"))
+                    )
                     if key == "a":
                         racers[key] = HandWritten(root, workflow, args.concurrency, timeout, scale)
                     elif key == "d":
                         racers[key] = LiteLLMRouter(root, workflow, args.concurrency, timeout, scale)
                     else:
-                        racers[key] = Tailrace(root, workflow, args.concurrency, scale, key == "c",
-                                               f"tailrace-bench-{scenario}-{key}")
+                        racers[key] = Tailrace(
+                            root, workflow, args.concurrency, scale, key == "c", f"tailrace-bench-{scenario}-{key}"
+                        )
                     stack.callback(racers[key].close)
                 for i, chunk in enumerate(chunks):
                     for key, racer in racers.items():
@@ -312,29 +358,56 @@ def main() -> None:
                                 if isinstance(r, Tailrace):
                                     r.deadline_s = 2 * p50
                     loads.append(os.getloadavg()[0])
-                    print(f"{scenario}: chunk {i + 1}/{len(chunks)} done ({time.perf_counter() - started:.0f} s, "
-                          f"load average {loads[-1]:.1f})", flush=True)
-            deadline_s = next(r.deadline_s for r in racers.values() if isinstance(r, Tailrace)) \
-                if any(k in contenders for k in "bc") else 2 * quantile(
-                    [r.latency_s if r.ok else math.inf for r in results["a"][:size]], 0.5)
-            rows = {key: {**summarise(res, scale, deadline_s),
-                          "sim": sim_log_totals(Path(tmp) / f"{scenario}-{key}.jsonl", workflow),
-                          "runs": len(res), "wall_s": wall[key]} for key, res in results.items()}
+                    print(
+                        f"{scenario}: chunk {i + 1}/{len(chunks)} done ({time.perf_counter() - started:.0f} s, "
+                        f"load average {loads[-1]:.1f})",
+                        flush=True,
+                    )
+            deadline_s = (
+                next(r.deadline_s for r in racers.values() if isinstance(r, Tailrace))
+                if any(k in contenders for k in "bc")
+                else 2 * quantile([r.latency_s if r.ok else math.inf for r in results["a"][:size]], 0.5)
+            )
+            rows = {
+                key: {
+                    **summarise(res, scale, deadline_s),
+                    "sim": sim_log_totals(Path(tmp) / f"{scenario}-{key}.jsonl", workflow),
+                    "runs": len(res),
+                    "wall_s": wall[key],
+                }
+                for key, res in results.items()
+            }
             deadlines[scenario] = deadline_s / scale
             all_rows[scenario] = rows
             print_table(scenario, rows, deadline_s / scale)
     ray.shutdown()
     floor = natural_floor(load_workflow(EXAMPLE / "workflow.yaml"))
-    print(f"\nno-fault floor of this DAG on its first rung (simulator's latency model, free engine): "
-          f"p50 {floor['p50']:.2f} s, p99/p50 {floor['p99/p50']:.2f}, p99.9/p50 {floor['p99.9/p50']:.2f}")
-    print(f"total {time.perf_counter() - started:.0f} s; time scale {scale}, seed {args.seed}, "
-          f"concurrency {args.concurrency}; 1-minute load average {min(loads):.1f}-{max(loads):.1f} on "
-          f"{os.cpu_count()} cores")
+    print(
+        f"\nno-fault floor of this DAG on its first rung (simulator's latency model, free engine): "
+        f"p50 {floor['p50']:.2f} s, p99/p50 {floor['p99/p50']:.2f}, p99.9/p50 {floor['p99.9/p50']:.2f}"
+    )
+    print(
+        f"total {time.perf_counter() - started:.0f} s; time scale {scale}, seed {args.seed}, "
+        f"concurrency {args.concurrency}; 1-minute load average {min(loads):.1f}-{max(loads):.1f} on "
+        f"{os.cpu_count()} cores"
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "deadlines_sim_s": deadlines, "load_average": loads, "results": {
-        s: {k: {kk: vv for kk, vv in v.items() if kk != "latencies_sim_s"} for k, v in rows.items()}
-        for s, rows in all_rows.items()}}, indent=1, default=str))
+    out.write_text(
+        json.dumps(
+            {
+                "args": vars(args),
+                "deadlines_sim_s": deadlines,
+                "load_average": loads,
+                "results": {
+                    s: {k: {kk: vv for kk, vv in v.items() if kk != "latencies_sim_s"} for k, v in rows.items()}
+                    for s, rows in all_rows.items()
+                },
+            },
+            indent=1,
+            default=str,
+        )
+    )
     try:
         plot(all_rows, deadlines, Path(args.plot))
         print(f"plot: {args.plot}")

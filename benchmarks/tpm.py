@@ -38,27 +38,49 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _sim_process import simulator_process
 
-from actors.spend import Grant, Refusal, SpendAsk, Usage
-from engine.clock import SYSTEM_CLOCK, Deadline
-from engine.loading import workflow_from_dict
-from engine.outcomes import FailureReason, RunOutcome
-from engine.specs import RunOptions
-from policies.buckets import TokenBucket
-from policies.budget_config import BudgetConfig, LimitSpec, TenantBudget, reserve_amount
+from tailrace.engine.clock import SYSTEM_CLOCK, Deadline
+from tailrace.engine.loading import workflow_from_dict
+from tailrace.engine.outcomes import FailureReason, RunOutcome
+from tailrace.engine.specs import RunOptions
+from tailrace.policies.buckets import TokenBucket
+from tailrace.policies.budget_config import BudgetConfig, LimitSpec, TenantBudget, reserve_amount
+from tailrace.policies.spend import Grant, Refusal, SpendAsk, Usage
 
-SIM_TPM = 100_000            # the `tpm` scenario's limit, per simulated minute, per API key
+SIM_TPM = 100_000  # the `tpm` scenario's limit, per simulated minute, per API key
 WEIGHTS = {"gold": 2.0, "std": 1.0}
-STEP = {"models": [{"provider": "openai", "model": "gpt-4o-mini", "max_tokens": 160,
-                    "input_usd_per_mtok": 0.15, "output_usd_per_mtok": 0.6,
-                    "expected_ttft_s": 0.15, "expected_latency_s": 0.35}]}
-WORKFLOW = workflow_from_dict({
-    "name": "tpm_bench", "inputs": ["ticket_id", "message"],
-    "steps": [
-        {"id": "triage", "prompt": "Triage ticket {{input.ticket_id}}: {{input.message}}", **STEP,
-         "output": {"copy_ids": ["ticket_id"]}},
-        {"id": "reply", "depends_on": ["triage"], "prompt": "Reply to the customer, given: {{steps.triage}}", **STEP},
-    ],
-})
+STEP = {
+    "models": [
+        {
+            "provider": "openai",
+            "model": "gpt-4o-mini",
+            "max_tokens": 160,
+            "input_usd_per_mtok": 0.15,
+            "output_usd_per_mtok": 0.6,
+            "expected_ttft_s": 0.15,
+            "expected_latency_s": 0.35,
+        }
+    ]
+}
+WORKFLOW = workflow_from_dict(
+    {
+        "name": "tpm_bench",
+        "inputs": ["ticket_id", "message"],
+        "steps": [
+            {
+                "id": "triage",
+                "prompt": "Triage ticket {{input.ticket_id}}: {{input.message}}",
+                **STEP,
+                "output": {"copy_ids": ["ticket_id"]},
+            },
+            {
+                "id": "reply",
+                "depends_on": ["triage"],
+                "prompt": "Reply to the customer, given: {{steps.triage}}",
+                **STEP,
+            },
+        ],
+    }
+)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -69,6 +91,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 # ---- the per-process baseline: a local token bucket per executor, limit / N each ------------------
+
 
 class _LocalBucketGate:
     """What a user would write: a local token bucket (aiolimiter-style), charged prompt + max_tokens,
@@ -95,11 +118,12 @@ class _LocalBucketGate:
         specs = self._config.buckets_for(ask.provider, ask.model)
         if self._lock is None:
             self._lock = asyncio.Lock()
-        async with self._lock:   # FIFO: first come, first served
+        async with self._lock:  # FIFO: first come, first served
             for spec in specs:
                 if spec.key not in self._buckets:
-                    self._buckets[spec.key] = TokenBucket.full(spec.capacity * self._share,
-                                                               spec.rate_per_s * self._share, now)
+                    self._buckets[spec.key] = TokenBucket.full(
+                        spec.capacity * self._share, spec.rate_per_s * self._share, now
+                    )
             while True:
                 now = SYSTEM_CLOCK.monotonic()
                 waits = [self._buckets[s.key].seconds_until(reserve_amount(s, ask), now) for s in specs]
@@ -115,7 +139,7 @@ class _LocalBucketGate:
                 await asyncio.sleep(min(wait, 0.05))
 
     async def settle(self, grant: Grant, used: Usage) -> None:
-        return None   # charged at admission, as the provider does
+        return None  # charged at admission, as the provider does
 
 
 @dataclass(frozen=True)
@@ -130,6 +154,7 @@ class PerProcessLimit:
 
 
 # ---- workload ---------------------------------------------------------------------------------------
+
 
 def arrivals(seconds: float, runs_per_s: float, seed: int) -> list[tuple[float, str]]:
     """Poisson arrivals per tenant, in 2 s bursts every 4 s (on at twice the mean rate); the tenants'
@@ -154,7 +179,7 @@ def refused(o: RunOutcome) -> bool:
 class Result:
     name: str
     outcomes: list[RunOutcome] = field(default_factory=list)
-    refusal_latency_s: list[float] = field(default_factory=list)    # scheduled arrival -> refused
+    refusal_latency_s: list[float] = field(default_factory=list)  # scheduled arrival -> refused
     overrun_429: int = 0
     other_429: int = 0
     charged_in_window: float = 0.0
@@ -162,8 +187,7 @@ class Result:
     elapsed_s: float = 0.0
 
 
-async def drive(drivers: dict[str, Any], plan: list[tuple[float, str]], msgs: list[str],
-                result: Result) -> None:
+async def drive(drivers: dict[str, Any], plan: list[tuple[float, str]], msgs: list[str], result: Result) -> None:
     t0 = time.monotonic()
     tasks = []
 
@@ -182,24 +206,38 @@ async def drive(drivers: dict[str, Any], plan: list[tuple[float, str]], msgs: li
     await asyncio.gather(*tasks)
 
 
-def run_contender(name: str, plan: list[tuple[float, str]], seconds: float, time_scale: float, executors: int,
-                  seed: int, deadline_s: float, tmp: str) -> Result:
+def run_contender(
+    name: str,
+    plan: list[tuple[float, str]],
+    seconds: float,
+    time_scale: float,
+    executors: int,
+    seed: int,
+    deadline_s: float,
+    tmp: str,
+) -> Result:
     import ray
 
-    from actors.budget_actor import find_budget_actor
-    from cluster.api import start_executors
-    from cluster.budget import BudgetAdmission, ensure_budget
-    from cluster.driver import WorkflowDriver
-    from cluster.providers import SimulatorEndpoints, resolve_providers
+    from tailrace.actors.budget_actor import find_budget_actor
+    from tailrace.cluster.api import start_executors
+    from tailrace.cluster.budget import BudgetAdmission, ensure_budget
+    from tailrace.cluster.driver import WorkflowDriver
+    from tailrace.cluster.providers import SimulatorEndpoints, resolve_providers
 
     window_s = 60 * time_scale
-    config = BudgetConfig(limits=[LimitSpec(account="sim", tpm=SIM_TPM)], accounts={"openai": "sim"},
-                          window_s=window_s, tenants={t: TenantBudget(weight=w) for t, w in WEIGHTS.items()},
-                          actor_name=f"bench-{name}-{os.getpid()}")
+    config = BudgetConfig(
+        limits=[LimitSpec(account="sim", tpm=SIM_TPM)],
+        accounts={"openai": "sim"},
+        window_s=window_s,
+        tenants={t: TenantBudget(weight=w) for t, w in WEIGHTS.items()},
+        actor_name=f"bench-{name}-{os.getpid()}",
+    )
     log = f"{tmp}/{name}.jsonl"
     result = Result(name)
-    msgs = [("My order arrived damaged and I would like a replacement or a refund, please. " * 2)[: 80 + 7 * k]
-            for k in range(10)]
+    msgs = [
+        ("My order arrived damaged and I would like a replacement or a refund, please. " * 2)[: 80 + 7 * k]
+        for k in range(10)
+    ]
     with simulator_process("tpm", seed=seed, time_scale=time_scale, log=log) as root:
         providers = resolve_providers(WORKFLOW, SimulatorEndpoints(root + "/v1", root))
         if name == "tailrace":
@@ -207,11 +245,14 @@ def run_contender(name: str, plan: list[tuple[float, str]], seconds: float, time
             pool = start_executors(providers, executors, budget=handle)
             admission = BudgetAdmission(handle.config, WORKFLOW, handle.actor)
         else:
-            pool = start_executors(providers, executors, budget=PerProcessLimit(config.for_workflow(WORKFLOW),
-                                                                                executors))
+            pool = start_executors(
+                providers, executors, budget=PerProcessLimit(config.for_workflow(WORKFLOW), executors)
+            )
             admission = None
-        drivers = {t: WorkflowDriver(WORKFLOW, RunOptions(deadline_s=deadline_s, tenant=t), pool, admission=admission)
-                   for t in WEIGHTS}
+        drivers = {
+            t: WorkflowDriver(WORKFLOW, RunOptions(deadline_s=deadline_s, tenant=t), pool, admission=admission)
+            for t in WEIGHTS
+        }
         started = time.time()
         t0 = time.monotonic()
         asyncio.run(drive(drivers, plan, msgs, result))
@@ -233,7 +274,7 @@ def run_contender(name: str, plan: list[tuple[float, str]], seconds: float, time
             continue
         arrived = r["ts"] - r["duration_s"] - started
         if 0 <= arrived <= seconds:
-            result.charged_in_window += r["input_tokens"] + 160   # charged at admission: prompt + max_tokens
+            result.charged_in_window += r["input_tokens"] + 160  # charged at admission: prompt + max_tokens
     result.allowed_in_window = SIM_TPM + rate * seconds
     return result
 
@@ -241,12 +282,16 @@ def run_contender(name: str, plan: list[tuple[float, str]], seconds: float, time
 def report(results: list[Result], seconds: float, offered_runs: int, rate: float) -> None:
     delivered = [o for r in results for o in r.outcomes if o.delivered and len(o.attempts) == 2]
     per_run = sum(a.input_tokens + 160 for o in delivered for a in o.attempts) / max(1, len(delivered))
-    print(f"\n{seconds:.0f} s of bursty arrivals ({offered_runs} runs) from two tenants (weights gold 2 : std 1), "
-          f"offered {offered_runs * per_run / seconds / rate:.1f}x the limit ({rate:,.0f} tokens/s; "
-          f"a run is charged {per_run:.0f} tokens)\n")
-    print("| contender | runs | refused at submission | admitted | admitted on time | hit rate (admitted) | "
-          "delivered on time (all runs) | overrun 429s | utilisation | refusal ms p50 / p99 / max "
-          "(in the driver) | (from scheduled arrival) | gold:std tokens |")
+    print(
+        f"\n{seconds:.0f} s of bursty arrivals ({offered_runs} runs) from two tenants (weights gold 2 : std 1), "
+        f"offered {offered_runs * per_run / seconds / rate:.1f}x the limit ({rate:,.0f} tokens/s; "
+        f"a run is charged {per_run:.0f} tokens)\n"
+    )
+    print(
+        "| contender | runs | refused at submission | admitted | admitted on time | hit rate (admitted) | "
+        "delivered on time (all runs) | overrun 429s | utilisation | refusal ms p50 / p99 / max "
+        "(in the driver) | (from scheduled arrival) | gold:std tokens |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         no = [o for o in r.outcomes if refused(o)]
@@ -255,13 +300,19 @@ def report(results: list[Result], seconds: float, offered_runs: int, rate: float
         tokens = {t: sum(a.input_tokens + 160 for o in admitted if o.tenant == t for a in o.attempts) for t in WEIGHTS}
         cells = []
         for lat in ([o.latency_s for o in no], r.refusal_latency_s):
-            cells.append(f"{pct(lat, .5) * 1e3:.2f} / {pct(lat, .99) * 1e3:.2f} / {max(lat) * 1e3:.1f}" if lat else "-")
-        print(f"| {r.name} | {len(r.outcomes)} | {len(no)} | {len(admitted)} | {on_time} | "
-              f"{on_time / max(1, len(admitted)):.1%} | {on_time / max(1, len(r.outcomes)):.1%} | {r.overrun_429} | "
-              f"{r.charged_in_window / r.allowed_in_window:.1%} | {cells[0]} | {cells[1]} | "
-              f"{tokens['gold'] / max(1, tokens['std']):.2f} |")
-    print("\nGoals (tailrace): overrun 429s = 0, utilisation >= 90%, hit rate of admitted runs >= 99%, "
-          "refused within 50 ms.")
+            cells.append(
+                f"{pct(lat, 0.5) * 1e3:.2f} / {pct(lat, 0.99) * 1e3:.2f} / {max(lat) * 1e3:.1f}" if lat else "-"
+            )
+        print(
+            f"| {r.name} | {len(r.outcomes)} | {len(no)} | {len(admitted)} | {on_time} | "
+            f"{on_time / max(1, len(admitted)):.1%} | {on_time / max(1, len(r.outcomes)):.1%} | {r.overrun_429} | "
+            f"{r.charged_in_window / r.allowed_in_window:.1%} | {cells[0]} | {cells[1]} | "
+            f"{tokens['gold'] / max(1, tokens['std']):.2f} |"
+        )
+    print(
+        "\nGoals (tailrace): overrun 429s = 0, utilisation >= 90%, hit rate of admitted runs >= 99%, "
+        "refused within 50 ms."
+    )
 
 
 def main() -> None:
@@ -277,8 +328,7 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
-             log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     rate = SIM_TPM / (60 * args.time_scale)
     # Two attempts of prompt + max_tokens 160: ~50 and ~110 prompt tokens (the reply quotes the triage).
     tokens_per_run = 2 * 160 + 160
@@ -288,8 +338,9 @@ def main() -> None:
         for name in ("tailrace", "per-process"):
             if args.only and name != args.only:
                 continue
-            results.append(run_contender(name, plan, args.seconds, args.time_scale, args.executors, args.seed,
-                                         args.deadline, tmp))
+            results.append(
+                run_contender(name, plan, args.seconds, args.time_scale, args.executors, args.seed, args.deadline, tmp)
+            )
     report(results, args.seconds, len(plan), rate)
     ray.shutdown()
 

@@ -1,7 +1,7 @@
 """`run_batch`: the Python API to run a batch of records through a workflow on a Ray cluster.
 
 `ray.init()` starts a local cluster unless Ray is already initialised or `address` names one. With no
-provider configured, the embedded simulator serves the calls (see `cluster.providers`).
+provider configured, the embedded simulator serves the calls (see `tailrace.cluster.providers`).
 
 Steps are hedged by default (`hedge=HedgeConfig(...)` tunes it, `HedgeConfig(enabled=False)` runs the
 sequential retry policy). Executors share latency windows through a stats actor: one per batch unless
@@ -20,23 +20,23 @@ from typing import Any, Literal
 
 import ray
 
-from actors.budget_actor import BudgetHandle
-from actors.latency_stats import stats_actor
-from actors.step_executor import StepExecutor
-from cluster.budget import BudgetAdmission, budget_status, ensure_budget
-from cluster.driver import DEFAULT_GRACE_S, WorkflowDriver, run_records
-from cluster.pool import ExecutorPool, PoolConfig
-from cluster.providers import SimulatorEndpoints, needs_simulator, resolve_providers
-from cluster.results import BatchSummary, ResultWriter, finished_run_ids
-from cluster.trace import TraceConfig, TraceWriter, default_trace_path
-from engine.clock import Clock
-from engine.loading import check_inputs, load_inputs, load_workflow
-from engine.outcomes import RunOutcome
-from engine.providers.base import AdapterSettings
-from engine.spec_checks import check_validators_registered
-from engine.specs import HedgeConfig, RunOptions, WorkflowSpec
-from policies.budget_config import BudgetConfig
-from policies.hedging import TailTuning
+from tailrace.actors.budget_actor import BudgetHandle
+from tailrace.actors.latency_stats import stats_actor
+from tailrace.actors.step_executor import StepExecutor
+from tailrace.cluster.budget import BudgetAdmission, budget_status, ensure_budget
+from tailrace.cluster.driver import DEFAULT_GRACE_S, WorkflowDriver, run_records
+from tailrace.cluster.pool import ExecutorPool, PoolConfig
+from tailrace.cluster.providers import SimulatorEndpoints, needs_simulator, resolve_providers
+from tailrace.cluster.results import BatchSummary, ResultWriter, finished_run_ids
+from tailrace.cluster.trace import TraceConfig, TraceWriter, default_trace_path
+from tailrace.engine.clock import Clock
+from tailrace.engine.loading import check_inputs, load_inputs, load_workflow
+from tailrace.engine.outcomes import RunOutcome
+from tailrace.engine.providers.base import AdapterSettings
+from tailrace.engine.spec_checks import check_validators_registered
+from tailrace.engine.specs import HedgeConfig, RunOptions, WorkflowSpec
+from tailrace.policies.budget_config import BudgetConfig
+from tailrace.policies.hedging import TailTuning
 
 log = logging.getLogger("tailrace")
 
@@ -50,13 +50,21 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
     ray.init(address=address, num_cpus=num_cpus, logging_level=logging.WARNING, log_to_driver=False)
 
 
-def start_executors(providers: Mapping[str, AdapterSettings], count: int, num_cpus: float = 0.5, *,
-                    hedge: HedgeConfig | None = None, tuning: TailTuning | None = None,
-                    stats_name: str | None = None, budget: BudgetHandle | None = None) -> list[Any]:
+def start_executors(
+    providers: Mapping[str, AdapterSettings],
+    count: int,
+    num_cpus: float = 0.5,
+    *,
+    hedge: HedgeConfig | None = None,
+    tuning: TailTuning | None = None,
+    stats_name: str | None = None,
+    budget: BudgetHandle | None = None,
+) -> list[Any]:
     """Start executors and wait until they answer, so actor start-up is not charged to the first runs."""
     executors = [
         StepExecutor.options(max_concurrency=1000, num_cpus=num_cpus).remote(
-            dict(providers), f"executor-{i}", hedge=hedge, tuning=tuning, stats_name=stats_name, budget=budget)
+            dict(providers), f"executor-{i}", hedge=hedge, tuning=tuning, stats_name=stats_name, budget=budget
+        )
         for i in range(count)
     ]
     ray.get([e.health.remote() for e in executors])
@@ -123,10 +131,11 @@ def run_batch(
     tuning = tuning or TailTuning()
     batch_stats = stats_name is None
     stats_name = stats_name or f"tailrace-latency-stats-{uuid.uuid4().hex[:12]}"
-    stats = stats_actor(stats_name, tuning.latency)   # owned by this driver, not by one executor
+    stats = stats_actor(stats_name, tuning.latency)  # owned by this driver, not by one executor
     handle = ensure_budget(budget, spec) if budget is not None else None
-    admission = BudgetAdmission(handle.config, spec, handle.actor) \
-        if handle is not None and handle.config.admission else None
+    admission = (
+        BudgetAdmission(handle.config, spec, handle.actor) if handle is not None and handle.config.admission else None
+    )
     writer = ResultWriter(out)
     tracer = TraceWriter(trace, spec) if trace else None
     summary = BatchSummary()
@@ -134,7 +143,7 @@ def run_batch(
 
     def remembered() -> Iterator[tuple[str, dict[str, Any]]]:
         for run_id, record in _numbered(spec, records, skip):
-            inputs_of[run_id] = record   # only while the run is in flight
+            inputs_of[run_id] = record  # only while the run is in flight
             yield run_id, record
 
     def finished(outcome: RunOutcome) -> None:
@@ -145,20 +154,26 @@ def run_batch(
             on_done(outcome)
 
     async def drive() -> None:
-        async with ExecutorPool(providers, pool or PoolConfig.fixed(num_executors), executor_clock=executor_clock,
-                                executor_kwargs={"hedge": hedge, "tuning": tuning, "stats_name": stats_name,
-                                                 "budget": handle},
-                                ) as executors:
+        async with ExecutorPool(
+            providers,
+            pool or PoolConfig.fixed(num_executors),
+            executor_clock=executor_clock,
+            executor_kwargs={"hedge": hedge, "tuning": tuning, "stats_name": stats_name, "budget": handle},
+        ) as executors:
             if on_pool is not None:
                 on_pool(executors)
             driver = WorkflowDriver(spec, options, executors, grace_s=grace_s, hedge=hedge, admission=admission)
             await run_records(driver, remembered(), writer, summary, max_in_flight, finished)
-            if handle is not None:   # executors return their leases and report their last spend
-                await asyncio.wait_for(asyncio.gather(*(h.shutdown.remote() for h in executors.handles()),
-                                                      return_exceptions=True), timeout=10)
-            if not batch_stats:   # a shared stats actor outlives the batch: hand it the last samples
-                await asyncio.wait_for(asyncio.gather(*(h.sync_stats.remote() for h in executors.handles()),
-                                                      return_exceptions=True), timeout=10)
+            if handle is not None:  # executors return their leases and report their last spend
+                await asyncio.wait_for(
+                    asyncio.gather(*(h.shutdown.remote() for h in executors.handles()), return_exceptions=True),
+                    timeout=10,
+                )
+            if not batch_stats:  # a shared stats actor outlives the batch: hand it the last samples
+                await asyncio.wait_for(
+                    asyncio.gather(*(h.sync_stats.remote() for h in executors.handles()), return_exceptions=True),
+                    timeout=10,
+                )
 
     try:
         asyncio.run(drive())
@@ -172,5 +187,14 @@ def run_batch(
     return summary
 
 
-__all__ = ["BudgetConfig", "ExecutorPool", "PoolConfig", "TraceConfig", "budget_status", "connect", "needs_simulator",
-           "run_batch", "start_executors"]
+__all__ = [
+    "BudgetConfig",
+    "ExecutorPool",
+    "PoolConfig",
+    "TraceConfig",
+    "budget_status",
+    "connect",
+    "needs_simulator",
+    "run_batch",
+    "start_executors",
+]

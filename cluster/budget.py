@@ -2,7 +2,7 @@
 submission that cannot be served before their deadline, and report tenants' spend.
 
 `BudgetAdmission` is the driver's `RunAdmission`. It decides from a local plan
-(`policies.admission.AdmissionPlanner`), so a refusal takes microseconds, not an actor round trip;
+(`tailrace.policies.admission.AdmissionPlanner`), so a refusal takes microseconds, not an actor round trip;
 in the background it lowers the plan to what the budget actor says is really free (another
 cluster on the same account, provider feedback). A run's need is learned per step from finished
 runs (what their attempts were charged, retries included), starting from the templates' size, and
@@ -17,25 +17,25 @@ import contextlib
 import math
 import re
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
-from actors import metrics
-from actors.budget_actor import BudgetHandle, budget_actor, find_budget_actor
-from actors.budget_ledger import LedgerStatus, RedisLedger
-from engine.clock import SYSTEM_CLOCK, Clock, Deadline
-from engine.dag import Dag
-from engine.outcomes import AttemptOutcome, FailureReason, RunOutcome
-from engine.specs import RunOptions, StepSpec, WorkflowSpec
-from engine.tokens import estimate_tokens
-from policies.admission import AdmissionPlanner
-from policies.budget_config import BucketSpec, BudgetConfig, reserve_amount, settled_amount, utc_day
+from tailrace.actors.budget_actor import BudgetHandle, budget_actor, find_budget_actor
+from tailrace.engine.clock import SYSTEM_CLOCK, Clock, Deadline
+from tailrace.engine.dag import Dag
+from tailrace.engine.outcomes import AttemptOutcome, FailureReason, RunOutcome
+from tailrace.engine.specs import RunOptions, StepSpec, WorkflowSpec
+from tailrace.engine.tokens import estimate_tokens
+from tailrace.policies.admission import AdmissionPlanner
+from tailrace.policies.budget_config import BucketSpec, BudgetConfig, reserve_amount, settled_amount, utc_day
+from tailrace.policies.spend import SpendAsk, Usage
+from tailrace.runtime import metrics
+from tailrace.runtime.budget_ledger import LedgerStatus, RedisLedger
 
-LEARNING_RATE = 0.2             # weight of each finished run in a step's learned need
-OBSERVED_RUNS = 200             # finished runs whose critical path latency is remembered
-PATH_MARGIN = 1.2               # on top of the observed p95 critical path
+LEARNING_RATE = 0.2  # weight of each finished run in a step's learned need
+OBSERVED_RUNS = 200  # finished runs whose critical path latency is remembered
+PATH_MARGIN = 1.2  # on top of the observed p95 critical path
 MAX_LATE_SCALE = 4.0
-TOKENS_PER_INPUT_GUESS = 64     # before any run finished: tokens a template reference expands to
+TOKENS_PER_INPUT_GUESS = 64  # before any run finished: tokens a template reference expands to
 _REFERENCE = re.compile(r"\{\{\s*(input|steps)\.([A-Za-z0-9_-]+)")
 
 
@@ -45,25 +45,15 @@ def ensure_budget(config: BudgetConfig, workflow: WorkflowSpec) -> BudgetHandle:
     return BudgetHandle(config, budget_actor(config))
 
 
-@dataclass(frozen=True)
-class _Ask:
-    input_tokens: int
-    max_output_tokens: int
-    cost_usd: float = 0.0
-
-
-@dataclass(frozen=True)
-class _Used:
-    input_tokens: int
-    output_tokens: int
-    cost_usd: float
-    reported: bool
-    cancelled: bool
-
-
 class BudgetAdmission:
-    def __init__(self, config: BudgetConfig, workflow: WorkflowSpec, actor: Any = None,
-                 clock: Clock = SYSTEM_CLOCK, sync_interval_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        config: BudgetConfig,
+        workflow: WorkflowSpec,
+        actor: Any = None,
+        clock: Clock = SYSTEM_CLOCK,
+        sync_interval_s: float = 0.5,
+    ) -> None:
         self._config = config
         self._workflow = workflow
         self._actor = actor
@@ -105,7 +95,7 @@ class BudgetAdmission:
         text = (choice.prompt or step.prompt) + (choice.system or step.system or "")
         references = len(_REFERENCE.findall(text))
         prompt = estimate_tokens(_REFERENCE.sub("", text)) + 8 + TOKENS_PER_INPUT_GUESS * references
-        ask = _Ask(prompt, choice.max_tokens)
+        ask = SpendAsk(input_tokens=prompt, max_output_tokens=choice.max_tokens)
         return {spec.key: reserve_amount(spec, ask) for spec in self._buckets(choice.provider, choice.model)}
 
     def run_need(self) -> dict[str, float]:
@@ -115,8 +105,9 @@ class BudgetAdmission:
                 total[key] = total.get(key, 0.0) + amount
         return total
 
-    async def admit(self, run_id: str, workflow: WorkflowSpec, options: RunOptions,
-                    deadline_epoch: float) -> str | None:
+    async def admit(
+        self, run_id: str, workflow: WorkflowSpec, options: RunOptions, deadline_epoch: float
+    ) -> str | None:
         self._ensure_sync()
         now = self._clock.monotonic()
         latest = Deadline.from_epoch(deadline_epoch, self._clock).at_monotonic - self.critical_path_s
@@ -134,9 +125,14 @@ class BudgetAdmission:
         for a in outcome.attempts:
             step = self._workflow.step(a.step_id)
             choice = step.models[a.tier] if a.tier < len(step.models) else step.models[0]
-            ask = _Ask(a.input_tokens, choice.max_tokens)
-            used = _Used(a.input_tokens, a.output_tokens, a.cost_usd, a.usage_reported,
-                         a.outcome == AttemptOutcome.CANCELLED)
+            ask = SpendAsk(input_tokens=a.input_tokens, max_output_tokens=choice.max_tokens)
+            used = Usage(
+                a.input_tokens,
+                a.output_tokens,
+                a.cost_usd,
+                reported=a.usage_reported,
+                cancelled=a.outcome == AttemptOutcome.CANCELLED,
+            )
             charged = per_step.setdefault(a.step_id, {})
             for spec in self._buckets(a.provider, a.model):
                 charges = spec.charges or "admission"
@@ -177,7 +173,7 @@ class BudgetAdmission:
 
     async def _sync_forever(self) -> None:
         while True:
-            with contextlib.suppress(Exception):   # a slow or restarting actor: plan on, sync later
+            with contextlib.suppress(Exception):  # a slow or restarting actor: plan on, sync later
                 status: LedgerStatus = await asyncio.wait_for(self._actor.status.remote(), 2.0)
                 now = self._clock.monotonic()
                 for key, b in status.buckets.items():
@@ -191,8 +187,15 @@ class BudgetAdmission:
 
 # ---- tenants' spend ------------------------------------------------------------------------------
 
-def budget_status(*, address: str | None = None, name: str = "tailrace-budget", redis_url: str | None = None,
-                  namespace: str = "default", day: str | None = None) -> LedgerStatus:
+
+def budget_status(
+    *,
+    address: str | None = None,
+    name: str = "tailrace-budget",
+    redis_url: str | None = None,
+    namespace: str = "default",
+    day: str | None = None,
+) -> LedgerStatus:
     """Buckets and tenants' recorded spend for a UTC day (today by default): from Redis directly when
     `redis_url` is given (no cluster needed), else from the running cluster's budget actor."""
     import time
@@ -211,7 +214,7 @@ def budget_status(*, address: str | None = None, name: str = "tailrace-budget", 
         return asyncio.run(read())
     import ray
 
-    from cluster.api import connect
+    from tailrace.cluster.api import connect
 
     connect(address)
     actor = find_budget_actor(name)
@@ -228,7 +231,16 @@ def bucket_rows(status: LedgerStatus) -> list[dict[str, Any]]:
     rows = []
     for key, b in sorted(status.buckets.items()):
         per_min = b.rate_per_s * 60 if b.rate_per_s > 0 else math.nan
-        rows.append({"bucket": key, "capacity": b.capacity, "per_minute": per_min, "free": b.level,
-                     "leased": b.outstanding, "utilisation": b.utilisation, "written_off": b.written_off,
-                     "clamped": b.clamped})
+        rows.append(
+            {
+                "bucket": key,
+                "capacity": b.capacity,
+                "per_minute": per_min,
+                "free": b.level,
+                "leased": b.outstanding,
+                "utilisation": b.utilisation,
+                "written_off": b.written_off,
+                "clamped": b.clamped,
+            }
+        )
     return rows

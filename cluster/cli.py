@@ -19,8 +19,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from engine.errors import SpecError, TailraceError
-from engine.specs import RunOptions
+from tailrace.engine.errors import SpecError, TailraceError
+from tailrace.engine.specs import RunOptions
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 DEMO_WORKFLOW = EXAMPLES / "support_triage" / "workflow.yaml"
@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--port", type=int, default=8765)
     sim.add_argument("--log", help="JSONL request log")
 
-    from cluster import cli_ops
+    from tailrace.cluster import cli_ops
 
     cli_ops.add_commands(sub, SCENARIO_NAMES)  # submit, status, logs, results, stop, report, replay
     budget = sub.add_parser("budget", help="the cluster budget: tenants' spend, rate buckets")
@@ -74,8 +74,9 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="results JSONL (default: results-<workflow>.jsonl)")
     p.add_argument("--executors", type=int, default=2, help="step executor actors")
     p.add_argument("--concurrency", type=int, default=64, help="runs in flight at once")
-    p.add_argument("--scenario", choices=SCENARIO_NAMES,
-                   help="use the built-in simulator with this scenario, even if keys are set")
+    p.add_argument(
+        "--scenario", choices=SCENARIO_NAMES, help="use the built-in simulator with this scenario, even if keys are set"
+    )
     p.add_argument("--seed", type=int, default=0, help="simulator seed")
     p.add_argument("--time-scale", type=float, default=1.0, help="simulator time scale")
 
@@ -85,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "sim":
             return _serve_simulator(args)
-        from cluster import cli_ops
+        from tailrace.cluster import cli_ops
 
         if args.command in cli_ops.COMMANDS:
             return cli_ops.run(args)
@@ -106,78 +107,106 @@ def _budget_status(args: argparse.Namespace) -> int:
     import json
     import os
 
-    from cluster.budget import bucket_rows, budget_status, spend_rows
-    from policies.budget_config import redact_url
+    from tailrace.cluster.budget import bucket_rows, budget_status, spend_rows
+    from tailrace.policies.budget_config import redact_url
 
     redis_url = args.redis_url or os.environ.get("TAILRACE_REDIS_URL")
     try:
-        status = budget_status(address=args.address, name=args.name, redis_url=redis_url,
-                               namespace=args.namespace, day=args.day)
+        status = budget_status(
+            address=args.address, name=args.name, redis_url=redis_url, namespace=args.namespace, day=args.day
+        )
     except LookupError as exc:
         errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         return 2
-    except Exception as exc:   # never echo a URL with its password
+    except Exception as exc:  # never echo a URL with its password
         where = redact_url(redis_url) if redis_url else "the cluster"
-        errors.print(f"[bold red]error:[/] cannot read the budget from {escape(where)} ({type(exc).__name__})",
-                     highlight=False)
+        errors.print(
+            f"[bold red]error:[/] cannot read the budget from {escape(where)} ({type(exc).__name__})", highlight=False
+        )
         return 2
     if args.json:
-        console.print_json(json.dumps({"day": status.day, "backend": status.backend, "leases": status.leases,
-                                       "spend": spend_rows(status), "buckets": bucket_rows(status)}, default=str))
+        console.print_json(
+            json.dumps(
+                {
+                    "day": status.day,
+                    "backend": status.backend,
+                    "leases": status.leases,
+                    "spend": spend_rows(status),
+                    "buckets": bucket_rows(status),
+                },
+                default=str,
+            )
+        )
         return 0
     spend = Table(title=f"spend on {status.day} (UTC), ledger: {status.backend}")
     for column in ("tenant", "cost $", "input tokens", "output tokens", "attempts", "cancelled", "wasted tokens"):
         spend.add_column(column, justify="right")
     for row in spend_rows(status):
-        spend.add_row(escape(row["tenant"]), f"{row['usd']:.6f}", f"{row['input_tokens']:,}",
-                      f"{row['output_tokens']:,}", f"{row['attempts']:,}", f"{row['cancelled']:,}",
-                      f"{row['wasted_tokens']:,}")
+        spend.add_row(
+            escape(row["tenant"]),
+            f"{row['usd']:.6f}",
+            f"{row['input_tokens']:,}",
+            f"{row['output_tokens']:,}",
+            f"{row['attempts']:,}",
+            f"{row['cancelled']:,}",
+            f"{row['wasted_tokens']:,}",
+        )
     console.print(spend)
     buckets = Table(title=f"buckets ({status.leases} live leases)")
     for column in ("bucket", "limit", "per minute", "free", "leased", "used %"):
         buckets.add_column(column, justify="right")
     for row in bucket_rows(status):
         per_min = "-" if row["per_minute"] != row["per_minute"] else f"{row['per_minute']:,.0f}"
-        buckets.add_row(escape(row["bucket"]), f"{row['capacity']:,.4g}", per_min, f"{row['free']:,.4g}",
-                        f"{row['leased']:,.4g}", f"{100 * row['utilisation']:.0f}")
+        buckets.add_row(
+            escape(row["bucket"]),
+            f"{row['capacity']:,.4g}",
+            per_min,
+            f"{row['free']:,.4g}",
+            f"{row['leased']:,.4g}",
+            f"{100 * row['utilisation']:.0f}",
+        )
     console.print(buckets)
     return 0
 
 
 def _serve_simulator(args: argparse.Namespace) -> int:
-    from engine.sim import run_forever, scenario
+    from tailrace.engine.sim import run_forever, scenario
 
     config = scenario(args.scenario, seed=args.seed, time_scale=args.time_scale)
-    console.print(f"simulator: scenario {args.scenario!r}, seed {args.seed}, on http://{args.host}:{args.port} "
-                  f"(OpenAI base URL http://{args.host}:{args.port}/v1)")
+    console.print(
+        f"simulator: scenario {args.scenario!r}, seed {args.seed}, on http://{args.host}:{args.port} "
+        f"(OpenAI base URL http://{args.host}:{args.port}/v1)"
+    )
     run_forever(config, args.host, args.port, args.log)
     return 0
 
 
 @contextlib.contextmanager
 def _endpoints(workflow, args: argparse.Namespace) -> Iterator[object]:  # type: ignore[no-untyped-def]
-    from cluster.providers import SimulatorEndpoints, needs_simulator
+    from tailrace.cluster.providers import SimulatorEndpoints, needs_simulator
 
     if args.scenario is None and not needs_simulator(workflow):
         yield None
         return
-    from engine.sim import SimServer, scenario
+    from tailrace.engine.sim import SimServer, scenario
 
     name = args.scenario or "clean"
     with SimServer.in_thread(scenario(name, seed=args.seed, time_scale=args.time_scale)) as sim:
         why = "as asked" if args.scenario else "no API keys or provider URLs are configured"
-        console.print(f"[yellow]Using the built-in provider simulator[/] ({why}): scenario {name!r}, "
-                      f"seed {args.seed}, at {sim.openai_base_url.rsplit('/', 1)[0]}")
+        console.print(
+            f"[yellow]Using the built-in provider simulator[/] ({why}): scenario {name!r}, "
+            f"seed {args.seed}, at {sim.openai_base_url.rsplit('/', 1)[0]}"
+        )
         yield SimulatorEndpoints(sim.openai_base_url, sim.anthropic_base_url)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from cluster.api import run_batch
-    from engine.loading import check_inputs, load_inputs, load_workflow
+    from tailrace.cluster.api import run_batch
+    from tailrace.engine.loading import check_inputs, load_inputs, load_workflow
 
     workflow = load_workflow(args.workflow)
     if not Path(args.inputs).is_file():
-        from engine.errors import InputError
+        from tailrace.engine.errors import InputError
 
         raise InputError(f"inputs file {args.inputs!r} does not exist")
     options = _options(workflow.defaults, args)
@@ -189,20 +218,29 @@ def _run(args: argparse.Namespace) -> int:
     with _endpoints(workflow, args) as simulator, _progress() as progress:
         task = progress.add_task(workflow.name, total=total)
         summary = run_batch(
-            workflow, args.inputs, options=options, out=out, address=args.address, simulator=simulator,  # type: ignore[arg-type]
-            num_executors=args.executors, max_in_flight=args.concurrency,
+            workflow,
+            args.inputs,
+            options=options,
+            out=out,
+            address=args.address,
+            simulator=simulator,  # type: ignore[arg-type]
+            num_executors=args.executors,
+            max_in_flight=args.concurrency,
             on_done=lambda _: progress.advance(task),
         )
     console.print(summary_table(summary, workflow.name, options.deadline_s))
-    from cluster.trace import default_trace_path
+    from tailrace.cluster.trace import default_trace_path
 
     console.print(f"results: {out}   trace: {default_trace_path(out)}   tail report: tailrace report {out}")
     return 0 if summary.delivered == summary.runs else 1
 
 
 def _options(defaults: RunOptions, args: argparse.Namespace) -> RunOptions:
-    flags = {"deadline_s": ("--deadline", args.deadline), "max_cost_usd": ("--max-cost", args.max_cost),
-             "tenant": ("--tenant", args.tenant)}
+    flags = {
+        "deadline_s": ("--deadline", args.deadline),
+        "max_cost_usd": ("--max-cost", args.max_cost),
+        "tenant": ("--tenant", args.tenant),
+    }
     overrides = {field: value for field, (_, value) in flags.items() if value is not None}
     try:
         return RunOptions(**{**defaults.model_dump(), **overrides})
@@ -212,8 +250,14 @@ def _options(defaults: RunOptions, args: argparse.Namespace) -> RunOptions:
 
 
 def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=False)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
 
 
 def summary_table(summary, workflow: str, deadline_s: float) -> Table:  # type: ignore[no-untyped-def]
@@ -222,9 +266,12 @@ def summary_table(summary, workflow: str, deadline_s: float) -> Table:  # type: 
     for column in ("runs", "delivered", "hit rate", "p50", "p90", "p99", "max", "tokens", "cost $"):
         table.add_column(column, justify="right")
     table.add_row(
-        str(summary.runs), str(summary.delivered), f"{summary.hit_rate:.1%}",
+        str(summary.runs),
+        str(summary.delivered),
+        f"{summary.hit_rate:.1%}",
         *(f"{p[k]:.2f}" for k in ("p50", "p90", "p99", "max")),
-        f"{summary.input_tokens + summary.output_tokens:,}", f"{summary.cost_usd:.4f}",
+        f"{summary.input_tokens + summary.output_tokens:,}",
+        f"{summary.cost_usd:.4f}",
     )
     if summary.failures:
         table.caption = "failures: " + ", ".join(f"{k} {v}" for k, v in sorted(summary.failures.items()))

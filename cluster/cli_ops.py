@@ -12,7 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from engine.errors import InputError
+from tailrace.engine.errors import InputError
 
 COMMANDS = ("submit", "status", "logs", "results", "stop", "report", "replay")
 console = Console(stderr=False)
@@ -26,8 +26,9 @@ def add_commands(sub: Any, scenario_names: tuple[str, ...]) -> None:
     submit.add_argument("--id", dest="submission_id", help="submission id (default: derived from the batch)")
     submit.add_argument("--working-dir", help="shipped to the cluster (default: the workflow's directory)")
     submit.add_argument("--pip", action="append", default=[], help="a pip requirement for the job (repeatable)")
-    submit.add_argument("--no-ship-tailrace", action="store_true",
-                        help="the cluster has tailrace installed: do not ship its packages")
+    submit.add_argument(
+        "--no-ship-tailrace", action="store_true", help="the cluster has tailrace installed: do not ship its packages"
+    )
     submit.add_argument("--python", default="python", help="the cluster's Python interpreter (default: python)")
     submit.add_argument("--results-dir", default=None, help="on the head node (default: ~/.tailrace/jobs)")
     submit.add_argument("--wait", action="store_true", help="wait for the job to finish")
@@ -42,12 +43,20 @@ def add_commands(sub: Any, scenario_names: tuple[str, ...]) -> None:
     submit.add_argument("--max-executors", type=int, default=8)
     submit.add_argument("--target-in-flight", type=int, default=32, help="steps per executor before growing")
     submit.add_argument("--executor-cpus", type=float, default=0.5, help="logical CPUs per executor")
-    submit.add_argument("--executor-resource", action="append", default=[], metavar="NAME=N",
-                        help="a custom logical resource per executor, e.g. tailrace_executor=1 (repeatable)")
+    submit.add_argument(
+        "--executor-resource",
+        action="append",
+        default=[],
+        metavar="NAME=N",
+        help="a custom logical resource per executor, e.g. tailrace_executor=1 (repeatable)",
+    )
     submit.add_argument("--redact-prompts", action="store_true", help="keep prompt text out of the trace")
 
-    for name, text in (("status", "show a submitted batch's state and progress"),
-                       ("logs", "print a submitted batch's logs"), ("stop", "stop a submitted batch")):
+    for name, text in (
+        ("status", "show a submitted batch's state and progress"),
+        ("logs", "print a submitted batch's logs"),
+        ("stop", "stop a submitted batch"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("submission_id")
         _address(p)
@@ -88,25 +97,35 @@ def add_commands(sub: Any, scenario_names: tuple[str, ...]) -> None:
 
 
 def _address(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", help="Ray dashboard URL, e.g. http://HEAD:8265 (default: $RAY_ADDRESS or "
-                                     "http://127.0.0.1:8265); Ray's auth token is sent when configured")
+    p.add_argument(
+        "--address",
+        help="Ray dashboard URL, e.g. http://HEAD:8265 (default: $RAY_ADDRESS or "
+        "http://127.0.0.1:8265); Ray's auth token is sent when configured",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"submit": _submit, "status": _status, "logs": _logs, "results": _results, "stop": _stop,
-            "report": _report, "replay": _replay}[args.command](args)
+    return {
+        "submit": _submit,
+        "status": _status,
+        "logs": _logs,
+        "results": _results,
+        "stop": _stop,
+        "report": _report,
+        "replay": _replay,
+    }[args.command](args)
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from cluster import jobs
-    from cluster.cli import _options
-    from cluster.pool import PoolConfig
-    from engine.loading import check_inputs, load_inputs, load_workflow
+    from tailrace.cluster import jobs
+    from tailrace.cluster.cli import _options
+    from tailrace.cluster.pool import PoolConfig
+    from tailrace.engine.loading import check_inputs, load_inputs, load_workflow
 
     workflow = load_workflow(args.workflow)
     if not Path(args.inputs).is_file():
         raise InputError(f"inputs file {args.inputs!r} does not exist")
-    for line, record in load_inputs(args.inputs):   # every record checked before anything is sent
+    for line, record in load_inputs(args.inputs):  # every record checked before anything is sent
         check_inputs(workflow, record, line, source=args.inputs)
     options = _options(workflow.defaults, args)
     overrides = options.model_dump()
@@ -117,20 +136,46 @@ def _submit(args: argparse.Namespace) -> int:
             resources[name.strip()] = float(value)
         except ValueError:
             raise InputError(f"--executor-resource {item!r}: expected NAME=NUMBER") from None
-    pool = PoolConfig(min_executors=args.min_executors, max_executors=args.max_executors,
-                      target_in_flight=args.target_in_flight, executor_num_cpus=args.executor_cpus,
-                      executor_resources=resources)
-    batch = jobs.BatchArgs("", "", overrides, concurrency=args.concurrency, scenario=args.scenario, seed=args.seed,
-                           time_scale=args.time_scale, pool=pool.model_dump(), redact_prompts=args.redact_prompts)
-    submission = jobs.submit(args.workflow, args.inputs, batch, address=args.address,
-                             submission_id=args.submission_id, working_dir=args.working_dir, python=args.python,
-                             pip=args.pip, ship_tailrace=not args.no_ship_tailrace,
-                             results_dir=args.results_dir or jobs.DEFAULT_RESULTS_DIR)
-    verb = {"submitted": "submitted", "resubmitted": "submitted again (finished runs are skipped)",
-            "already_running": "already running; not submitted twice"}[submission.action]
+    pool = PoolConfig(
+        min_executors=args.min_executors,
+        max_executors=args.max_executors,
+        target_in_flight=args.target_in_flight,
+        executor_num_cpus=args.executor_cpus,
+        executor_resources=resources,
+    )
+    batch = jobs.BatchArgs(
+        "",
+        "",
+        overrides,
+        concurrency=args.concurrency,
+        scenario=args.scenario,
+        seed=args.seed,
+        time_scale=args.time_scale,
+        pool=pool.model_dump(),
+        redact_prompts=args.redact_prompts,
+    )
+    submission = jobs.submit(
+        args.workflow,
+        args.inputs,
+        batch,
+        address=args.address,
+        submission_id=args.submission_id,
+        working_dir=args.working_dir,
+        python=args.python,
+        pip=args.pip,
+        ship_tailrace=not args.no_ship_tailrace,
+        results_dir=args.results_dir or jobs.DEFAULT_RESULTS_DIR,
+    )
+    verb = {
+        "submitted": "submitted",
+        "resubmitted": "submitted again (finished runs are skipped)",
+        "already_running": "already running; not submitted twice",
+    }[submission.action]
     console.print(f"{submission.submission_id}: {verb}")
-    console.print(f"follow it: tailrace status {submission.submission_id}   tailrace logs "
-                  f"{submission.submission_id} -f   tailrace results {submission.submission_id}")
+    console.print(
+        f"follow it: tailrace status {submission.submission_id}   tailrace logs "
+        f"{submission.submission_id} -f   tailrace results {submission.submission_id}"
+    )
     if args.wait:
         final = jobs.wait(submission.submission_id, args.address)
         console.print(f"{submission.submission_id}: {final}")
@@ -142,7 +187,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from cluster import jobs
+    from tailrace.cluster import jobs
 
     state = jobs.status(args.submission_id, args.address)
     if args.json:
@@ -155,13 +200,14 @@ def _status(args: argparse.Namespace) -> int:
         console.print(f"progress: {state.progress}")
     if state.summary:
         s = state.summary
-        console.print(f"summary: {s['runs']} runs, {s['delivered']} delivered, {s['on_time']} on time, "
-                      f"cost ${s['cost_usd']:.4f}")
+        console.print(
+            f"summary: {s['runs']} runs, {s['delivered']} delivered, {s['on_time']} on time, cost ${s['cost_usd']:.4f}"
+        )
     return 0
 
 
 def _logs(args: argparse.Namespace) -> int:
-    from cluster import jobs
+    from tailrace.cluster import jobs
 
     for chunk in jobs.logs(args.submission_id, args.address, follow=args.follow):
         sys.stdout.write(chunk)
@@ -169,24 +215,30 @@ def _logs(args: argparse.Namespace) -> int:
 
 
 def _stop(args: argparse.Namespace) -> int:
-    from cluster import jobs
+    from tailrace.cluster import jobs
 
     stopped = jobs.stop(args.submission_id, args.address)
-    console.print(f"{args.submission_id}: {'stopping' if stopped else 'not running'}; finished runs are kept, "
-                  "submit it again to resume")
+    console.print(
+        f"{args.submission_id}: {'stopping' if stopped else 'not running'}; finished runs are kept, "
+        "submit it again to resume"
+    )
     return 0
 
 
 def _results(args: argparse.Namespace) -> int:
-    from cluster import jobs
-    from cluster.cli import summary_table
-    from cluster.report import read_results
-    from cluster.results import BatchSummary
-    from cluster.trace import default_trace_path
+    from tailrace.cluster import jobs
+    from tailrace.cluster.cli import summary_table
+    from tailrace.cluster.report import read_results
+    from tailrace.cluster.results import BatchSummary
+    from tailrace.cluster.trace import default_trace_path
 
     out = Path(args.out or f"results-{args.submission_id}.jsonl")
-    common = {"address": args.address, "results_dir": args.results_dir or jobs.DEFAULT_RESULTS_DIR,
-              "python": args.python, "via_job": True if args.via_job else None}
+    common = {
+        "address": args.address,
+        "results_dir": args.results_dir or jobs.DEFAULT_RESULTS_DIR,
+        "python": args.python,
+        "via_job": True if args.via_job else None,
+    }
     jobs.fetch_results(args.submission_id, out, **common)
     trace = default_trace_path(out)
     try:
@@ -205,10 +257,10 @@ def _results(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from cluster.report import PLOT_INSTALL_HINT, build_report, plot_cdf, read_results, render, report_json
-    from cluster.trace import default_trace_path, read_trace
-    from engine.loading import load_workflow
-    from engine.specs import WorkflowSpec
+    from tailrace.cluster.report import PLOT_INSTALL_HINT, build_report, plot_cdf, read_results, render, report_json
+    from tailrace.cluster.trace import default_trace_path, read_trace
+    from tailrace.engine.loading import load_workflow
+    from tailrace.engine.specs import WorkflowSpec
 
     results = Path(args.results)
     if not results.is_file():
@@ -240,9 +292,9 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from cluster.cli import _endpoints
-    from cluster.providers import resolve_providers
-    from cluster.replay import load_target, render, run_replay, worst_case_cost_usd
+    from tailrace.cluster.cli import _endpoints
+    from tailrace.cluster.providers import resolve_providers
+    from tailrace.cluster.replay import load_target, render, run_replay, worst_case_cost_usd
 
     if not Path(args.trace).is_file():
         raise InputError(f"trace file {args.trace!r} does not exist")
@@ -252,14 +304,26 @@ def _replay(args: argparse.Namespace) -> int:
     with _endpoints(target.workflow, args) as simulator:
         worst = worst_case_cost_usd(target, args.n)
         if simulator is None and worst > args.max_cost:
-            raise InputError(f"replaying {args.n} times may cost up to ${worst:.2f}, over --max-cost "
-                             f"${args.max_cost:.2f}; raise --max-cost or lower --n")
+            raise InputError(
+                f"replaying {args.n} times may cost up to ${worst:.2f}, over --max-cost "
+                f"${args.max_cost:.2f}; raise --max-cost or lower --n"
+            )
         providers = resolve_providers(target.workflow, simulator)  # type: ignore[arg-type]
         result = run_replay(target, providers, args.n, args.concurrency)
     if args.json:
         rows = [{"outcome": k, "count": c, "rate": r, "low": lo, "high": hi} for k, c, r, lo, hi in result.rates()]
-        console.print_json(json.dumps({"step": args.step, "model": target.request.model, "n": args.n,
-                                       "recorded": target.recorded, "outcomes": rows, "cost_usd": result.cost_usd}))
+        console.print_json(
+            json.dumps(
+                {
+                    "step": args.step,
+                    "model": target.request.model,
+                    "n": args.n,
+                    "recorded": target.recorded,
+                    "outcomes": rows,
+                    "cost_usd": result.cost_usd,
+                }
+            )
+        )
         return 0
     for renderable in render(result):
         console.print(renderable)

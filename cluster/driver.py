@@ -7,7 +7,7 @@ steps at it on their own, and the driver backstops with `grace_s` so no run outl
 more than that, whatever happens to an executor.
 
 Each step request also carries the step's share of the remaining time (its weight over the remaining
-critical path, `policies.allocation`), so the step picks a model that leaves its successors their
+critical path, `tailrace.policies.allocation`), so the step picks a model that leaves its successors their
 time, and its share of the run's allowance for duplicates and retries (with a `hedge` config).
 """
 
@@ -22,17 +22,17 @@ from typing import Any, Protocol
 import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError, TaskCancelledError
 
-from actors import run_metrics
-from actors.step_runner import StepRequest
-from cluster.pool import ExecutorSource, Lease, NoExecutorError
-from cluster.results import BatchSummary, ResultWriter
-from engine.clock import SYSTEM_CLOCK, Clock, Deadline
-from engine.dag import Dag
-from engine.outcomes import AttemptRecord, FailureReason, RunOutcome, StepResult
-from engine.specs import HedgeConfig, RunOptions, WorkflowSpec
-from policies.allocation import split_extra_tokens, step_extra_tokens, step_weights, time_shares
-from policies.hedging import effective_config
-from policies.spend_limits import attempt_weight, split_cost
+from tailrace.cluster.pool import ExecutorSource, Lease, NoExecutorError
+from tailrace.cluster.results import BatchSummary, ResultWriter
+from tailrace.engine.clock import SYSTEM_CLOCK, Clock, Deadline
+from tailrace.engine.dag import Dag
+from tailrace.engine.outcomes import AttemptRecord, FailureReason, RunOutcome, StepResult
+from tailrace.engine.specs import HedgeConfig, RunOptions, WorkflowSpec
+from tailrace.policies.allocation import split_extra_tokens, step_extra_tokens, step_weights, time_shares
+from tailrace.policies.hedging import effective_config
+from tailrace.policies.spend_limits import attempt_weight, split_cost
+from tailrace.runtime import run_metrics
+from tailrace.runtime.step_runner import StepRequest
 
 DEFAULT_GRACE_S = 0.25
 
@@ -43,19 +43,19 @@ class _RunState:
     inputs: dict[str, Any]
     deadline: Deadline
     started_at: float
-    deadline_epoch: float          # computed once: every step request carries this same value
-    started_mono: float = 0.0      # latency is measured on the monotonic clock (immune to NTP steps)
+    deadline_epoch: float  # computed once: every step request carries this same value
+    started_mono: float = 0.0  # latency is measured on the monotonic clock (immune to NTP steps)
     outputs: dict[str, Any] = field(default_factory=dict)
     attempts: list[AttemptRecord] = field(default_factory=list)
     degraded: dict[str, str] = field(default_factory=dict)
     cost_usd: float = 0.0
-    promised_usd: dict[str, float] = field(default_factory=dict)   # running steps' shares of the cost cap
+    promised_usd: dict[str, float] = field(default_factory=dict)  # running steps' shares of the cost cap
     failure: FailureReason | None = None
     detail: str | None = None
     failed_step: str | None = None
-    extra_allowance: int | None = None                           # tokens for duplicates and retries
+    extra_allowance: int | None = None  # tokens for duplicates and retries
     extra_spent: int = 0
-    extra_held: dict[str, int] = field(default_factory=dict)     # running step -> its share
+    extra_held: dict[str, int] = field(default_factory=dict)  # running step -> its share
 
     def extra_grants(self, steps: list[str]) -> dict[str, int | None]:
         if self.extra_allowance is None:
@@ -87,8 +87,10 @@ class ExecutorChooser:
         self._tie = itertools.count()
 
     def acquire(self, avoid: Any = None) -> int:
-        order = sorted(range(len(self.executors)),
-                       key=lambda i: (self.executors[i] is avoid, self._load[i], (i - next(self._tie)) % 997))
+        order = sorted(
+            range(len(self.executors)),
+            key=lambda i: (self.executors[i] is avoid, self._load[i], (i - next(self._tie)) % 997),
+        )
         self._load[order[0]] += 1
         return order[0]
 
@@ -110,16 +112,24 @@ class RunAdmission(Protocol):
     """Asked once when a run starts; a refusal ends the run at once as `budget_exhausted`.
     An admission may also define `finished(run_id, outcome)`, called when an admitted run ends."""
 
-    async def admit(self, run_id: str, workflow: WorkflowSpec, options: RunOptions,
-                    deadline_epoch: float) -> str | None:
+    async def admit(
+        self, run_id: str, workflow: WorkflowSpec, options: RunOptions, deadline_epoch: float
+    ) -> str | None:
         """None to admit the run, else the reason it cannot be served before its deadline."""
         ...
 
 
 class WorkflowDriver:
-    def __init__(self, workflow: WorkflowSpec, options: RunOptions, executors: Sequence[Any] | ExecutorSource,
-                 clock: Clock = SYSTEM_CLOCK, grace_s: float = DEFAULT_GRACE_S,
-                 admission: RunAdmission | None = None, hedge: HedgeConfig | None = None) -> None:
+    def __init__(
+        self,
+        workflow: WorkflowSpec,
+        options: RunOptions,
+        executors: Sequence[Any] | ExecutorSource,
+        clock: Clock = SYSTEM_CLOCK,
+        grace_s: float = DEFAULT_GRACE_S,
+        admission: RunAdmission | None = None,
+        hedge: HedgeConfig | None = None,
+    ) -> None:
         self.admission = admission
         self.workflow = workflow
         self.options = options
@@ -133,8 +143,15 @@ class WorkflowDriver:
 
     async def run(self, run_id: str, inputs: dict[str, Any]) -> RunOutcome:
         deadline = Deadline.after(self.options.deadline_s, self.clock)
-        state = _RunState(run_id, inputs, deadline, self.clock.time(), deadline.to_epoch(), self.clock.monotonic(),
-                          extra_allowance=self._extra_allowance(inputs))
+        state = _RunState(
+            run_id,
+            inputs,
+            deadline,
+            self.clock.time(),
+            deadline.to_epoch(),
+            self.clock.monotonic(),
+            extra_allowance=self._extra_allowance(inputs),
+        )
         pending: _Pending = {}
         started: set[str] = set()
         if self.admission is not None:
@@ -153,8 +170,9 @@ class WorkflowDriver:
                     call = _StepCall(step_id)
                     pending[asyncio.ensure_future(self._run_step(state, call, shares.get(step_id)))] = call
                 # The backstop fires halfway into the grace, leaving the rest to collect the stragglers' records.
-                done, _ = await asyncio.wait(pending, timeout=state.deadline.remaining() + self.grace_s / 2,
-                                             return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    pending, timeout=state.deadline.remaining() + self.grace_s / 2, return_when=asyncio.FIRST_COMPLETED
+                )
                 if not done:
                     state.failure, state.detail = FailureReason.DEADLINE_EXCEEDED, "run deadline reached"
                     break
@@ -198,10 +216,16 @@ class WorkflowDriver:
                 if cost_share is not None:
                     remaining_cost = min(remaining_cost, cost_share)
             request = StepRequest(
-                run_id=state.run_id, workflow=self.workflow.name, tenant=self.options.tenant, step=step,
-                inputs=state.inputs, upstream={d: state.outputs[d] for d in self.dag.ancestors(step.id)},
-                deadline_epoch=state.deadline_epoch, cost_remaining_usd=remaining_cost,
-                max_attempts=self.options.max_attempts_per_step, time_share=self.time_shares[step.id],
+                run_id=state.run_id,
+                workflow=self.workflow.name,
+                tenant=self.options.tenant,
+                step=step,
+                inputs=state.inputs,
+                upstream={d: state.outputs[d] for d in self.dag.ancestors(step.id)},
+                deadline_epoch=state.deadline_epoch,
+                cost_remaining_usd=remaining_cost,
+                max_attempts=self.options.max_attempts_per_step,
+                time_share=self.time_shares[step.id],
                 extra_tokens=state.extra_held.get(step.id),
             )
             lease = await self.pool.lease(state.deadline, avoid)
@@ -268,22 +292,36 @@ class WorkflowDriver:
         ended = state.started_at + latency
         delivered = state.failure is None
         outcome = RunOutcome(
-            run_id=state.run_id, workflow=self.workflow.name, tenant=self.options.tenant,
-            delivered=delivered, failure=state.failure, detail=state.detail, failed_step=state.failed_step,
+            run_id=state.run_id,
+            workflow=self.workflow.name,
+            tenant=self.options.tenant,
+            delivered=delivered,
+            failure=state.failure,
+            detail=state.detail,
+            failed_step=state.failed_step,
             outputs={s: state.outputs[s] for s in self.dag.sinks()} if delivered else {},
-            started_at=state.started_at, ended_at=ended, deadline_at=state.deadline_epoch,
-            latency_s=latency, cost_usd=state.cost_usd,
+            started_at=state.started_at,
+            ended_at=ended,
+            deadline_at=state.deadline_epoch,
+            latency_s=latency,
+            cost_usd=state.cost_usd,
             input_tokens=sum(a.input_tokens for a in state.attempts),
             output_tokens=sum(a.output_tokens for a in state.attempts),
-            degraded_steps=state.degraded, attempts=state.attempts,
+            degraded_steps=state.degraded,
+            attempts=state.attempts,
         )
         run_metrics.run_finished(outcome)
         return outcome
 
 
-async def run_records(driver: WorkflowDriver, records: Iterable[tuple[str, dict[str, Any]]],
-                      writer: ResultWriter, summary: BatchSummary, max_in_flight: int,
-                      on_done: Callable[[RunOutcome], None] | None = None) -> None:
+async def run_records(
+    driver: WorkflowDriver,
+    records: Iterable[tuple[str, dict[str, Any]]],
+    writer: ResultWriter,
+    summary: BatchSummary,
+    max_in_flight: int,
+    on_done: Callable[[RunOutcome], None] | None = None,
+) -> None:
     """Run records with at most `max_in_flight` runs at once; write each outcome as it finishes."""
     in_flight: set[asyncio.Task[RunOutcome]] = set()
 

@@ -11,7 +11,7 @@ as runs finish, so an interrupted batch loses nothing). `status`, `logs`, `stop`
 the batch id and follow its latest attempt. (Reusing the Ray job id itself is unsafe: the stopped
 job's supervisor actor can still hold its name while the new job starts.)
 
-Job side (`python -m cluster.jobs run ...`, the entrypoint): runs the batch with `run_batch` on the
+Job side (`python -m tailrace.cluster.jobs run ...`, the entrypoint): runs the batch with `run_batch` on the
 cluster, writing `results.jsonl`, `results.trace.jsonl` and `summary.json` under
 `<results-dir>/<submission id>/` on the node the job driver runs on (the head node), and prints
 progress lines that `tailrace status` and `tailrace logs` show. `fetch_results` reads that directory
@@ -24,13 +24,17 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import functools
 import gzip
 import hashlib
+import importlib
 import json
 import os
 import re
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -38,11 +42,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from engine.errors import InputError, TailraceError
+from tailrace.engine.errors import InputError, TailraceError
 
 DEFAULT_RESULTS_DIR = "~/.tailrace/jobs"
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-TAILRACE_PACKAGES = ("engine", "actors", "policies", "cluster")
+SUBPACKAGES = ("engine", "policies", "runtime", "actors", "cluster")
 PROGRESS_PREFIX = "tailrace progress:"
 SUMMARY_PREFIX = "tailrace summary:"
 _BEGIN, _END = "-----BEGIN TAILRACE FILE-----", "-----END TAILRACE FILE-----"
@@ -57,20 +61,32 @@ class JobError(TailraceError):
 class BatchArgs:
     """What the job runs: the job-side command line, built on the client, parsed on the cluster."""
 
-    workflow: str                      # relative to the working dir
+    workflow: str  # relative to the working dir
     inputs: str
-    options: Mapping[str, Any]         # RunOptions overrides (deadline_s, max_cost_usd, tenant)
+    options: Mapping[str, Any]  # RunOptions overrides (deadline_s, max_cost_usd, tenant)
     concurrency: int = 64
     scenario: str | None = None
     seed: int = 0
     time_scale: float = 1.0
-    pool: Mapping[str, Any] | None = None   # PoolConfig fields
+    pool: Mapping[str, Any] | None = None  # PoolConfig fields
     redact_prompts: bool = False
 
     def argv(self, submission_id: str, results_dir: str) -> list[str]:
-        argv = ["run", "--workflow", self.workflow, "--inputs", self.inputs, "--submission-id", submission_id,
-                "--results-dir", results_dir, "--concurrency", str(self.concurrency),
-                "--options", json.dumps(dict(self.options), sort_keys=True)]
+        argv = [
+            "run",
+            "--workflow",
+            self.workflow,
+            "--inputs",
+            self.inputs,
+            "--submission-id",
+            submission_id,
+            "--results-dir",
+            results_dir,
+            "--concurrency",
+            str(self.concurrency),
+            "--options",
+            json.dumps(dict(self.options), sort_keys=True),
+        ]
         if self.scenario:
             argv += ["--scenario", self.scenario, "--seed", str(self.seed), "--time-scale", repr(self.time_scale)]
         if self.pool:
@@ -81,8 +97,12 @@ class BatchArgs:
 
     def identity(self) -> dict[str, Any]:
         """What decides the results (and so the submission id); executor sizing does not."""
-        return {"options": dict(self.options), "scenario": self.scenario, "seed": self.seed,
-                "time_scale": self.time_scale}
+        return {
+            "options": dict(self.options),
+            "scenario": self.scenario,
+            "seed": self.seed,
+            "time_scale": self.time_scale,
+        }
 
 
 def submission_id_for(workflow: Path, inputs: Path, args: BatchArgs) -> str:
@@ -90,13 +110,14 @@ def submission_id_for(workflow: Path, inputs: Path, args: BatchArgs) -> str:
     digest = hashlib.sha256()
     for part in (workflow.read_bytes(), inputs.read_bytes(), json.dumps(args.identity(), sort_keys=True).encode()):
         digest.update(hashlib.sha256(part).digest())
-    from engine.loading import load_workflow
+    from tailrace.engine.loading import load_workflow
 
     name = re.sub(r"[^a-z0-9-]+", "-", load_workflow(workflow).name.lower()).strip("-") or "batch"
     return f"tailrace-{name}-{digest.hexdigest()[:12]}"
 
 
 # -- client side -------------------------------------------------------------------------------
+
 
 def auth_headers() -> dict[str, str]:
     """Ray's auth token as a bearer header, from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.
@@ -129,20 +150,44 @@ def client(address: str | None = None) -> Any:
         raise JobError(f"cannot reach the Ray job server at {address}: {_first_line(exc)}") from None
 
 
-def runtime_env(working_dir: Path | None, *, ship_tailrace: bool = True, pip: Sequence[str] = (),
-                env_vars: Mapping[str, str] | None = None) -> dict[str, Any]:
+def runtime_env(
+    working_dir: Path | None,
+    *,
+    ship_tailrace: bool = True,
+    pip: Sequence[str] = (),
+    env_vars: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
     """The job's runtime env: the working dir, tailrace's own packages (so a cluster without tailrace
     installed runs it) and pip dependencies. Never API keys: the runtime env is visible in the
     dashboard; nodes take keys from their own environment."""
     env: dict[str, Any] = {"working_dir": str(working_dir)} if working_dir else {}
     if ship_tailrace:
-        root = Path(__file__).resolve().parent.parent
-        env["py_modules"] = [str(root / p) for p in TAILRACE_PACKAGES]
+        env["py_modules"] = [str(tailrace_package_dir())]
     if pip:
         env["pip"] = list(pip)
     if env_vars:
         env["env_vars"] = dict(env_vars)
     return env
+
+
+@functools.cache
+def tailrace_package_dir() -> Path:
+    """A directory named `tailrace` holding the whole package, for a job's `py_modules`.
+
+    An installed wheel already has one. An editable install maps the sub-packages from the repository's
+    root folders, so they are copied into one staged tree (once per process, without bytecode caches).
+    """
+    import tailrace
+
+    installed = Path(tailrace.__file__).resolve().parent
+    if all((installed / sub / "__init__.py").is_file() for sub in SUBPACKAGES):
+        return installed
+    staged = Path(tempfile.mkdtemp(prefix="tailrace-ship-")) / "tailrace"
+    shutil.copytree(installed, staged, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for sub in SUBPACKAGES:
+        source = Path(importlib.import_module(f"tailrace.{sub}").__path__[0])
+        shutil.copytree(source, staged / sub, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return staged
 
 
 def forwarded_env() -> dict[str, str]:
@@ -153,9 +198,9 @@ def forwarded_env() -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Submission:
-    submission_id: str     # the batch's id (what the user keeps)
-    job_id: str            # the Ray job of this attempt: the batch id, then <id>.2, <id>.3, ...
-    action: str            # submitted | resubmitted | already_running
+    submission_id: str  # the batch's id (what the user keeps)
+    job_id: str  # the Ray job of this attempt: the batch id, then <id>.2, <id>.3, ...
+    action: str  # submitted | resubmitted | already_running
     status: str
 
 
@@ -163,7 +208,7 @@ def _attempt_number(batch_id: str, job_id: str | None) -> int | None:
     if job_id == batch_id:
         return 1
     if job_id and job_id.startswith(batch_id + "."):
-        tail = job_id[len(batch_id) + 1:]
+        tail = job_id[len(batch_id) + 1 :]
         return int(tail) if tail.isdigit() else None
     return None
 
@@ -186,10 +231,19 @@ def latest_job(jobs: Any, batch_id: str) -> str:
     return found[-1][1]
 
 
-def submit(workflow: str | Path, inputs: str | Path, args: BatchArgs | None = None, *,
-           address: str | None = None, submission_id: str | None = None, working_dir: str | Path | None = None,
-           python: str = "python", pip: Sequence[str] = (), ship_tailrace: bool = True,
-           results_dir: str = DEFAULT_RESULTS_DIR) -> Submission:
+def submit(
+    workflow: str | Path,
+    inputs: str | Path,
+    args: BatchArgs | None = None,
+    *,
+    address: str | None = None,
+    submission_id: str | None = None,
+    working_dir: str | Path | None = None,
+    python: str = "python",
+    pip: Sequence[str] = (),
+    ship_tailrace: bool = True,
+    results_dir: str = DEFAULT_RESULTS_DIR,
+) -> Submission:
     """Submit a batch as a Ray job (idempotent: see the module docstring)."""
     workflow, inputs = Path(workflow).resolve(), Path(inputs).resolve()
     for what, path in (("workflow", workflow), ("inputs", inputs)):
@@ -201,8 +255,10 @@ def submit(workflow: str | Path, inputs: str | Path, args: BatchArgs | None = No
         try:
             rel[what] = str(path.relative_to(root))
         except ValueError:
-            raise InputError(f"the {what} file {str(path)!r} is outside the working dir {str(root)!r}: "
-                             "pass --working-dir with a directory that holds both") from None
+            raise InputError(
+                f"the {what} file {str(path)!r} is outside the working dir {str(root)!r}: "
+                "pass --working-dir with a directory that holds both"
+            ) from None
     args = replace(args or BatchArgs("", "", {}), workflow=rel["workflow"], inputs=rel["inputs"])
     sid = submission_id or submission_id_for(workflow, inputs, args)
     jobs = client(address)
@@ -210,12 +266,15 @@ def submit(workflow: str | Path, inputs: str | Path, args: BatchArgs | None = No
     if earlier and earlier[-1][2] not in _TERMINAL:
         return Submission(sid, earlier[-1][1], "already_running", earlier[-1][2])
     job_id = f"{sid}.{earlier[-1][0] + 1}" if earlier else sid
-    entrypoint = " ".join(shlex.quote(a) for a in [python, "-m", "cluster.jobs", *args.argv(sid, results_dir)])
+    entrypoint = " ".join(shlex.quote(a) for a in [python, "-m", "tailrace.cluster.jobs", *args.argv(sid, results_dir)])
     try:
-        _submit_job(jobs, entrypoint=entrypoint, submission_id=job_id,
-                        runtime_env=runtime_env(root, ship_tailrace=ship_tailrace, pip=pip, env_vars=forwarded_env()),
-                        metadata={"tailrace": "batch", "batch": sid, "workflow": rel["workflow"],
-                                  "inputs": rel["inputs"]})
+        _submit_job(
+            jobs,
+            entrypoint=entrypoint,
+            submission_id=job_id,
+            runtime_env=runtime_env(root, ship_tailrace=ship_tailrace, pip=pip, env_vars=forwarded_env()),
+            metadata={"tailrace": "batch", "batch": sid, "workflow": rel["workflow"], "inputs": rel["inputs"]},
+        )
     except RuntimeError as exc:
         if "already exists" in str(exc):  # a concurrent submit of the same batch won the race
             return Submission(sid, job_id, "already_running", _job_status(jobs, job_id) or "PENDING")
@@ -248,13 +307,13 @@ def _job_status(jobs: Any, sid: str) -> str | None:
 @dataclass(frozen=True)
 class JobState:
     submission_id: str
-    job_id: str                   # its latest attempt
+    job_id: str  # its latest attempt
     attempts: int
     status: str
     message: str
     start_time: float | None
     end_time: float | None
-    progress: str | None          # the job's last progress line
+    progress: str | None  # the job's last progress line
     summary: dict[str, Any] | None
 
     def as_dict(self) -> dict[str, Any]:
@@ -275,14 +334,22 @@ def status(submission_id: str, address: str | None = None) -> JobState:
     progress = summary = None
     for line in text.splitlines():
         if line.startswith(PROGRESS_PREFIX):
-            progress = line[len(PROGRESS_PREFIX):].strip()
+            progress = line[len(PROGRESS_PREFIX) :].strip()
         elif line.startswith(SUMMARY_PREFIX):
             with contextlib.suppress(ValueError):
-                summary = json.loads(line[len(SUMMARY_PREFIX):])
+                summary = json.loads(line[len(SUMMARY_PREFIX) :])
     ms = 1000.0
-    return JobState(submission_id, job_id, len(found), str(info.status.value), info.message or "",
-                    info.start_time / ms if info.start_time else None, info.end_time / ms if info.end_time else None,
-                    progress, summary)
+    return JobState(
+        submission_id,
+        job_id,
+        len(found),
+        str(info.status.value),
+        info.message or "",
+        info.start_time / ms if info.start_time else None,
+        info.end_time / ms if info.end_time else None,
+        progress,
+        summary,
+    )
 
 
 def logs(submission_id: str, address: str | None = None, follow: bool = False) -> Iterator[str]:
@@ -331,9 +398,17 @@ def job_dir(results_dir: str | Path, submission_id: str) -> Path:
 FILES = {"results": "results.jsonl", "trace": "results.trace.jsonl", "summary": "summary.json"}
 
 
-def fetch_results(submission_id: str, out: str | Path, *, address: str | None = None,
-                  results_dir: str = DEFAULT_RESULTS_DIR, what: str = "results", python: str = "python",
-                  via_job: bool | None = None, timeout_s: float = 300.0) -> Path:
+def fetch_results(
+    submission_id: str,
+    out: str | Path,
+    *,
+    address: str | None = None,
+    results_dir: str = DEFAULT_RESULTS_DIR,
+    what: str = "results",
+    python: str = "python",
+    via_job: bool | None = None,
+    timeout_s: float = 300.0,
+) -> Path:
     """Copy a job's results (or trace, or summary) to `out`: directly when this machine sees the job's
     results directory (a local cluster or shared storage), else through a helper job."""
     source = job_dir(results_dir, submission_id) / FILES[what]
@@ -348,11 +423,25 @@ def fetch_results(submission_id: str, out: str | Path, *, address: str | None = 
         return target
     jobs = client(address)
     helper = f"{submission_id}-fetch-{uuid.uuid4().hex[:8]}"
-    argv = [python, "-m", "cluster.jobs", "cat", "--submission-id", submission_id, "--results-dir", results_dir,
-            "--what", what]
-    _submit_job(jobs, entrypoint=" ".join(shlex.quote(a) for a in argv), submission_id=helper,
-                    runtime_env=runtime_env(None, ship_tailrace=True),
-                    metadata={"tailrace": "fetch"})
+    argv = [
+        python,
+        "-m",
+        "tailrace.cluster.jobs",
+        "cat",
+        "--submission-id",
+        submission_id,
+        "--results-dir",
+        results_dir,
+        "--what",
+        what,
+    ]
+    _submit_job(
+        jobs,
+        entrypoint=" ".join(shlex.quote(a) for a in argv),
+        submission_id=helper,
+        runtime_env=runtime_env(None, ship_tailrace=True),
+        metadata={"tailrace": "fetch"},
+    )
     try:
         final = wait(helper, address, timeout_s=timeout_s)
         text = jobs.get_job_logs(helper)
@@ -374,8 +463,9 @@ def _first_line(exc: BaseException) -> str:
 
 # -- job side ----------------------------------------------------------------------------------
 
+
 def _job_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m cluster.jobs")
+    parser = argparse.ArgumentParser(prog="python -m tailrace.cluster.jobs")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run")
     run.add_argument("--workflow", required=True)
@@ -406,21 +496,21 @@ def job_main(argv: Sequence[str] | None = None) -> int:
         encoded = base64.b64encode(gzip.compress(path.read_bytes())).decode()
         print(_BEGIN)
         for i in range(0, len(encoded), 76):
-            print(encoded[i:i + 76])
+            print(encoded[i : i + 76])
         print(_END, flush=True)
         return 0
     return _run_job(args)
 
 
 def _run_job(args: argparse.Namespace) -> int:
-    from cluster.api import run_batch
-    from cluster.pool import PoolConfig
-    from cluster.providers import SimulatorEndpoints
-    from cluster.report import read_results
-    from cluster.results import BatchSummary, finished_run_ids
-    from cluster.trace import TraceConfig, default_trace_path
-    from engine.loading import load_inputs, load_workflow
-    from engine.specs import RunOptions
+    from tailrace.cluster.api import run_batch
+    from tailrace.cluster.pool import PoolConfig
+    from tailrace.cluster.providers import SimulatorEndpoints
+    from tailrace.cluster.report import read_results
+    from tailrace.cluster.results import BatchSummary, finished_run_ids
+    from tailrace.cluster.trace import TraceConfig, default_trace_path
+    from tailrace.engine.loading import load_inputs, load_workflow
+    from tailrace.engine.specs import RunOptions
 
     # Absolute now: joining the cluster can change the working directory of this process.
     args.workflow, args.inputs = str(Path(args.workflow).resolve()), str(Path(args.inputs).resolve())
@@ -432,8 +522,10 @@ def _run_job(args: argparse.Namespace) -> int:
     out = directory / FILES["results"]
     total = sum(1 for _ in load_inputs(args.inputs))
     skipped = len(finished_run_ids(out))
-    print(f"tailrace job {args.submission_id}: {total} records, {skipped} already finished (skipped); "
-          f"results in {out}", flush=True)
+    print(
+        f"tailrace job {args.submission_id}: {total} records, {skipped} already finished (skipped); results in {out}",
+        flush=True,
+    )
     counts = {"finished": 0, "delivered": 0}
     last = [0.0]
 
@@ -445,28 +537,49 @@ def _run_job(args: argparse.Namespace) -> int:
         if force or now - last[0] >= 2.0:
             last[0] = now
             done = skipped + counts["finished"]
-            print(f"{PROGRESS_PREFIX} {done}/{total} runs finished ({counts['finished']} this job, "
-                  f"{counts['delivered']} delivered, {skipped} skipped)", flush=True)
+            print(
+                f"{PROGRESS_PREFIX} {done}/{total} runs finished ({counts['finished']} this job, "
+                f"{counts['delivered']} delivered, {skipped} skipped)",
+                flush=True,
+            )
 
     with contextlib.ExitStack() as stack:
         simulator = None
         if args.scenario:
-            from engine.sim import SimServer, scenario
+            from tailrace.engine.sim import SimServer, scenario
 
-            sim = stack.enter_context(SimServer.in_thread(
-                scenario(args.scenario, seed=args.seed, time_scale=args.time_scale)))
+            sim = stack.enter_context(
+                SimServer.in_thread(scenario(args.scenario, seed=args.seed, time_scale=args.time_scale))
+            )
             simulator = SimulatorEndpoints(sim.openai_base_url, sim.anthropic_base_url)
             print(f"using the built-in provider simulator: scenario {args.scenario!r}", flush=True)
-        summary = run_batch(workflow, args.inputs, options=options, out=out, simulator=simulator,
-                            max_in_flight=args.concurrency, pool=pool, on_done=progress,
-                            trace=TraceConfig(path=str(default_trace_path(out)), redact_prompts=args.redact_prompts))
+        summary = run_batch(
+            workflow,
+            args.inputs,
+            options=options,
+            out=out,
+            simulator=simulator,
+            max_in_flight=args.concurrency,
+            pool=pool,
+            on_done=progress,
+            trace=TraceConfig(path=str(default_trace_path(out)), redact_prompts=args.redact_prompts),
+        )
     progress(None, force=True)
-    whole = BatchSummary()   # over every run in the results file, this job's and earlier ones'
+    whole = BatchSummary()  # over every run in the results file, this job's and earlier ones'
     for outcome in read_results(out):
         whole.add(outcome)
-    result = {"submission_id": args.submission_id, "records": total, "skipped": skipped,
-              "this_job": summary.runs, "runs": whole.runs, "delivered": whole.delivered, "on_time": whole.on_time,
-              "failures": whole.failures, "cost_usd": whole.cost_usd, "percentiles": whole.percentiles()}
+    result = {
+        "submission_id": args.submission_id,
+        "records": total,
+        "skipped": skipped,
+        "this_job": summary.runs,
+        "runs": whole.runs,
+        "delivered": whole.delivered,
+        "on_time": whole.on_time,
+        "failures": whole.failures,
+        "cost_usd": whole.cost_usd,
+        "percentiles": whole.percentiles(),
+    }
     (directory / FILES["summary"]).write_text(json.dumps(result, indent=2))
     print(SUMMARY_PREFIX + " " + json.dumps(result), flush=True)
     return 0

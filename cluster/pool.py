@@ -23,9 +23,9 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from actors import run_metrics
-from engine.clock import SYSTEM_CLOCK, Clock, Deadline
-from engine.errors import TailraceError
+from tailrace.engine.clock import SYSTEM_CLOCK, Clock, Deadline
+from tailrace.engine.errors import TailraceError
+from tailrace.runtime import run_metrics
 
 
 class NoExecutorError(TailraceError):
@@ -34,7 +34,7 @@ class NoExecutorError(TailraceError):
 
 @dataclass(frozen=True)
 class Lease:
-    executor: Any          # the actor handle
+    executor: Any  # the actor handle
     key: int
 
 
@@ -63,13 +63,13 @@ class PoolConfig(BaseModel):
     # Custom logical resources per executor, e.g. {"tailrace_executor": 1}: only nodes that offer them
     # host executors, and pending executors make the autoscaler add such nodes.
     executor_resources: dict[str, float] = Field(default_factory=dict)
-    spread: bool = True                                   # SPREAD scheduling: one node's loss hurts less
+    spread: bool = True  # SPREAD scheduling: one node's loss hurts less
     scale_interval_s: float = Field(default=0.5, gt=0)
     scale_down_after_s: float = Field(default=10.0, ge=0)  # over-provisioned this long before shrinking
     health_timeout_s: float = Field(default=2.0, gt=0)
-    replace_after_s: float = Field(default=5.0, ge=0)      # unreachable this long: killed and replaced
-    start_timeout_s: float = Field(default=60.0, gt=0)     # start() waits this long for min_executors
-    request_resources: bool = True                         # send the wanted size to the autoscaler
+    replace_after_s: float = Field(default=5.0, ge=0)  # unreachable this long: killed and replaced
+    start_timeout_s: float = Field(default=60.0, gt=0)  # start() waits this long for min_executors
+    request_resources: bool = True  # send the wanted size to the autoscaler
 
     @model_validator(mode="after")
     def _check(self) -> PoolConfig:
@@ -90,8 +90,8 @@ class PoolConfig(BaseModel):
 @dataclass(frozen=True)
 class Load:
     steps_in_flight: int
-    waiting: int                 # step dispatches waiting for an executor
-    attempts_in_flight: int      # as the executors last reported them (hedges count)
+    waiting: int  # step dispatches waiting for an executor
+    attempts_in_flight: int  # as the executors last reported them (hedges count)
 
 
 def wanted_size(load: Load, config: PoolConfig) -> int:
@@ -123,10 +123,10 @@ class Scaler:
 
 
 class MemberState(StrEnum):
-    STARTING = "starting"    # spawned, not yet answering (maybe pending: no node has room)
+    STARTING = "starting"  # spawned, not yet answering (maybe pending: no node has room)
     READY = "ready"
-    SUSPECT = "suspect"      # a step saw it die or it stopped answering; no new work
-    DRAINING = "draining"    # being removed; killed when its last step returns
+    SUSPECT = "suspect"  # a step saw it die or it stopped answering; no new work
+    DRAINING = "draining"  # being removed; killed when its last step returns
 
 
 @dataclass
@@ -136,7 +136,7 @@ class _Member:
     state: MemberState
     since: float
     in_flight: int = 0
-    served: int = 0             # step dispatches it took
+    served: int = 0  # step dispatches it took
     attempts_in_flight: int = 0
     node_id: str | None = None
     last_seen: float | None = None
@@ -145,9 +145,9 @@ class _Member:
 
 @dataclass(frozen=True)
 class PoolEvent:
-    at: float                # monotonic
-    kind: str                # grow | shrink | ready | dead | replace
-    size: int                # ready + starting after the event
+    at: float  # monotonic
+    kind: str  # grow | shrink | ready | dead | replace
+    size: int  # ready + starting after the event
     detail: str = ""
 
 
@@ -160,22 +160,29 @@ class PoolStatus:
     steps_in_flight: int
     waiting: int
     attempts_in_flight: int
-    nodes: dict[str, int] = field(default_factory=dict)   # node id -> ready executors there
+    nodes: dict[str, int] = field(default_factory=dict)  # node id -> ready executors there
     served: dict[str, int] = field(default_factory=dict)  # node id -> step dispatches its executors took
 
 
 class ExecutorPool:
     """Owns StepExecutor actors for one driver. Use `async with ExecutorPool(...) as pool:`."""
 
-    def __init__(self, providers: Mapping[str, Any], config: PoolConfig | None = None, *,
-                 clock: Clock = SYSTEM_CLOCK, executor_clock: Clock | None = None,
-                 executor_kwargs: Mapping[str, Any] | None = None, name: str = "executor") -> None:
+    def __init__(
+        self,
+        providers: Mapping[str, Any],
+        config: PoolConfig | None = None,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        executor_clock: Clock | None = None,
+        executor_kwargs: Mapping[str, Any] | None = None,
+        name: str = "executor",
+    ) -> None:
         self.config = config or PoolConfig()
         self.clock = clock
         self.events: deque[PoolEvent] = deque(maxlen=2000)
         self._providers = dict(providers)
         self._executor_clock = executor_clock
-        self._executor_kwargs = dict(executor_kwargs or {})   # tail control settings for every executor
+        self._executor_kwargs = dict(executor_kwargs or {})  # tail control settings for every executor
         self._name = name
         self._members: dict[int, _Member] = {}
         self._keys = itertools.count()
@@ -185,7 +192,7 @@ class ExecutorPool:
         self._scaler = Scaler(self.config, clock)
         self._loop_task: asyncio.Task[None] | None = None
         self._hinted: int | None = None
-        self._served: dict[str, int] = {}   # node id -> dispatches, kept after its executors are gone
+        self._served: dict[str, int] = {}  # node id -> dispatches, kept after its executors are gone
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -204,7 +211,8 @@ class ExecutorPool:
             await self.close()
             raise NoExecutorError(
                 f"no step executor started within {self.config.start_timeout_s:g} s: no node offers "
-                f"{self.config.shape()} (add nodes, or let the autoscaler add them)")
+                f"{self.config.shape()} (add nodes, or let the autoscaler add them)"
+            )
         self._loop_task = asyncio.ensure_future(self._control_loop())
         return self
 
@@ -269,10 +277,14 @@ class ExecutorPool:
                 nodes[m.node_id] = nodes.get(m.node_id, 0) + 1
             self._flush_served(m)
         return PoolStatus(
-            ready=self._count(MemberState.READY), starting=self._count(MemberState.STARTING),
-            suspect=self._count(MemberState.SUSPECT), draining=self._count(MemberState.DRAINING),
-            steps_in_flight=sum(m.in_flight for m in self._members.values()), waiting=self._waiting,
-            attempts_in_flight=sum(m.attempts_in_flight for m in self._members.values()), nodes=nodes,
+            ready=self._count(MemberState.READY),
+            starting=self._count(MemberState.STARTING),
+            suspect=self._count(MemberState.SUSPECT),
+            draining=self._count(MemberState.DRAINING),
+            steps_in_flight=sum(m.in_flight for m in self._members.values()),
+            waiting=self._waiting,
+            attempts_in_flight=sum(m.attempts_in_flight for m in self._members.values()),
+            nodes=nodes,
             served=dict(self._served),
         )
 
@@ -292,17 +304,21 @@ class ExecutorPool:
         return sum(1 for m in self._members.values() if m.state == state)
 
     def _spawn(self, reason: str) -> None:
-        from actors.step_executor import StepExecutor
+        from tailrace.actors.step_executor import StepExecutor
 
         key = next(self._keys)
-        options: dict[str, Any] = {"max_concurrency": 1000, "num_cpus": self.config.executor_num_cpus,
-                                   "max_restarts": 0}
+        options: dict[str, Any] = {
+            "max_concurrency": 1000,
+            "num_cpus": self.config.executor_num_cpus,
+            "max_restarts": 0,
+        }
         if self.config.executor_resources:
             options["resources"] = dict(self.config.executor_resources)
         if self.config.spread:
             options["scheduling_strategy"] = "SPREAD"
-        handle = StepExecutor.options(**options).remote(self._providers, f"{self._name}-{key}",
-                                                        self._executor_clock, **self._executor_kwargs)
+        handle = StepExecutor.options(**options).remote(
+            self._providers, f"{self._name}-{key}", self._executor_clock, **self._executor_kwargs
+        )
         self._members[key] = _Member(key, handle, MemberState.STARTING, self.clock.monotonic())
         self._record("grow" if reason != "replace" else "replace", reason)
 
@@ -393,9 +409,10 @@ class ExecutorPool:
 
     def _shrink(self, n: int) -> None:
         # Starting executors first (they hold nothing), then the least busy ready ones.
-        candidates = sorted((m for m in self._members.values()
-                             if m.state in (MemberState.STARTING, MemberState.READY)),
-                            key=lambda m: (m.state != MemberState.STARTING, m.in_flight))
+        candidates = sorted(
+            (m for m in self._members.values() if m.state in (MemberState.STARTING, MemberState.READY)),
+            key=lambda m: (m.state != MemberState.STARTING, m.in_flight),
+        )
         for member in candidates[:n]:
             if member.in_flight <= 0:
                 self._remove(member, "shrink", "idle")
@@ -416,4 +433,3 @@ class ExecutorPool:
     def _publish(self) -> None:
         s = self.status()
         run_metrics.pool_state(s.ready, s.starting, s.draining, s.suspect, s.steps_in_flight, s.waiting)
-

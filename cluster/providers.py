@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from engine.errors import ProviderConfigError
-from engine.providers.base import DEFAULT_KEY_ENV, DEFAULT_URL_ENV, AdapterSettings
-from engine.specs import ProviderSpec, WorkflowSpec
+from tailrace.engine.errors import ProviderConfigError
+from tailrace.engine.providers.base import DEFAULT_KEY_ENV, DEFAULT_URL_ENV, AdapterSettings
+from tailrace.engine.specs import ProviderSpec, WorkflowSpec
 
 SIMULATOR_KEY = "tailrace-simulator"
 
@@ -43,13 +43,15 @@ def needs_simulator(workflow: WorkflowSpec) -> bool:
     return not any(_configured(spec) for spec in used_providers(workflow).values())
 
 
-def resolve_providers(workflow: WorkflowSpec, simulator: SimulatorEndpoints | None = None
-                      ) -> dict[str, AdapterSettings]:
+def resolve_providers(
+    workflow: WorkflowSpec, simulator: SimulatorEndpoints | None = None
+) -> dict[str, AdapterSettings]:
     settings: dict[str, AdapterSettings] = {}
     for name, spec in used_providers(workflow).items():
         if simulator is not None:
-            settings[name] = AdapterSettings(kind=spec.kind, base_url=simulator.for_kind(spec.kind),
-                                             api_key=SIMULATOR_KEY)
+            settings[name] = AdapterSettings(
+                kind=spec.kind, base_url=simulator.for_kind(spec.kind), api_key=SIMULATOR_KEY
+            )
             continue
         key_env = spec.api_key_env or DEFAULT_KEY_ENV[spec.kind]
         base_url = spec.base_url or os.environ.get(DEFAULT_URL_ENV[spec.kind])

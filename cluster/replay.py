@@ -17,15 +17,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.results import quantile
-from cluster.trace import read_trace
-from engine.clock import SYSTEM_CLOCK, Clock
-from engine.errors import InputError
-from engine.outcomes import AttemptRequest
-from engine.providers.base import AdapterSettings, AttemptProgress, ProviderAdapter, ProviderCall, build_adapter
-from engine.specs import ModelChoice, StepSpec, WorkflowSpec
-from engine.tokens import estimate_prompt_tokens
-from engine.validation import validate
+from tailrace.cluster.results import quantile
+from tailrace.cluster.trace import read_trace
+from tailrace.engine.clock import SYSTEM_CLOCK, Clock
+from tailrace.engine.errors import InputError
+from tailrace.engine.outcomes import AttemptRequest
+from tailrace.engine.providers.base import (
+    AdapterSettings,
+    AttemptProgress,
+    ProviderAdapter,
+    ProviderCall,
+    build_adapter,
+)
+from tailrace.engine.specs import ModelChoice, StepSpec, WorkflowSpec
+from tailrace.engine.tokens import estimate_prompt_tokens
+from tailrace.engine.validation import validate
 
 
 @dataclass(frozen=True)
@@ -36,7 +42,7 @@ class ReplayTarget:
     inputs: dict[str, Any]
     run_id: str
     attempt: int
-    recorded: str            # what the recorded attempt's outcome was
+    recorded: str  # what the recorded attempt's outcome was
 
 
 @dataclass
@@ -82,14 +88,22 @@ def load_target(trace: str | Path, step: str, run_id: str | None = None, attempt
             if attempt is not None and line["attempt"] != attempt:
                 continue
             if redacted or line.get("request") is None:
-                raise InputError(f"{trace}: the request of step {step!r} was not recorded or was redacted "
-                                 "(the trace was written with redact_prompts); it cannot be replayed")
+                raise InputError(
+                    f"{trace}: the request of step {step!r} was not recorded or was redacted "
+                    "(the trace was written with redact_prompts); it cannot be replayed"
+                )
             if workflow_json is None:
                 raise InputError(f"{trace}: no workflow header line before the attempts")
             workflow = WorkflowSpec.model_validate(workflow_json)
-            return ReplayTarget(workflow, workflow.step(step), AttemptRequest.model_validate(line["request"]),
-                                inputs.get(line["run_id"], {}), line["run_id"], line["attempt"],
-                                _recorded(line))
+            return ReplayTarget(
+                workflow,
+                workflow.step(step),
+                AttemptRequest.model_validate(line["request"]),
+                inputs.get(line["run_id"], {}),
+                line["run_id"],
+                line["attempt"],
+                _recorded(line),
+            )
     which = f"step {step!r}" + (f" of run {run_id!r}" if run_id else "") + (f" attempt {attempt}" if attempt else "")
     raise InputError(f"{trace}: no recorded attempt of {which}")
 
@@ -131,11 +145,27 @@ def _choice(target: ReplayTarget) -> ModelChoice | None:
     return next((m for m in target.step.models if m.provider == r.provider and m.model == r.model), None)
 
 
-async def replay(target: ReplayTarget, adapter: ProviderAdapter, n: int, *, concurrency: int = 8,
-                 timeout_s: float = 120.0, clock: Clock = SYSTEM_CLOCK) -> ReplayResult:
+async def replay(
+    target: ReplayTarget,
+    adapter: ProviderAdapter,
+    n: int,
+    *,
+    concurrency: int = 8,
+    timeout_s: float = 120.0,
+    clock: Clock = SYSTEM_CLOCK,
+) -> ReplayResult:
     r = target.request
-    call = ProviderCall(provider=r.provider, kind=r.kind, model=r.model, prompt=r.prompt, system=r.system,
-                        max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p, timeout_s=timeout_s)
+    call = ProviderCall(
+        provider=r.provider,
+        kind=r.kind,
+        model=r.model,
+        prompt=r.prompt,
+        system=r.system,
+        max_tokens=r.max_tokens,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        timeout_s=timeout_s,
+    )
     choice = _choice(target)
     result = ReplayResult(target, n)
     gate = asyncio.Semaphore(concurrency)
@@ -164,8 +194,9 @@ async def replay(target: ReplayTarget, adapter: ProviderAdapter, n: int, *, conc
     return result
 
 
-def run_replay(target: ReplayTarget, providers: Mapping[str, AdapterSettings], n: int,
-               concurrency: int = 8) -> ReplayResult:
+def run_replay(
+    target: ReplayTarget, providers: Mapping[str, AdapterSettings], n: int, concurrency: int = 8
+) -> ReplayResult:
     settings = providers.get(target.request.provider)
     if settings is None:
         raise InputError(f"provider {target.request.provider!r} is not configured for this workflow")
@@ -184,13 +215,17 @@ def render(result: ReplayResult) -> list[object]:
     from rich.table import Table
 
     t = result.target
-    table = Table(title=f"replay of {t.step.id} ({t.request.model}) x{result.n}: run {t.run_id} attempt "
-                        f"{t.attempt}, recorded {t.recorded}")
+    table = Table(
+        title=f"replay of {t.step.id} ({t.request.model}) x{result.n}: run {t.run_id} attempt "
+        f"{t.attempt}, recorded {t.recorded}"
+    )
     for column in ("outcome", "count", "rate", "95% interval"):
         table.add_column(column, justify="left" if column == "outcome" else "right")
     for label, count, rate, low, high in result.rates():
         table.add_row(label, str(count), f"{rate:.1%}", f"{low:.1%} - {high:.1%}")
     lat = sorted(result.latencies_s)
-    table.caption = (f"latency p50 {quantile(lat, 0.5):.2f} s, p90 {quantile(lat, 0.9):.2f} s; "
-                     f"tokens {result.input_tokens:,} in / {result.output_tokens:,} out; cost ${result.cost_usd:.4f}")
+    table.caption = (
+        f"latency p50 {quantile(lat, 0.5):.2f} s, p90 {quantile(lat, 0.9):.2f} s; "
+        f"tokens {result.input_tokens:,} in / {result.output_tokens:,} out; cost ${result.cost_usd:.4f}"
+    )
     return [table]

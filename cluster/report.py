@@ -17,20 +17,20 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.results import quantile
-from engine.dag import Dag
-from engine.outcomes import AttemptOutcome, AttemptRecord, RunOutcome
-from engine.specs import WorkflowSpec
+from tailrace.cluster.results import quantile
+from tailrace.engine.dag import Dag
+from tailrace.engine.outcomes import AttemptOutcome, AttemptRecord, RunOutcome
+from tailrace.engine.specs import WorkflowSpec
 
 PLOT_INSTALL_HINT = "the latency plot needs matplotlib: pip install 'tailrace[plot]'"
-_EPS_S = 0.002   # two spans closer than this are back to back
+_EPS_S = 0.002  # two spans closer than this are back to back
 
 
 @dataclass(frozen=True)
 class StepSpan:
     step_id: str
-    start: float           # epoch of its first attempt
-    end: float             # epoch its answer (or its last attempt) ended
+    start: float  # epoch of its first attempt
+    end: float  # epoch its answer (or its last attempt) ended
     models: tuple[str, ...]
     attempts: int
     ok: bool
@@ -42,7 +42,7 @@ class StepSpan:
 
 @dataclass(frozen=True)
 class PathLeg:
-    wait_s: float          # between the previous leg's end (or the run's start) and this step's start
+    wait_s: float  # between the previous leg's end (or the run's start) and this step's start
     span: StepSpan
 
 
@@ -53,7 +53,7 @@ class SlowRun:
     outcome: str
     over_deadline_s: float
     path: list[PathLeg]
-    tail_s: float          # from the last step's end to the run's end
+    tail_s: float  # from the last step's end to the run's end
 
 
 @dataclass(frozen=True)
@@ -153,8 +153,7 @@ def _label(outcome: RunOutcome) -> str:
     return outcome.failure.value if outcome.failure else "failed"
 
 
-def build_report(outcomes: Iterable[RunOutcome], workflow: WorkflowSpec | None = None,
-                 slowest: int = 5) -> TailReport:
+def build_report(outcomes: Iterable[RunOutcome], workflow: WorkflowSpec | None = None, slowest: int = 5) -> TailReport:
     dag = Dag.from_spec(workflow) if workflow is not None else None
     runs: list[RunOutcome] = []
     failures: Counter[str] = Counter()
@@ -164,7 +163,7 @@ def build_report(outcomes: Iterable[RunOutcome], workflow: WorkflowSpec | None =
     tokens = wasted = 0
     cost = wasted_cost = 0.0
     deadlines = []
-    from cluster.trace import winners
+    from tailrace.cluster.trace import winners
 
     for outcome in outcomes:
         runs.append(outcome)
@@ -188,16 +187,25 @@ def build_report(outcomes: Iterable[RunOutcome], workflow: WorkflowSpec | None =
     slow = sorted(runs, key=lambda o: o.latency_s, reverse=True)[:slowest]
     return TailReport(
         workflow=runs[0].workflow if runs else (workflow.name if workflow else ""),
-        runs=len(runs), delivered=len(delivered), on_time=sum(o.on_time for o in runs),
+        runs=len(runs),
+        delivered=len(delivered),
+        on_time=sum(o.on_time for o in runs),
         deadline_s=statistics.median(deadlines) if deadlines else float("nan"),
         failures=dict(failures),
-        percentiles={name: quantile(latencies, q) for name, q in
-                     (("p50", 0.5), ("p90", 0.9), ("p95", 0.95), ("p99", 0.99), ("max", 1.0))},
-        cost_usd=cost, tokens=tokens, wasted_tokens=wasted, wasted_cost_usd=wasted_cost,
-        attempts_by_outcome=dict(by_outcome), cancel_reasons=dict(reasons),
+        percentiles={
+            name: quantile(latencies, q)
+            for name, q in (("p50", 0.5), ("p90", 0.9), ("p95", 0.95), ("p99", 0.99), ("max", 1.0))
+        },
+        cost_usd=cost,
+        tokens=tokens,
+        wasted_tokens=wasted,
+        wasted_cost_usd=wasted_cost,
+        attempts_by_outcome=dict(by_outcome),
+        cancel_reasons=dict(reasons),
         models=[_model_stats(m, a) for m, a in sorted(model_attempts.items())],
         slowest=[_slow_run(o, dag) for o in slow],
-        latencies_s=latencies, delivered_latencies_s=delivered,
+        latencies_s=latencies,
+        delivered_latencies_s=delivered,
     )
 
 
@@ -205,17 +213,27 @@ def _model_stats(model: str, attempts: list[AttemptRecord]) -> ModelStats:
     finished = sorted(a.latency_s for a in attempts if a.outcome != AttemptOutcome.CANCELLED)
     ttfts = sorted(a.ttft_s for a in attempts if a.ttft_s is not None)
     return ModelStats(
-        model=model, attempts=len(attempts), valid=sum(a.outcome == AttemptOutcome.VALID for a in attempts),
-        p50_s=quantile(finished, 0.5), p99_s=quantile(finished, 0.99),
-        ttft_p50_s=quantile(ttfts, 0.5) if ttfts else None, cost_usd=sum(a.cost_usd for a in attempts),
+        model=model,
+        attempts=len(attempts),
+        valid=sum(a.outcome == AttemptOutcome.VALID for a in attempts),
+        p50_s=quantile(finished, 0.5),
+        p99_s=quantile(finished, 0.99),
+        ttft_p50_s=quantile(ttfts, 0.5) if ttfts else None,
+        cost_usd=sum(a.cost_usd for a in attempts),
     )
 
 
 def _slow_run(outcome: RunOutcome, dag: Dag | None) -> SlowRun:
     path = critical_path(outcome, dag)
     last_end = path[-1].span.end if path else outcome.started_at
-    return SlowRun(outcome.run_id, outcome.latency_s, _label(outcome), outcome.ended_at - outcome.deadline_at,
-                   path, max(0.0, outcome.ended_at - last_end))
+    return SlowRun(
+        outcome.run_id,
+        outcome.latency_s,
+        _label(outcome),
+        outcome.ended_at - outcome.deadline_at,
+        path,
+        max(0.0, outcome.ended_at - last_end),
+    )
 
 
 def describe_path(run: SlowRun) -> str:
@@ -249,19 +267,39 @@ def plot_cdf(report: TailReport, path: str | Path) -> Path:
     n = max(1, report.runs)
     if report.latencies_s:
         ended = [(i + 1) / n for i in range(len(report.latencies_s))]
-        ax.step([0.0, *report.latencies_s], [0.0, *ended], where="post", color="#aaaaaa", linewidth=1.2,
-                linestyle="--", label="ended (delivered or failed)")
+        ax.step(
+            [0.0, *report.latencies_s],
+            [0.0, *ended],
+            where="post",
+            color="#aaaaaa",
+            linewidth=1.2,
+            linestyle="--",
+            label="ended (delivered or failed)",
+        )
     deadline = report.deadline_s
     right = max([*(report.latencies_s or [1.0]), deadline if deadline == deadline else 0.0]) * 1.08
     xs = report.delivered_latencies_s
     ys = [(i + 1) / n for i in range(len(xs))]
-    ax.step([0.0, *xs, right], [0.0, *ys, ys[-1] if ys else 0.0], where="post", color="#1f6fb2", linewidth=2.2,
-            label="delivered (valid)")
+    ax.step(
+        [0.0, *xs, right],
+        [0.0, *ys, ys[-1] if ys else 0.0],
+        where="post",
+        color="#1f6fb2",
+        linewidth=2.2,
+        label="delivered (valid)",
+    )
     if deadline == deadline:  # not NaN
         ax.axvline(deadline, color="#c0392b", linewidth=1.6, label=f"deadline {deadline:g} s")
         ax.axhline(report.hit_rate, color="#c0392b", linewidth=0.8, linestyle=":")
-        ax.annotate(f"{report.hit_rate:.1%} delivered by the deadline", (deadline, report.hit_rate),
-                    textcoords="offset points", xytext=(-8, -14), ha="right", color="#c0392b", fontsize=10)
+        ax.annotate(
+            f"{report.hit_rate:.1%} delivered by the deadline",
+            (deadline, report.hit_rate),
+            textcoords="offset points",
+            xytext=(-8, -14),
+            ha="right",
+            color="#c0392b",
+            fontsize=10,
+        )
     for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
         if xs and len(xs) / n >= q:
             x = xs[min(len(xs) - 1, max(0, round(q * n) - 1))]
@@ -274,8 +312,10 @@ def plot_cdf(report: TailReport, path: str | Path) -> Path:
     ax.set_ylabel("share of runs")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right")
-    ax.set_title(f"{report.workflow}: {report.runs} runs, {report.delivered} delivered, "
-                 f"{report.on_time} on time ({report.hit_rate:.1%})")
+    ax.set_title(
+        f"{report.workflow}: {report.runs} runs, {report.delivered} delivered, "
+        f"{report.on_time} on time ({report.hit_rate:.1%})"
+    )
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
@@ -292,8 +332,13 @@ def render(report: TailReport) -> list[object]:
     for column in ("runs", "delivered", "on time", "hit rate", "p50 s", "p90 s", "p95 s", "p99 s", "max s"):
         summary.add_column(column, justify="right")
     p = report.percentiles
-    summary.add_row(str(report.runs), str(report.delivered), str(report.on_time), f"{report.hit_rate:.1%}",
-                    *(f"{p[k]:.2f}" for k in ("p50", "p90", "p95", "p99", "max")))
+    summary.add_row(
+        str(report.runs),
+        str(report.delivered),
+        str(report.on_time),
+        f"{report.hit_rate:.1%}",
+        *(f"{p[k]:.2f}" for k in ("p50", "p90", "p95", "p99", "max")),
+    )
     per = report.cost_per_delivered_usd
     lines = [
         f"cost: ${report.cost_usd:.4f} in all, "
@@ -311,26 +356,46 @@ def render(report: TailReport) -> list[object]:
     for column in ("model", "attempts", "valid", "p50 s", "p99 s", "TTFT p50 s", "cost $"):
         models.add_column(column, justify="right")
     for m in report.models:
-        models.add_row(m.model, str(m.attempts), f"{m.valid / m.attempts:.0%}" if m.attempts else "-",
-                       f"{m.p50_s:.2f}", f"{m.p99_s:.2f}", "-" if m.ttft_p50_s is None else f"{m.ttft_p50_s:.2f}",
-                       f"{m.cost_usd:.4f}")
+        models.add_row(
+            m.model,
+            str(m.attempts),
+            f"{m.valid / m.attempts:.0%}" if m.attempts else "-",
+            f"{m.p50_s:.2f}",
+            f"{m.p99_s:.2f}",
+            "-" if m.ttft_p50_s is None else f"{m.ttft_p50_s:.2f}",
+            f"{m.cost_usd:.4f}",
+        )
 
     slow = Text(f"slowest {len(report.slowest)} runs and their critical path:\n", style="bold")
     for r in report.slowest:
-        slow.append(f"  {r.run_id}  {r.latency_s:.2f} s  {r.outcome} ({r.over_deadline_s:+.2f} s vs deadline)\n",
-                    style="bold" if r.over_deadline_s > 0 else "")
+        slow.append(
+            f"  {r.run_id}  {r.latency_s:.2f} s  {r.outcome} ({r.over_deadline_s:+.2f} s vs deadline)\n",
+            style="bold" if r.over_deadline_s > 0 else "",
+        )
         slow.append(f"    {describe_path(r)}\n")
     return [summary, Text("\n".join(lines)), models, slow]
 
 
 def report_json(report: TailReport) -> dict[str, object]:
     return {
-        "workflow": report.workflow, "runs": report.runs, "delivered": report.delivered, "on_time": report.on_time,
-        "hit_rate": report.hit_rate, "deadline_s": report.deadline_s, "percentiles": report.percentiles,
-        "failures": report.failures, "cost_usd": report.cost_usd, "cost_per_delivered_usd":
-        report.cost_per_delivered_usd, "tokens": report.tokens, "wasted_tokens": report.wasted_tokens,
-        "waste_fraction": report.waste_fraction, "wasted_cost_usd": report.wasted_cost_usd,
-        "attempts_by_outcome": report.attempts_by_outcome, "cancel_reasons": report.cancel_reasons,
-        "slowest": [{"run_id": r.run_id, "latency_s": r.latency_s, "outcome": r.outcome,
-                     "critical_path": describe_path(r)} for r in report.slowest],
+        "workflow": report.workflow,
+        "runs": report.runs,
+        "delivered": report.delivered,
+        "on_time": report.on_time,
+        "hit_rate": report.hit_rate,
+        "deadline_s": report.deadline_s,
+        "percentiles": report.percentiles,
+        "failures": report.failures,
+        "cost_usd": report.cost_usd,
+        "cost_per_delivered_usd": report.cost_per_delivered_usd,
+        "tokens": report.tokens,
+        "wasted_tokens": report.wasted_tokens,
+        "waste_fraction": report.waste_fraction,
+        "wasted_cost_usd": report.wasted_cost_usd,
+        "attempts_by_outcome": report.attempts_by_outcome,
+        "cancel_reasons": report.cancel_reasons,
+        "slowest": [
+            {"run_id": r.run_id, "latency_s": r.latency_s, "outcome": r.outcome, "critical_path": describe_path(r)}
+            for r in report.slowest
+        ],
     }

@@ -9,7 +9,7 @@ from typing import IO, Any
 
 from pydantic import BaseModel
 
-from engine.outcomes import RunOutcome
+from tailrace.engine.outcomes import RunOutcome
 
 _NO_REQUESTS: dict[str, Any] = {"attempts": {"__all__": {"request"}}}
 
@@ -89,5 +89,4 @@ class BatchSummary(BaseModel):
 
     def percentiles(self) -> dict[str, float]:
         values = sorted(self.latencies_s)
-        return {name: quantile(values, q) for name, q in
-                (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0))}
+        return {name: quantile(values, q) for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0))}

@@ -19,17 +19,17 @@ from typing import IO, Any
 
 from pydantic import BaseModel, ConfigDict
 
-from engine.outcomes import AttemptOutcome, AttemptRecord, RunOutcome
-from engine.specs import WorkflowSpec
+from tailrace.engine.outcomes import AttemptOutcome, AttemptRecord, RunOutcome
+from tailrace.engine.specs import WorkflowSpec
 
 REDACTED = "[REDACTED]"
 
 # Shapes of credentials that must never reach a trace, whatever text they hide in.
 _SECRET_PATTERNS = [
-    re.compile(r"\bsk-[A-Za-z0-9_\-]{16,}"),                              # OpenAI / Anthropic keys
-    re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._\-~+/=]{8,}"),                # Authorization headers
+    re.compile(r"\bsk-[A-Za-z0-9_\-]{16,}"),  # OpenAI / Anthropic keys
+    re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._\-~+/=]{8,}"),  # Authorization headers
     re.compile(r"(?i)\b(api[_-]?key|password|passwd|secret|token)(\"?\s*[:=]\s*\"?)[^\s\"',;]{4,}"),
-    re.compile(r"(?i)(\b[a-z][a-z0-9+.\-]*://[^:/@\s]*:)[^@\s]+(@)"),      # user:password@ in URLs
+    re.compile(r"(?i)(\b[a-z][a-z0-9+.\-]*://[^:/@\s]*:)[^@\s]+(@)"),  # user:password@ in URLs
 ]
 _SECRET_ENV = re.compile(r"(?i)(api_?key|password|secret|token)")
 
@@ -38,7 +38,7 @@ class TraceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     path: str
-    redact_prompts: bool = False       # prompt, system text and run inputs become "[REDACTED n chars]"
+    redact_prompts: bool = False  # prompt, system text and run inputs become "[REDACTED n chars]"
 
 
 def default_trace_path(results: str | Path) -> Path:
@@ -53,8 +53,11 @@ class Redactor:
 
     def __init__(self, redact_prompts: bool = False, secrets: list[str] | None = None) -> None:
         self.redact_prompts = redact_prompts
-        values = secrets if secrets is not None else [
-            v for k, v in os.environ.items() if _SECRET_ENV.search(k) and len(v) >= 8]
+        values = (
+            secrets
+            if secrets is not None
+            else [v for k, v in os.environ.items() if _SECRET_ENV.search(k) and len(v) >= 8]
+        )
         self._literals = sorted(set(values), key=len, reverse=True)
 
     def scrub(self, text: str) -> str:
@@ -94,7 +97,7 @@ def why_lost(record: AttemptRecord, won: bool) -> str | None:
         return f"invalid: {record.invalid_reason}"
     if record.outcome == AttemptOutcome.ERROR:
         return f"error: {record.error.kind.value}" if record.error else "error"
-    return "valid_unused"   # a valid answer that was not used (its run failed, or another won first)
+    return "valid_unused"  # a valid answer that was not used (its run failed, or another won first)
 
 
 def winners(outcome: RunOutcome) -> set[tuple[str, int]]:
@@ -120,12 +123,17 @@ def attempt_line(record: AttemptRecord, won: bool, redactor: Redactor) -> dict[s
 
 def run_line(outcome: RunOutcome, inputs: Mapping[str, Any] | None, redactor: Redactor) -> dict[str, Any]:
     fields = outcome.model_dump(mode="json", exclude={"attempts", "outputs"})
-    return {"kind": "run", **redactor.deep(fields), "inputs": redactor.prompt(dict(inputs or {})),
-            "attempts": len(outcome.attempts)}
+    return {
+        "kind": "run",
+        **redactor.deep(fields),
+        "inputs": redactor.prompt(dict(inputs or {})),
+        "attempts": len(outcome.attempts),
+    }
 
 
 def workflow_json(workflow: WorkflowSpec) -> dict[str, Any]:
     """The spec as JSON; a pydantic `schema_model` class is written as its "module:Class" path."""
+
     def fallback(value: Any) -> Any:
         if isinstance(value, type):
             return f"{value.__module__}:{value.__qualname__}"
@@ -143,8 +151,13 @@ class TraceWriter:
         self.redactor = redactor or Redactor(config.redact_prompts)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file: IO[str] | None = self.path.open("a", encoding="utf-8")
-        self._write({"kind": "batch", "workflow": self.redactor.deep(workflow_json(workflow)),
-                     "redact_prompts": config.redact_prompts})
+        self._write(
+            {
+                "kind": "batch",
+                "workflow": self.redactor.deep(workflow_json(workflow)),
+                "redact_prompts": config.redact_prompts,
+            }
+        )
 
     def write(self, outcome: RunOutcome, inputs: Mapping[str, Any] | None = None) -> None:
         used = winners(outcome)

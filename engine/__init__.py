@@ -1,11 +1,11 @@
 """tailrace's Ray-free core: specs, DAG, templates, validation, clock and deadlines, typed outcomes,
-provider adapters and error classification. The provider simulator lives in `engine.sim`."""
+provider adapters and error classification. The provider simulator lives in `tailrace.engine.sim`."""
 
-from engine.clock import Clock, Deadline, FakeClock, SystemClock
-from engine.dag import Dag
-from engine.errors import InputError, ProviderConfigError, SpecError, SpecErrors, TailraceError
-from engine.loading import load_inputs, load_workflow, workflow_from_dict
-from engine.outcomes import (
+from tailrace.engine.clock import Clock, Deadline, FakeClock, SystemClock
+from tailrace.engine.dag import Dag
+from tailrace.engine.errors import InputError, ProviderConfigError, SpecError, SpecErrors, TailraceError
+from tailrace.engine.loading import load_inputs, load_workflow, workflow_from_dict
+from tailrace.engine.outcomes import (
     AttemptOutcome,
     AttemptRecord,
     CancelReason,
@@ -16,8 +16,8 @@ from engine.outcomes import (
     StepResult,
     StopKind,
 )
-from engine.specs import ModelChoice, OutputContract, ProviderSpec, RunOptions, StepSpec, WorkflowSpec
-from engine.validation import Verdict, register_validator, validate
+from tailrace.engine.specs import ModelChoice, OutputContract, ProviderSpec, RunOptions, StepSpec, WorkflowSpec
+from tailrace.engine.validation import Verdict, register_validator, validate
 
 __all__ = [
     "AttemptOutcome",

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from engine.outcomes import RETRYABLE_KINDS, ErrorKind, ProviderError
+from tailrace.engine.outcomes import RETRYABLE_KINDS, ErrorKind, ProviderError
 
 Transport = Literal["timeout", "connection", "malformed"]
 
@@ -32,8 +32,8 @@ _RATE_LIMIT_HEADER_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-", "retry-af
 @dataclass(frozen=True)
 class FailureFacts:
     status: int | None = None
-    error_type: str | None = None      # OpenAI error.type / Anthropic error.type
-    error_code: str | None = None      # OpenAI error.code
+    error_type: str | None = None  # OpenAI error.type / Anthropic error.type
+    error_code: str | None = None  # OpenAI error.code
     message: str = ""
     headers: Mapping[str, str] = field(default_factory=dict)
     transport: Transport | None = None

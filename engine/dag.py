@@ -16,10 +16,10 @@ import heapq
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from engine.errors import SpecError
+from tailrace.engine.errors import SpecError
 
 if TYPE_CHECKING:
-    from engine.specs import WorkflowSpec
+    from tailrace.engine.specs import WorkflowSpec
 
 
 def find_cycle(edges: Mapping[str, Sequence[str]]) -> list[str] | None:

@@ -20,9 +20,9 @@ from typing import Any
 import pydantic
 import yaml
 
-from engine.errors import InputError, SpecError, SpecErrors
-from engine.spec_checks import check_graph
-from engine.specs import WorkflowSpec
+from tailrace.engine.errors import InputError, SpecError, SpecErrors
+from tailrace.engine.spec_checks import check_graph
+from tailrace.engine.specs import WorkflowSpec
 
 _SUFFIXES = {".yaml": "YAML", ".yml": "YAML", ".json": "JSON"}
 # Pydantic error types whose message reads better in spec terms.

@@ -23,28 +23,32 @@ class StopKind(StrEnum):
 
 
 class ErrorKind(StrEnum):
-    RATE_LIMITED = "rate_limited"          # 429 with a retry hint
-    OVERLOADED = "overloaded"              # 503 / 529
-    SERVER_ERROR = "server_error"          # 500 / 502 / other 5xx, errors inside a 200 stream
-    CONNECTION = "connection"              # reset, refused, closed mid-stream
-    TIMEOUT = "timeout"                    # no answer in the attempt's time
-    CONTEXT_LENGTH = "context_length"      # 400: prompt too long for this model
-    CONTENT_POLICY = "content_policy"      # 400: the provider refuses the request
-    AUTH = "auth"                          # 401 / 403
-    QUOTA_EXHAUSTED = "quota_exhausted"    # insufficient quota / spend limit: never succeeds
-    TOO_LARGE = "too_large"                # 413
-    BAD_REQUEST = "bad_request"            # other 4xx
+    RATE_LIMITED = "rate_limited"  # 429 with a retry hint
+    OVERLOADED = "overloaded"  # 503 / 529
+    SERVER_ERROR = "server_error"  # 500 / 502 / other 5xx, errors inside a 200 stream
+    CONNECTION = "connection"  # reset, refused, closed mid-stream
+    TIMEOUT = "timeout"  # no answer in the attempt's time
+    CONTEXT_LENGTH = "context_length"  # 400: prompt too long for this model
+    CONTENT_POLICY = "content_policy"  # 400: the provider refuses the request
+    AUTH = "auth"  # 401 / 403
+    QUOTA_EXHAUSTED = "quota_exhausted"  # insufficient quota / spend limit: never succeeds
+    TOO_LARGE = "too_large"  # 413
+    BAD_REQUEST = "bad_request"  # other 4xx
     MALFORMED_RESPONSE = "malformed_response"  # the provider answered something we cannot parse
 
 
 RETRYABLE_KINDS = frozenset(
-    {ErrorKind.RATE_LIMITED, ErrorKind.OVERLOADED, ErrorKind.SERVER_ERROR, ErrorKind.CONNECTION,
-     ErrorKind.TIMEOUT, ErrorKind.MALFORMED_RESPONSE}
+    {
+        ErrorKind.RATE_LIMITED,
+        ErrorKind.OVERLOADED,
+        ErrorKind.SERVER_ERROR,
+        ErrorKind.CONNECTION,
+        ErrorKind.TIMEOUT,
+        ErrorKind.MALFORMED_RESPONSE,
+    }
 )
 # Errors that say "this model will not do it": try the next model, never the same one again.
-MODEL_SPECIFIC_KINDS = frozenset(
-    {ErrorKind.CONTEXT_LENGTH, ErrorKind.CONTENT_POLICY, ErrorKind.TOO_LARGE}
-)
+MODEL_SPECIFIC_KINDS = frozenset({ErrorKind.CONTEXT_LENGTH, ErrorKind.CONTENT_POLICY, ErrorKind.TOO_LARGE})
 
 
 class ProviderError(BaseModel):
@@ -60,9 +64,9 @@ class ProviderError(BaseModel):
 
 
 class AttemptOutcome(StrEnum):
-    VALID = "valid"          # passed the quality floor
-    INVALID = "invalid"      # an answer that failed validation
-    ERROR = "error"          # a classified provider error
+    VALID = "valid"  # passed the quality floor
+    INVALID = "invalid"  # an answer that failed validation
+    ERROR = "error"  # a classified provider error
     CANCELLED = "cancelled"  # stopped by us; see cancel_reason
 
 
@@ -90,7 +94,7 @@ class AttemptRequest(BaseModel):
     """
 
     provider: str
-    kind: str                        # openai | anthropic
+    kind: str  # openai | anthropic
     model: str
     prompt: str
     system: str | None = None
@@ -104,18 +108,18 @@ class AttemptRecord(BaseModel):
 
     run_id: str
     step_id: str
-    attempt: int                     # 0-based within the step
+    attempt: int  # 0-based within the step
     provider: str
     model: str
-    tier: int = 0                    # index in the step's model ladder; > 0 means degraded
-    role: str = "primary"            # primary | retry | duplicate
-    started_at: float                # wall-clock epoch seconds
+    tier: int = 0  # index in the step's model ladder; > 0 means degraded
+    role: str = "primary"  # primary | retry | duplicate
+    started_at: float  # wall-clock epoch seconds
     ended_at: float
     ttft_s: float | None = None
     latency_s: float
     input_tokens: int = 0
     output_tokens: int = 0
-    usage_reported: bool = False     # False when tokens are our estimate (e.g. cancelled mid-stream)
+    usage_reported: bool = False  # False when tokens are our estimate (e.g. cancelled mid-stream)
     cost_usd: float = 0.0
     stop_kind: StopKind | None = None
     outcome: AttemptOutcome
@@ -131,11 +135,11 @@ class AttemptRecord(BaseModel):
 class StepResult(BaseModel):
     step_id: str
     ok: bool
-    output: Any = None               # text, or the parsed JSON value
+    output: Any = None  # text, or the parsed JSON value
     text: str | None = None
     failure: FailureReason | None = None
     detail: str | None = None
-    tier: int | None = None          # which rung of the ladder answered
+    tier: int | None = None  # which rung of the ladder answered
     model: str | None = None
     attempts: list[AttemptRecord] = Field(default_factory=list)
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from engine.specs import ModelChoice, StepSpec
-from engine.templates import render
-from engine.validation import contract_instructions
+from tailrace.engine.specs import ModelChoice, StepSpec
+from tailrace.engine.templates import render
+from tailrace.engine.validation import contract_instructions
 
 
-def render_messages(step: StepSpec, choice: ModelChoice, inputs: Mapping[str, Any],
-                    upstream: Mapping[str, Any]) -> tuple[str | None, str]:
+def render_messages(
+    step: StepSpec, choice: ModelChoice, inputs: Mapping[str, Any], upstream: Mapping[str, Any]
+) -> tuple[str | None, str]:
     """(system, prompt) for `choice`: its own prompt variant or the step's. Raises TemplateError when
     an upstream output the templates need is missing or lacks the path."""
     prompt = render(choice.prompt or step.prompt, inputs, upstream)

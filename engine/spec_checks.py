@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING
 from jsonschema.exceptions import SchemaError
 from jsonschema.validators import validator_for
 
-from engine.dag import ancestors_of, find_cycle
-from engine.errors import SpecError, SpecErrors
-from engine.templates import TemplateError, TemplateRef, references
-from engine.validation import registered_validators, resolve_schema_model
+from tailrace.engine.dag import ancestors_of, find_cycle
+from tailrace.engine.errors import SpecError, SpecErrors
+from tailrace.engine.templates import TemplateError, TemplateRef, references
+from tailrace.engine.validation import registered_validators, resolve_schema_model
 
 if TYPE_CHECKING:
-    from engine.specs import OutputContract, StepSpec, WorkflowSpec
+    from tailrace.engine.specs import OutputContract, StepSpec, WorkflowSpec
 
 
 def check_workflow(spec: WorkflowSpec) -> None:

@@ -1,6 +1,6 @@
 """Workflow specs: pydantic models usable from Python and loadable from YAML or JSON with one meaning.
 
-A workflow is named steps with `depends_on`. Each step has a prompt template (see `engine.templates`),
+A workflow is named steps with `depends_on`. Each step has a prompt template (see `tailrace.engine.templates`),
 an ordered model ladder (strong -> fast), an output contract (the quality floor) and a `side_effect`
 flag. Cross-field checks (duplicate ids, unknown dependencies, cycles, template references, unknown
 providers) run in `WorkflowSpec`'s validator and name the offending field path.
@@ -24,9 +24,9 @@ class ProviderSpec(_Spec):
     """How to reach one provider account. Keys come from the environment, never from the spec."""
 
     kind: ProviderKind
-    base_url: str | None = None              # None: the SDK default (or OPENAI_BASE_URL / ANTHROPIC_BASE_URL)
-    api_key_env: str | None = None           # None: OPENAI_API_KEY / ANTHROPIC_API_KEY
-    tpm: int | None = Field(default=None, gt=0)      # account tokens per minute, for the budget
+    base_url: str | None = None  # None: the SDK default (or OPENAI_BASE_URL / ANTHROPIC_BASE_URL)
+    api_key_env: str | None = None  # None: OPENAI_API_KEY / ANTHROPIC_API_KEY
+    tpm: int | None = Field(default=None, gt=0)  # account tokens per minute, for the budget
     rpm: int | None = Field(default=None, gt=0)
     input_tpm: int | None = Field(default=None, gt=0)  # Anthropic-style separate input/output limits
     output_tpm: int | None = Field(default=None, gt=0)
@@ -48,7 +48,7 @@ class ModelChoice(_Spec):
     top_p: float | None = Field(default=None, gt=0, le=1)
     input_usd_per_mtok: float = Field(default=0.0, ge=0)
     output_usd_per_mtok: float = Field(default=0.0, ge=0)
-    prompt: str | None = None                # this model's own prompt variant (a template)
+    prompt: str | None = None  # this model's own prompt variant (a template)
     system: str | None = None
     # Latency prior for a cold model (no samples yet), in seconds.
     expected_ttft_s: float = Field(default=1.0, gt=0)
@@ -65,7 +65,7 @@ class OutputContract(_Spec):
     json_schema: dict[str, Any] | None = None
     # A pydantic model as "package.module:ClassName"; from Python, `schema_model=MyModel` also works.
     schema_model: Any = None
-    copy_ids: list[str] = Field(default_factory=list)   # input fields whose values must appear verbatim
+    copy_ids: list[str] = Field(default_factory=list)  # input fields whose values must appear verbatim
     validators: list[str] = Field(default_factory=list)  # names registered with engine.validation
     min_chars: int = Field(default=1, ge=0)
 
@@ -73,12 +73,12 @@ class OutputContract(_Spec):
 class HedgeConfig(_Spec):
     """How a step controls its tail: when a duplicate starts, how many run at once, what extra load it may add.
 
-    Lives here (not in `policies`) so a step spec can carry it; `policies.hedging` implements it.
+    Lives here (not in `policies`) so a step spec can carry it; `tailrace.policies.hedging` implements it.
     A step's `hedge` overrides only the fields it sets; the rest come from the executor's default.
     Durations are in seconds of the run's clock.
     """
 
-    enabled: bool = True                     # False: the sequential one-at-a-time retry policy
+    enabled: bool = True  # False: the sequential one-at-a-time retry policy
     # A duplicate starts when the newest running attempt has no first token by this quantile of its
     # model's observed time to first token, or no complete answer by this quantile of its latency...
     ttft_quantile: float = Field(default=0.95, gt=0, lt=1)
@@ -89,8 +89,8 @@ class HedgeConfig(_Spec):
     # its model's median decode rate would have (a slow stream: a straggler that started in time).
     slow_stream_factor: float = Field(default=0.4, ge=0, lt=1)
     min_stream_s: float = Field(default=0.5, gt=0)
-    max_concurrent: int = Field(default=3, ge=1)     # attempts of one step in flight at once
-    max_duplicates: int = Field(default=2, ge=0)     # duplicates per step, on top of primary + retries
+    max_concurrent: int = Field(default=3, ge=1)  # attempts of one step in flight at once
+    max_duplicates: int = Field(default=2, ge=0)  # duplicates per step, on top of primary + retries
     # A rung is chosen only if this quantile of its latency fits in the step's share of the time left.
     fit_quantile: float = Field(default=0.9, gt=0, lt=1)
     # Duplicates and retries of a run may spend this fraction of the run's expected tokens (shared by
@@ -106,7 +106,7 @@ class StepSpec(_Spec):
     models: list[ModelChoice]
     output: OutputContract = Field(default_factory=OutputContract)
     side_effect: bool = False
-    hedge: HedgeConfig | None = None         # per-step overrides of the executor's hedging defaults
+    hedge: HedgeConfig | None = None  # per-step overrides of the executor's hedging defaults
 
 
 class RunOptions(_Spec):
@@ -119,14 +119,14 @@ class RunOptions(_Spec):
 class WorkflowSpec(_Spec):
     name: str
     description: str = ""
-    inputs: list[str] = Field(default_factory=list)      # input record fields the templates may use
+    inputs: list[str] = Field(default_factory=list)  # input record fields the templates may use
     providers: dict[str, ProviderSpec] = Field(default_factory=dict)
     steps: list[StepSpec]
     defaults: RunOptions = Field(default_factory=RunOptions)
 
     @model_validator(mode="after")
     def _check(self) -> WorkflowSpec:
-        from engine.spec_checks import check_workflow
+        from tailrace.engine.spec_checks import check_workflow
 
         check_workflow(self)
         return self

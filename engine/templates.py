@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from engine.errors import TailraceError
+from tailrace.engine.errors import TailraceError
 
 Source = Literal["input", "steps"]
 

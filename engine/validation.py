@@ -30,9 +30,9 @@ from jsonschema.exceptions import best_match
 from jsonschema.protocols import Validator
 from jsonschema.validators import validator_for
 
-from engine.errors import SpecError
-from engine.outcomes import StopKind
-from engine.specs import OutputContract
+from tailrace.engine.errors import SpecError
+from tailrace.engine.outcomes import StopKind
+from tailrace.engine.specs import OutputContract
 
 ValidatorFn = Callable[[Any, str, Mapping[str, Any]], str | None]
 
@@ -48,7 +48,9 @@ _MAX_MESSAGE_CHARS = 200
 # The opening of a refusal, as models phrase it when the API does not flag it.
 _REFUSAL = re.compile(
     r"^(I'm sorry|I am sorry|Sorry|I apologi[sz]e)?[,.]?\s*(but )?I (can(no|')t|am unable to|won't) "
-    r"(help|assist|comply|provide|do that)", re.IGNORECASE)
+    r"(help|assist|comply|provide|do that)",
+    re.IGNORECASE,
+)
 
 _registry: dict[str, ValidatorFn] = {}
 _registry_lock = threading.Lock()
@@ -63,9 +65,7 @@ class Verdict:
     reason: str | None = None
 
 
-def validate(
-    contract: OutputContract, text: str, stop_kind: StopKind | None, inputs: Mapping[str, Any]
-) -> Verdict:
+def validate(contract: OutputContract, text: str, stop_kind: StopKind | None, inputs: Mapping[str, Any]) -> Verdict:
     """Check one answer against `contract`: stop kind, length, JSON, schema, copied ids, validators."""
     if stop_kind != StopKind.COMPLETE:
         return _fail(_STOP_REASONS.get(stop_kind, "incomplete") if stop_kind else "incomplete")

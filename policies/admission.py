@@ -40,14 +40,22 @@ class _Bucket:
 
 
 class AdmissionPlanner:
-    def __init__(self, buckets: Mapping[str, tuple[float, float]], weight: Callable[[str], float], now: float,
-                 *, margin: float = 0.05, fairness_half_life_s: float = 10.0, backlog_window_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        buckets: Mapping[str, tuple[float, float]],
+        weight: Callable[[str], float],
+        now: float,
+        *,
+        margin: float = 0.05,
+        fairness_half_life_s: float = 10.0,
+        backlog_window_s: float = 2.0,
+    ) -> None:
         self._buckets = {k: _Bucket(cap, rate * (1.0 - margin), cap) for k, (cap, rate) in buckets.items()}
         self._weight = weight
         self._last = now
         self._runs: dict[str, _Run] = {}
-        self._served: dict[str, float] = {}          # tenant -> decayed bucket-seconds admitted
-        self._asked: dict[str, float] = {}           # tenant -> last time it asked for a servable run
+        self._served: dict[str, float] = {}  # tenant -> decayed bucket-seconds admitted
+        self._asked: dict[str, float] = {}  # tenant -> last time it asked for a servable run
         self._tau = fairness_half_life_s / math.log(2)
         self._backlog_window_s = backlog_window_s
 
@@ -86,8 +94,10 @@ class AdmissionPlanner:
 
     def _size(self, need: Mapping[str, float]) -> float:
         """A run's weight in the fair share: bucket-seconds of its most constrained bucket."""
-        return max((need[k] / b.rate_per_s for k, b in self._buckets.items()
-                    if need.get(k, 0) > 0 and b.rate_per_s > 0), default=0.0)
+        return max(
+            (need[k] / b.rate_per_s for k, b in self._buckets.items() if need.get(k, 0) > 0 and b.rate_per_s > 0),
+            default=0.0,
+        )
 
     # ---- decisions ---------------------------------------------------------------------------
 
@@ -98,21 +108,24 @@ class AdmissionPlanner:
         if latest <= now:
             return "the deadline leaves no time to run the workflow's critical path"
         if self._servable(need, latest - now):
-            self._asked[tenant] = now   # backlogged: it would fit if the capacity were its own
+            self._asked[tenant] = now  # backlogged: it would fit if the capacity were its own
         contended = False
         for key, amount in need.items():
             b = self._buckets[key]
             if amount > b.capacity and b.rate_per_s <= 0:
                 return f"the run needs {amount:,.0f} of {key}, more than its whole allowance {b.capacity:,.0f}"
-            queue = sorted([(r.latest, r.remaining.get(key, 0.0)) for r in self._runs.values()
-                            if r.remaining.get(key, 0.0) > 0])
+            queue = sorted(
+                [(r.latest, r.remaining.get(key, 0.0)) for r in self._runs.values() if r.remaining.get(key, 0.0) > 0]
+            )
             before = self._finish_times(key, queue, now)
             at = sum(1 for due, _ in queue if due <= latest)
             with_new = [*queue[:at], (latest, amount), *queue[at:]]
             after = self._finish_times(key, with_new, now)
             if after[at] > latest:
-                return (f"{key}: the run needs {amount:,.0f} before its latest start in {latest - now:.2f} s; "
-                        f"with {at} earlier-deadline runs ahead the budget frees it in {after[at] - now:.2f} s")
+                return (
+                    f"{key}: the run needs {amount:,.0f} before its latest start in {latest - now:.2f} s; "
+                    f"with {at} earlier-deadline runs ahead the budget frees it in {after[at] - now:.2f} s"
+                )
             for i, (due, _) in enumerate(queue[at:], start=at):
                 if before[i] <= due < after[i + 1]:
                     return f"{key}: admitting it would make an admitted run late"
@@ -128,8 +141,9 @@ class AdmissionPlanner:
 
     def _servable(self, need: Mapping[str, float], slack_s: float) -> bool:
         """Could this run make it if the whole rate were its own? (Else it holds nothing back.)"""
-        return all(amount <= b.capacity + b.rate_per_s * slack_s
-                   for key, amount in need.items() for b in [self._buckets[key]])
+        return all(
+            amount <= b.capacity + b.rate_per_s * slack_s for key, amount in need.items() for b in [self._buckets[key]]
+        )
 
     def _fair_share(self, tenant: str, size: float, now: float) -> str | None:
         mine = self._served.get(tenant, 0.0) / self._weight(tenant)
@@ -138,8 +152,7 @@ class AdmissionPlanner:
                 continue
             theirs = self._served.get(other, 0.0) / self._weight(other)
             if mine > theirs + size / self._weight(tenant):
-                return (f"fair share: tenant {tenant!r} is ahead of its weighted share while tenant "
-                        f"{other!r} is waiting")
+                return f"fair share: tenant {tenant!r} is ahead of its weighted share while tenant {other!r} is waiting"
         return None
 
     def done(self, run_id: str, used: Mapping[str, float], now: float) -> None:

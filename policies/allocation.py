@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from engine.dag import Dag
-from engine.specs import StepSpec, WorkflowSpec
-from policies.throttle import expected_step_tokens
+from tailrace.engine.dag import Dag
+from tailrace.engine.specs import StepSpec, WorkflowSpec
+from tailrace.policies.throttle import expected_step_tokens
 
 
 def step_weights(workflow: WorkflowSpec) -> dict[str, float]:

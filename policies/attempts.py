@@ -11,21 +11,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from engine.outcomes import AttemptOutcome, FailureReason, ProviderError
+from tailrace.engine.outcomes import AttemptOutcome, FailureReason, ProviderError
 
 
 @dataclass(frozen=True)
 class AttemptState:
     tier: int
-    started_at: float                   # monotonic seconds
+    started_at: float  # monotonic seconds
     role: str = "primary"
     first_token_at: float | None = None
     last_token_at: float | None = None
     finished_at: float | None = None
-    outcome: AttemptOutcome | None = None   # None while running
+    outcome: AttemptOutcome | None = None  # None while running
     error: ProviderError | None = None
-    tokens: int | None = None               # input + output tokens as settled, once it has ended
-    received_chars: int = 0                 # answer text streamed so far
+    tokens: int | None = None  # input + output tokens as settled, once it has ended
+    received_chars: int = 0  # answer text streamed so far
 
     @property
     def running(self) -> bool:
@@ -35,8 +35,8 @@ class AttemptState:
 @dataclass(frozen=True)
 class Start:
     tier: int
-    at: float                           # monotonic time to start; <= now means at once
-    role: str = "primary"               # primary | retry | duplicate
+    at: float  # monotonic time to start; <= now means at once
+    role: str = "primary"  # primary | retry | duplicate
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ class CircuitBreaker:
         self.config = config or BreakerConfig()
         self.state = CircuitState.CLOSED
         self._consecutive = 0
-        self._outcomes: deque[tuple[float, bool]] = deque()    # (time, failed)
+        self._outcomes: deque[tuple[float, bool]] = deque()  # (time, failed)
         self._opened_at = 0.0
         self._probing = False
 
@@ -92,8 +92,10 @@ class CircuitBreaker:
             return  # an attempt sent before the circuit opened; the cool-down decides
         self._consecutive = self._consecutive + 1 if failed else 0
         failures = sum(1 for _, f in self._outcomes if f)
-        by_rate = len(self._outcomes) >= self.config.min_requests and \
-            failures / len(self._outcomes) >= self.config.failure_rate
+        by_rate = (
+            len(self._outcomes) >= self.config.min_requests
+            and failures / len(self._outcomes) >= self.config.failure_rate
+        )
         if self._consecutive >= self.config.consecutive_failures or by_rate:
             self._open(now)
 
@@ -120,8 +122,9 @@ class CircuitBreaker:
 class BreakerBoard:
     """One breaker per model, created on first use; `on_change(model, state)` hears every transition."""
 
-    def __init__(self, config: BreakerConfig | None = None,
-                 on_change: Callable[[str, CircuitState], None] | None = None) -> None:
+    def __init__(
+        self, config: BreakerConfig | None = None, on_change: Callable[[str, CircuitState], None] | None = None
+    ) -> None:
         self.config = config or BreakerConfig()
         self._breakers: dict[str, CircuitBreaker] = {}
         self._on_change = on_change

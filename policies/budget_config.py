@@ -16,35 +16,19 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from tailrace.policies.spend import SpendAsk, Usage
+
 if TYPE_CHECKING:
-    from engine.specs import WorkflowSpec
+    from tailrace.engine.specs import WorkflowSpec
 
 Charges = Literal["admission", "usage"]
 FAMILIES = ("tokens", "requests", "input_tokens", "output_tokens")
 DEFAULT_CHARGES: dict[str, Charges] = {"openai": "admission", "anthropic": "usage"}
 ALL_MODELS = "*"
-
-
-class SpendAsk(Protocol):
-    """What a reservation asks for (`actors.spend.SpendAsk` has these fields)."""
-
-    input_tokens: int
-    max_output_tokens: int
-    cost_usd: float
-
-
-class Usage(Protocol):
-    """What an attempt used (`actors.spend.Usage` has these fields)."""
-
-    input_tokens: int
-    output_tokens: int
-    cost_usd: float
-    reported: bool
-    cancelled: bool
 
 
 class _Spec(BaseModel):
@@ -55,29 +39,33 @@ class LimitSpec(_Spec):
     """One provider limit: an account (and model, or all its models) with per-window quotas."""
 
     account: str
-    model: str | None = None                       # None: the whole account, every model
+    model: str | None = None  # None: the whole account, every model
     tpm: int | None = Field(default=None, gt=0)
     rpm: int | None = Field(default=None, gt=0)
-    input_tpm: int | None = Field(default=None, gt=0)    # Anthropic-style separate limits
+    input_tpm: int | None = Field(default=None, gt=0)  # Anthropic-style separate limits
     output_tpm: int | None = Field(default=None, gt=0)
-    charges: Charges | None = None                 # None: by the attempt's provider kind
-    window_s: float | None = Field(default=None, gt=0)   # None: BudgetConfig.window_s
+    charges: Charges | None = None  # None: by the attempt's provider kind
+    window_s: float | None = Field(default=None, gt=0)  # None: BudgetConfig.window_s
 
     def quotas(self) -> dict[str, int]:
-        values = {"tokens": self.tpm, "requests": self.rpm, "input_tokens": self.input_tpm,
-                  "output_tokens": self.output_tpm}
+        values = {
+            "tokens": self.tpm,
+            "requests": self.rpm,
+            "input_tokens": self.input_tpm,
+            "output_tokens": self.output_tpm,
+        }
         return {family: v for family, v in values.items() if v is not None}
 
 
 class TenantBudget(_Spec):
-    weight: float = Field(default=1.0, gt=0)       # share of contended capacity
+    weight: float = Field(default=1.0, gt=0)  # share of contended capacity
     daily_usd: float | None = Field(default=None, gt=0)
 
 
 @dataclass(frozen=True)
 class BucketSpec:
     key: str
-    family: str                 # tokens | requests | input_tokens | output_tokens | usd
+    family: str  # tokens | requests | input_tokens | output_tokens | usd
     capacity: float
     rate_per_s: float
     charges: Charges | None = None
@@ -89,9 +77,9 @@ class BudgetConfig(_Spec):
     limits: list[LimitSpec] = Field(default_factory=list)
     tenants: dict[str, TenantBudget] = Field(default_factory=dict)
     default_tenant: TenantBudget = Field(default_factory=TenantBudget)
-    accounts: dict[str, str] = Field(default_factory=dict)   # provider name -> account id (the shared key)
+    accounts: dict[str, str] = Field(default_factory=dict)  # provider name -> account id (the shared key)
     provider_kinds: dict[str, str] = Field(default_factory=dict)  # provider name -> openai | anthropic
-    window_s: float = Field(default=60.0, gt=0)    # the "minute"; 60 * time_scale for a scaled simulator
+    window_s: float = Field(default=60.0, gt=0)  # the "minute"; 60 * time_scale for a scaled simulator
     # Durability and sharing: the ledger lives in Redis when set (redis:// or rediss://, password inside).
     redis_url: SecretStr | None = None
     namespace: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]+$")  # ledger key prefix in Redis
@@ -101,8 +89,8 @@ class BudgetConfig(_Spec):
     # How executors reach the ledger: short leases spent locally, or one actor call per attempt.
     mode: Literal["lease", "direct"] = "lease"
     lease_ttl_s: float = Field(default=2.0, gt=0)
-    flush_interval_s: float = Field(default=0.05, gt=0)     # how often executors report and top up
-    idle_release_s: float = Field(default=1.0, gt=0)        # return a lease unused for this long
+    flush_interval_s: float = Field(default=0.05, gt=0)  # how often executors report and top up
+    idle_release_s: float = Field(default=1.0, gt=0)  # return a lease unused for this long
     spare_fraction: float = Field(default=0.25, ge=0, le=1)  # duplicates only while this much is free
     # Runs that cannot be served before their deadline are refused at submission.
     admission: bool = True
@@ -130,8 +118,9 @@ class BudgetConfig(_Spec):
                 continue
             kinds.setdefault(name, spec.kind)
             account = self.accounts.get(name, name)
-            declared = LimitSpec(account=account, tpm=spec.tpm, rpm=spec.rpm,
-                                 input_tpm=spec.input_tpm, output_tpm=spec.output_tpm)
+            declared = LimitSpec(
+                account=account, tpm=spec.tpm, rpm=spec.rpm, input_tpm=spec.input_tpm, output_tpm=spec.output_tpm
+            )
             if declared.quotas() and (account, None) not in have:
                 limits.append(declared)
                 have.add((account, None))
@@ -144,9 +133,12 @@ class BudgetConfig(_Spec):
         limits.update({(lim.account, lim.model): lim for lim in newer.limits})
         keep = {"redis_url", "namespace", "actor_name"}
         update = {k: getattr(newer, k) for k in type(self).model_fields if k not in keep}
-        update.update(limits=list(limits.values()), tenants={**self.tenants, **newer.tenants},
-                      accounts={**self.accounts, **newer.accounts},
-                      provider_kinds={**self.provider_kinds, **newer.provider_kinds})
+        update.update(
+            limits=list(limits.values()),
+            tenants={**self.tenants, **newer.tenants},
+            accounts={**self.accounts, **newer.accounts},
+            provider_kinds={**self.provider_kinds, **newer.provider_kinds},
+        )
         return self.model_copy(update=update)
 
     def account_of(self, provider: str) -> str:
@@ -170,8 +162,15 @@ class BudgetConfig(_Spec):
                 continue
             window = limit.window_s or self.window_s
             for family, quota in limit.quotas().items():
-                out.append(BucketSpec(bucket_key(family, account, limit.model), family, float(quota),
-                                      quota / window, self.charges_for(limit, provider)))
+                out.append(
+                    BucketSpec(
+                        bucket_key(family, account, limit.model),
+                        family,
+                        float(quota),
+                        quota / window,
+                        self.charges_for(limit, provider),
+                    )
+                )
         return out
 
     def spend_bucket(self, tenant: str, day: str) -> BucketSpec | None:
@@ -191,8 +190,9 @@ class BudgetConfig(_Spec):
             if limit.account == account and (limit.model or ALL_MODELS) == model:
                 quota = limit.quotas().get(family)
                 if quota is not None:
-                    return BucketSpec(key, family, float(quota), quota / (limit.window_s or self.window_s),
-                                      limit.charges)
+                    return BucketSpec(
+                        key, family, float(quota), quota / (limit.window_s or self.window_s), limit.charges
+                    )
         return None
 
     def redacted_redis_url(self) -> str | None:
@@ -221,6 +221,7 @@ def redact_url(url: str) -> str:
 
 
 # ---- what one attempt costs against a bucket ---------------------------------------------------------
+
 
 def reserve_amount(spec: BucketSpec, ask: SpendAsk) -> float:
     """Charged before the attempt is sent: what the provider charges at admission, at most."""

@@ -14,7 +14,7 @@ In the spirit of Finagle's BackupRequestFilter, gRPC hedging and trio's happy ey
   latency has shifted up, or its retries are throttled. Hedging into a browned-out model does not
   help. Primaries keep going to a model whose circuit is closed, so its statistics stay current.
 * Deadline-aware ladder: a rung is chosen only if its latency quantile fits in the step's share of
-  the time left (see `policies.allocation`); otherwise the policy drops to a faster rung on purpose
+  the time left (see `tailrace.policies.allocation`); otherwise the policy drops to a faster rung on purpose
   (the step's result records the tier that answered).
 * Budgets: a duplicate needs the run's extra-token allowance and the target model's retry throttle;
   a retry needs the throttle and something left of the allowance. A refusal is recorded and the
@@ -34,13 +34,13 @@ from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.outcomes import AttemptOutcome, ErrorKind, FailureReason
-from engine.specs import HedgeConfig, ModelChoice
-from engine.tokens import CHARS_PER_TOKEN
-from policies.attempts import AttemptState, Decision, GiveUp, Start
-from policies.breaker import BreakerBoard, BreakerConfig
-from policies.latency import LatencyConfig, LatencyStats, model_key
-from policies.throttle import ExtraTokenBudget, RetryThrottle, ThrottleConfig
+from tailrace.engine.outcomes import AttemptOutcome, ErrorKind, FailureReason
+from tailrace.engine.specs import HedgeConfig, ModelChoice
+from tailrace.engine.tokens import CHARS_PER_TOKEN
+from tailrace.policies.attempts import AttemptState, Decision, GiveUp, Start
+from tailrace.policies.breaker import BreakerBoard, BreakerConfig
+from tailrace.policies.latency import LatencyConfig, LatencyStats, model_key
+from tailrace.policies.throttle import ExtraTokenBudget, RetryThrottle, ThrottleConfig
 
 __all__ = ["HedgeConfig", "HedgeEvents", "HedgingPolicy", "NullEvents", "TailState", "TailTuning", "effective_config"]
 
@@ -83,8 +83,12 @@ class TailTuning(BaseModel):
 
     def scaled(self, factor: float) -> TailTuning:
         """Every duration times `factor` (e.g. for a simulator running `factor` times real speed)."""
-        return TailTuning(latency=self.latency.scaled(factor), breaker=self.breaker.scaled(factor),
-                          throttle=self.throttle, sync_interval_s=self.sync_interval_s * factor)
+        return TailTuning(
+            latency=self.latency.scaled(factor),
+            breaker=self.breaker.scaled(factor),
+            throttle=self.throttle,
+            sync_interval_s=self.sync_interval_s * factor,
+        )
 
 
 def effective_config(default: HedgeConfig, step: HedgeConfig | None) -> HedgeConfig:
@@ -96,8 +100,9 @@ def effective_config(default: HedgeConfig, step: HedgeConfig | None) -> HedgeCon
 
 def scaled_hedge(config: HedgeConfig, factor: float) -> HedgeConfig:
     """The same config on a clock `factor` times faster or slower (e.g. a time-scaled simulator)."""
-    return config.model_copy(update={"stall_gap_s": config.stall_gap_s * factor,
-                                     "min_stream_s": config.min_stream_s * factor})
+    return config.model_copy(
+        update={"stall_gap_s": config.stall_gap_s * factor, "min_stream_s": config.min_stream_s * factor}
+    )
 
 
 @dataclass
@@ -115,13 +120,13 @@ class _Pending:
     delay: float = 0.0
     trigger: str = ""
     reason: str = ""
-    backs: tuple[int, float] | None = None   # the running attempt a duplicate backs up
+    backs: tuple[int, float] | None = None  # the running attempt a duplicate backs up
 
 
 @dataclass(frozen=True)
 class _Pick:
     tier: int
-    reason: str          # why this rung and not the one asked for: "" | deadline | breaker | unhealthy | throttle
+    reason: str  # why this rung and not the one asked for: "" | deadline | breaker | unhealthy | throttle
 
 
 class HedgingPolicy:
@@ -149,9 +154,9 @@ class HedgingPolicy:
         self._budget = budget or ExtraTokenBudget(None)
         self._expected_tokens = list(expected_tokens) if expected_tokens else [0] * len(self._models)
         self._step_end: float | None = None
-        self._refused_for: set[tuple[int, float]] = set()    # running attempts a duplicate was refused for
-        self._pending: dict[tuple[int, str], _Pending] = {}   # (tier, role) -> what the Start was for
-        self.refusals: Counter[str] = Counter()               # by budget: extra_tokens | throttle | gate
+        self._refused_for: set[tuple[int, float]] = set()  # running attempts a duplicate was refused for
+        self._pending: dict[tuple[int, str], _Pending] = {}  # (tier, role) -> what the Start was for
+        self.refusals: Counter[str] = Counter()  # by budget: extra_tokens | throttle | gate
 
     # ---- the decision -------------------------------------------------------------------------------
 
@@ -171,8 +176,9 @@ class HedgingPolicy:
             return self._maybe_duplicate(attempts, running, now, deadline)
         return self._after_failure(attempts, now, deadline)
 
-    def _maybe_duplicate(self, attempts: Sequence[AttemptState], running: list[AttemptState],
-                         now: float, deadline: float) -> Decision:
+    def _maybe_duplicate(
+        self, attempts: Sequence[AttemptState], running: list[AttemptState], now: float, deadline: float
+    ) -> Decision:
         c = self._config
         if self._side_effect or not c.enabled:
             return None
@@ -275,20 +281,24 @@ class HedgingPolicy:
     def _expected(self, tier: int) -> float:
         return self._tail.stats.latency_s(self._models[tier], self._config.fit_quantile, trigger=False)
 
-    def _pick(self, start: int, now: float, banned_models: set[str], banned_providers: set[str], *,
-              for_retry: bool) -> _Pick | None:
+    def _pick(
+        self, start: int, now: float, banned_models: set[str], banned_providers: set[str], *, for_retry: bool
+    ) -> _Pick | None:
         """The rung for a primary or a retry: from `start` down, the first one that is usable (not
         banned, circuit not open; for a retry: not throttled, not failing or slowed down) and fits
         the step's time share."""
         tail = self._tail
-        allowed = [i for i in range(start, len(self._models))
-                   if self._models[i].model not in banned_models and self._models[i].provider not in banned_providers]
+        allowed = [
+            i
+            for i in range(start, len(self._models))
+            if self._models[i].model not in banned_models and self._models[i].provider not in banned_providers
+        ]
         if for_retry:
             allowed = [i for i in allowed if tail.throttle.allows(self._keys[i])]
         if not allowed:
             return None
         closed = [i for i in allowed if tail.breakers.allows(self._keys[i], now)]
-        pool = closed or allowed      # every circuit open: trying beats giving up
+        pool = closed or allowed  # every circuit open: trying beats giving up
         # A primary still goes to a slow or flaky model whose circuit is closed (its duplicates will
         # not): that keeps its statistics current, so the engine sees the brownout end.
         healthy = [i for i in pool if not (for_retry and self._unhealthy(i))]
@@ -320,8 +330,9 @@ class HedgingPolicy:
     def _unhealthy(self, tier: int) -> bool:
         return self._tail.stats.health(self._keys[tier], self._models[tier].expected_latency_s).unhealthy
 
-    def _why(self, wanted: int, got: int, allowed: list[int], closed: list[int], healthy: list[int],
-             fitting: list[int]) -> str:
+    def _why(
+        self, wanted: int, got: int, allowed: list[int], closed: list[int], healthy: list[int], fitting: list[int]
+    ) -> str:
         if got == wanted:
             return ""
         if wanted not in allowed:
@@ -334,8 +345,9 @@ class HedgingPolicy:
 
     # ---- bookkeeping --------------------------------------------------------------------------------
 
-    def _start(self, pick: _Pick, at: float, role: str, delay: float, trigger: str,
-               backs: tuple[int, float] | None = None) -> Start:
+    def _start(
+        self, pick: _Pick, at: float, role: str, delay: float, trigger: str, backs: tuple[int, float] | None = None
+    ) -> Start:
         self._pending[(pick.tier, role)] = _Pending(delay, trigger, pick.reason, backs)
         return Start(pick.tier, at, role)
 
@@ -360,7 +372,7 @@ class HedgingPolicy:
         """The spend gate (run cost cap, global budget) said no to a `Start` this policy returned."""
         pending = self._pending.pop((decision.tier, decision.role), _Pending())
         if pending.backs is not None:
-            self._refused_for.add(pending.backs)   # wait on the attempt it was meant to back up
+            self._refused_for.add(pending.backs)  # wait on the attempt it was meant to back up
         self._note_refusal(decision.role, "gate")
 
     def _banned(self, attempts: Sequence[AttemptState]) -> tuple[set[str], set[str]]:

@@ -24,8 +24,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.clock import Clock
-from engine.specs import ModelChoice
+from tailrace.engine.clock import Clock
+from tailrace.engine.specs import ModelChoice
 
 Kind = Literal["ok", "fail", "censored"]
 Metric = Literal["ttft", "latency", "tokens_per_s"]
@@ -33,14 +33,14 @@ Metric = Literal["ttft", "latency", "tokens_per_s"]
 
 @dataclass(frozen=True)
 class Sample:
-    at: float                          # wall-clock epoch seconds when the attempt ended
-    kind: Kind                         # ok: answered (valid or not); fail: provider failure; censored
-    ttft_s: float | None = None        # for censored: a lower bound
-    latency_s: float | None = None     # for censored: a lower bound
+    at: float  # wall-clock epoch seconds when the attempt ended
+    kind: Kind  # ok: answered (valid or not); fail: provider failure; censored
+    ttft_s: float | None = None  # for censored: a lower bound
+    latency_s: float | None = None  # for censored: a lower bound
     tokens_per_s: float | None = None  # decode rate after the first token (answered attempts)
 
 
-Snapshot = dict[str, list[Sample]]     # model key -> samples; what executors exchange
+Snapshot = dict[str, list[Sample]]  # model key -> samples; what executors exchange
 
 
 def model_key(provider: str, model: str) -> str:
@@ -51,12 +51,12 @@ def model_key(provider: str, model: str) -> str:
 class LatencyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    window_s: float = Field(default=60.0, gt=0)      # samples older than this expire
-    max_samples: int = Field(default=512, ge=8)      # per model; the newest are kept
-    min_samples: int = Field(default=20, ge=1)       # fewer latency samples: the model is cold
-    recent_s: float = Field(default=10.0, gt=0)      # "recent" for health: failure rate, latency shift
-    min_recent: int = Field(default=4, ge=1)         # recent events needed before health is judged
-    shift_factor: float = Field(default=1.6, gt=1)   # recent median this much above the window's: shifted
+    window_s: float = Field(default=60.0, gt=0)  # samples older than this expire
+    max_samples: int = Field(default=512, ge=8)  # per model; the newest are kept
+    min_samples: int = Field(default=20, ge=1)  # fewer latency samples: the model is cold
+    recent_s: float = Field(default=10.0, gt=0)  # "recent" for health: failure rate, latency shift
+    min_recent: int = Field(default=4, ge=1)  # recent events needed before health is judged
+    shift_factor: float = Field(default=1.6, gt=1)  # recent median this much above the window's: shifted
     unhealthy_failure_rate: float = Field(default=0.25, gt=0, le=1)
     # Cold: hedge triggers use the prior times this (conservative: later), fits use the prior as is.
     cold_trigger_factor: float = Field(default=1.5, ge=1)
@@ -68,10 +68,10 @@ class LatencyConfig(BaseModel):
 
 @dataclass(frozen=True)
 class Health:
-    failure_rate: float        # over the recent window, among answered + failed attempts
-    events: int                # answered + failed attempts in the recent window
-    shifted: bool              # recent latency well above the window's
-    unhealthy: bool            # failing or shifted: duplicates go elsewhere
+    failure_rate: float  # over the recent window, among answered + failed attempts
+    events: int  # answered + failed attempts in the recent window
+    shifted: bool  # recent latency well above the window's
+    unhealthy: bool  # failing or shifted: duplicates go elsewhere
 
     @classmethod
     def unknown(cls) -> Health:
@@ -94,7 +94,7 @@ class ModelWindow:
             # Merged samples can arrive out of order; keep the deque sorted by time so expiry stays O(1).
             items = list(self._samples)
             bisect.insort(items, sample, key=lambda s: s.at)
-            self._samples = deque(items[-self._config.max_samples:], maxlen=self._config.max_samples)
+            self._samples = deque(items[-self._config.max_samples :], maxlen=self._config.max_samples)
         else:
             self._samples.append(sample)
         self._sorted = None
@@ -148,12 +148,12 @@ class LatencyStats:
     """Every model's window in one process. Time is read from the injected clock (fake in tests)."""
 
     def __init__(self, config: LatencyConfig | None = None, clock: Clock | None = None) -> None:
-        from engine.clock import SYSTEM_CLOCK
+        from tailrace.engine.clock import SYSTEM_CLOCK
 
         self.config = config or LatencyConfig()
         self._clock = clock or SYSTEM_CLOCK
         self._windows: dict[str, ModelWindow] = {}
-        self._new: Snapshot = {}       # observed here, not yet handed to the stats actor
+        self._new: Snapshot = {}  # observed here, not yet handed to the stats actor
 
     def _window(self, model: str) -> ModelWindow:
         window = self._windows.get(model)
@@ -164,8 +164,14 @@ class LatencyStats:
 
     # ---- observing ----------------------------------------------------------------------------------
 
-    def observe(self, model: str, kind: Kind, ttft_s: float | None = None, latency_s: float | None = None,
-                tokens_per_s: float | None = None) -> None:
+    def observe(
+        self,
+        model: str,
+        kind: Kind,
+        ttft_s: float | None = None,
+        latency_s: float | None = None,
+        tokens_per_s: float | None = None,
+    ) -> None:
         """Record one attempt's end, observed in this process."""
         sample = Sample(self._clock.time(), kind, ttft_s, latency_s, tokens_per_s)
         self._window(model).add(sample)

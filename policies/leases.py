@@ -7,10 +7,10 @@ needed, apply provider feedback, and receive new grants, atomically. An `exchang
 per `report_id`, so a caller that lost the reply (the ledger restarted) can simply send it again.
 
 The global limit holds at all times because every lease is taken out of a bucket whose
-`level + outstanding <= capacity` (see `policies.buckets`). A lease that expires unreturned (its
+`level + outstanding <= capacity` (see `tailrace.policies.buckets`). A lease that expires unreturned (its
 executor died) is written off as spent: conservative, never double-counted.
 
-`LeaseBook` is the in-memory ledger; the Redis ledger (`actors.budget_redis`) runs the same steps in
+`LeaseBook` is the in-memory ledger; the Redis ledger (`tailrace.actors.budget_redis`) runs the same steps in
 Lua. `DemandBoard` splits a scarce bucket between executors by what they want, so the first to
 ask cannot take everything. Pure: time is a `now` argument.
 """
@@ -22,25 +22,25 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from policies.buckets import TokenBucket
-from policies.budget_config import BucketSpec
+from tailrace.policies.buckets import TokenBucket
+from tailrace.policies.budget_config import BucketSpec
 
 MAX_REMEMBERED_REPLIES = 4096
 
 
 @dataclass(frozen=True)
 class BucketOp:
-    want: float = 0.0      # grant up to this much more to the lease
-    ret: float = 0.0       # unspent held tokens handed back
-    spent: float = 0.0     # held tokens used since the last report
-    refund: float = 0.0    # reported spent earlier, but the provider did not charge them after all
-    debit: float = 0.0     # used beyond what was held (a reservation that under-estimated)
+    want: float = 0.0  # grant up to this much more to the lease
+    ret: float = 0.0  # unspent held tokens handed back
+    spent: float = 0.0  # held tokens used since the last report
+    refund: float = 0.0  # reported spent earlier, but the provider did not charge them after all
+    debit: float = 0.0  # used beyond what was held (a reservation that under-estimated)
 
 
 @dataclass(frozen=True)
 class ProviderFeedback:
-    remaining: float | None = None    # the provider's remaining count (headers), aged to the sender's now
-    blocked_s: float | None = None    # a 429's Retry-After
+    remaining: float | None = None  # the provider's remaining count (headers), aged to the sender's now
+    blocked_s: float | None = None  # a 429's Retry-After
 
 
 @dataclass(frozen=True)
@@ -52,30 +52,41 @@ class SpendDelta:
     output_tokens: int = 0
     attempts: int = 0
     cancelled: int = 0
-    wasted_tokens: int = 0     # charged by attempts that were cancelled
+    wasted_tokens: int = 0  # charged by attempts that were cancelled
 
     def plus(self, other: SpendDelta) -> SpendDelta:
-        return SpendDelta(self.usd + other.usd, self.input_tokens + other.input_tokens,
-                          self.output_tokens + other.output_tokens, self.attempts + other.attempts,
-                          self.cancelled + other.cancelled, self.wasted_tokens + other.wasted_tokens)
+        return SpendDelta(
+            self.usd + other.usd,
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+            self.attempts + other.attempts,
+            self.cancelled + other.cancelled,
+            self.wasted_tokens + other.wasted_tokens,
+        )
 
     def as_dict(self) -> dict[str, float]:
-        return {"usd": self.usd, "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
-                "attempts": self.attempts, "cancelled": self.cancelled, "wasted_tokens": self.wasted_tokens}
+        return {
+            "usd": self.usd,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "attempts": self.attempts,
+            "cancelled": self.cancelled,
+            "wasted_tokens": self.wasted_tokens,
+        }
 
 
 @dataclass(frozen=True)
 class ExchangeRequest:
     executor: str
-    report_id: str                                  # unique per request; a retry reuses it
+    report_id: str  # unique per request; a retry reuses it
     lease_id: str | None = None
     ops: dict[str, BucketOp] = field(default_factory=dict)
     feedback: dict[str, ProviderFeedback] = field(default_factory=dict)
-    spend: dict[str, SpendDelta] = field(default_factory=dict)   # tenant -> spend since the last report
-    day: str = ""                                   # UTC day the spend belongs to
+    spend: dict[str, SpendDelta] = field(default_factory=dict)  # tenant -> spend since the last report
+    day: str = ""  # UTC day the spend belongs to
     ttl_s: float = 2.0
-    close: bool = False                             # return the lease: nothing more wanted
-    exact: bool = False                             # grant every `want` in full, or nothing
+    close: bool = False  # return the lease: nothing more wanted
+    exact: bool = False  # grant every `want` in full, or nothing
     balances: dict[str, float] = field(default_factory=dict)  # what the executor holds now, per bucket
 
 
@@ -104,12 +115,12 @@ class BucketView:
 @dataclass(frozen=True)
 class ExchangeReply:
     lease_id: str
-    lost: bool                                     # the lease had expired: balances held under it are void
+    lost: bool  # the lease had expired: balances held under it are void
     granted: dict[str, float]
     buckets: dict[str, BucketView]
     ttl_s: float
-    targets: dict[str, float] = field(default_factory=dict)   # fair holding per bucket when contended
-    degraded: bool = False                         # the shared ledger is unreachable: conservative local limit
+    targets: dict[str, float] = field(default_factory=dict)  # fair holding per bucket when contended
+    degraded: bool = False  # the shared ledger is unreachable: conservative local limit
 
 
 @dataclass
@@ -147,7 +158,7 @@ class LeaseBook:
     def __init__(self, resolve: Resolver, *, start_full: bool = True, scale: float = 1.0) -> None:
         self._resolve = resolve
         self._start_full = start_full
-        self._scale = scale                      # < 1: a conservative local limit (shared ledger down)
+        self._scale = scale  # < 1: a conservative local limit (shared ledger down)
         self.buckets: dict[str, TokenBucket] = {}
         self.leases: dict[str, Lease] = {}
         self.spend: dict[tuple[str, str], SpendTotals] = {}
@@ -227,8 +238,9 @@ class LeaseBook:
             self._replies.popitem(last=False)
         return reply
 
-    def _grant(self, req: ExchangeRequest, lease: Lease, buckets: dict[str, TokenBucket],
-               now: float) -> dict[str, float]:
+    def _grant(
+        self, req: ExchangeRequest, lease: Lease, buckets: dict[str, TokenBucket], now: float
+    ) -> dict[str, float]:
         wants = {k: req.ops[k].want for k in buckets if req.ops[k].want > 0 and not req.close}
         if req.exact and any(buckets[k].available(now) + 1e-9 < w for k, w in wants.items()):
             return {}
@@ -265,7 +277,7 @@ class DemandBoard:
     def __init__(self, ttl_s: float) -> None:
         self.ttl_s = ttl_s
         self._wants: dict[str, tuple[float, dict[str, float], dict[str, float]]] = {}  # ex -> (seen, want, held)
-        self._recent: dict[str, dict[str, float]] = {}   # ex -> bucket -> decayed grants
+        self._recent: dict[str, dict[str, float]] = {}  # ex -> bucket -> decayed grants
         self._decayed_at = -math.inf
 
     def report(self, executor: str, wants: dict[str, float], held: dict[str, float], now: float) -> None:
@@ -295,8 +307,9 @@ class DemandBoard:
             self.forget(ex)
         return {ex: (w, h) for ex, (_, w, h) in self._wants.items()}
 
-    def cap(self, executor: str, wants: dict[str, float], free: dict[str, float],
-            now: float) -> tuple[dict[str, float], dict[str, float]]:
+    def cap(
+        self, executor: str, wants: dict[str, float], free: dict[str, float], now: float
+    ) -> tuple[dict[str, float], dict[str, float]]:
         """(capped wants, fair holding targets) for `executor`, given each bucket's free amount."""
         live = self.live(now)
         self._decay(now)

@@ -30,9 +30,9 @@ def priority_class(role: str) -> str:
 @dataclass(eq=False)
 class Waiter:
     tenant: str
-    deadline: float                  # monotonic; EDF key
-    need: Mapping[str, float]        # bucket -> amount
-    size: float                      # what it counts for the tenant's fair share (tokens)
+    deadline: float  # monotonic; EDF key
+    need: Mapping[str, float]  # bucket -> amount
+    size: float  # what it counts for the tenant's fair share (tokens)
     payload: Any = None
     removed: bool = field(default=False, repr=False)
 
@@ -44,8 +44,8 @@ class FairQueue:
     def __init__(self, weight: Callable[[str], float]) -> None:
         self._weight = weight
         self._heaps: dict[str, list[tuple[float, int, Waiter]]] = {}
-        self._vtime: dict[str, float] = {}   # each tenant's virtual time (start tag of its next request)
-        self._virtual_now = 0.0              # start tag of the last request served
+        self._vtime: dict[str, float] = {}  # each tenant's virtual time (start tag of its next request)
+        self._virtual_now = 0.0  # start tag of the last request served
         self._seq = itertools.count()
         self._len = 0
 
@@ -110,9 +110,13 @@ class FairQueue:
         return self.needs_ahead(float("inf"))
 
 
-def speculative_allowed(need: Mapping[str, float], balances: Mapping[str, float],
-                        free_fraction: Mapping[str, float], spare_fraction: float,
-                        primaries_waiting: bool) -> bool:
+def speculative_allowed(
+    need: Mapping[str, float],
+    balances: Mapping[str, float],
+    free_fraction: Mapping[str, float],
+    spare_fraction: float,
+    primaries_waiting: bool,
+) -> bool:
     """A duplicate may spend only spare capacity: nobody needy is waiting, it fits what this executor
     holds, and every bucket it touches is at least `spare_fraction` free globally."""
     if primaries_waiting:

@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from engine.outcomes import AttemptOutcome, ErrorKind, FailureReason
-from engine.specs import ModelChoice
-from policies.attempts import AttemptState, Decision, GiveUp, Start
+from tailrace.engine.outcomes import AttemptOutcome, ErrorKind, FailureReason
+from tailrace.engine.specs import ModelChoice
+from tailrace.policies.attempts import AttemptState, Decision, GiveUp, Start
 
 ACCOUNT_WIDE = frozenset({ErrorKind.AUTH, ErrorKind.QUOTA_EXHAUSTED})
 BACKOFF_BASE_S = 0.05
@@ -73,12 +73,20 @@ class SequentialRetryPolicy:
                 return self._start_at(rung, at, deadline, "retry", banned_models, banned_providers)
         return self._exhausted(last, "no model left to try")
 
-    def _start_at(self, rung: Rung | None, at: float, deadline: float, role: str,
-                  banned_models: set[str], banned_providers: set[str]) -> Decision:
+    def _start_at(
+        self,
+        rung: Rung | None,
+        at: float,
+        deadline: float,
+        role: str,
+        banned_models: set[str],
+        banned_providers: set[str],
+    ) -> Decision:
         if rung is None:
             return GiveUp(FailureReason.PROVIDER_ERROR, "no usable model")
-        below = [r for r in self._rungs[rung.tier:]
-                 if r.model not in banned_models and r.provider not in banned_providers]
+        below = [
+            r for r in self._rungs[rung.tier :] if r.model not in banned_models and r.provider not in banned_providers
+        ]
         return Start(self._fit(below, deadline - at).tier, at, role)
 
     @staticmethod

@@ -4,14 +4,14 @@ A step's attempts are reserved against the share of the run's cap it was given (
 Steps that start together split what is left of the cap (less what running steps already hold) in
 proportion to what one attempt of each may cost, so parallel steps cannot together spend more than
 the run's cap; a step that runs alone gets everything that is left. Tenants' daily allowances are
-buckets of the ledger (`usd:<tenant>:<day>`, see `policies.budget_config`).
+buckets of the ledger (`usd:<tenant>:<day>`, see `tailrace.policies.budget_config`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from engine.specs import StepSpec
+from tailrace.engine.specs import StepSpec
 
 
 def attempt_weight(step: StepSpec) -> float:

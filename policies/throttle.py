@@ -19,11 +19,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.errors import TailraceError
-from engine.prompts import render_messages
-from engine.specs import ModelChoice, StepSpec
-from engine.tokens import estimate_prompt_tokens
-from policies.attempts import AttemptState
+from tailrace.engine.errors import TailraceError
+from tailrace.engine.prompts import render_messages
+from tailrace.engine.specs import ModelChoice, StepSpec
+from tailrace.engine.tokens import estimate_prompt_tokens
+from tailrace.policies.attempts import AttemptState
 
 # A step's answer is budgeted at half its max_tokens until usage is known (answers rarely fill it).
 EXPECTED_OUTPUT_FRACTION = 0.5
@@ -72,8 +72,7 @@ class ExtraTokenBudget:
             spent += a.tokens if a.tokens is not None else expected_tokens[a.tier]
         return self.allowance - spent
 
-    def affords(self, attempts: Sequence[AttemptState], expected_tokens: Sequence[int], tokens: int,
-                role: str) -> bool:
+    def affords(self, attempts: Sequence[AttemptState], expected_tokens: Sequence[int], tokens: int, role: str) -> bool:
         """A duplicate must fit its expected tokens; a retry needs only that something is left."""
         if role == "primary":
             return True

@@ -23,8 +23,9 @@ def start_session_ray() -> None:
 
     if not ray.is_initialized():
         # address="local": always a fresh cluster of our own, never one another process left in /tmp/ray.
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
-                 log_to_driver=False)
+        ray.init(
+            address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False
+        )
 
 
 @pytest.fixture(scope="session")
@@ -40,9 +41,10 @@ def ray_cluster() -> Iterator[None]:
 def simulator() -> Iterator[Callable[..., Any]]:
     """Start simulators on free loopback ports: `simulator("clean", seed=1, time_scale=0.01, log_path=...)`.
     Every simulator started through this fixture is stopped when the test ends."""
-    from engine.sim import SimServer, scenario
+    from tailrace.engine.sim import SimServer, scenario
 
     with contextlib.ExitStack() as stack:
+
         def start(name: str = "clean", log_path: Any = None, **overrides: Any) -> Any:
             return stack.enter_context(SimServer.in_thread(scenario(name, **overrides), log_path=log_path))
 
@@ -50,6 +52,7 @@ def simulator() -> Iterator[Callable[..., Any]]:
 
 
 # ---- a real redis-server on a free loopback port (the budget ledger's shared store) -----------------
+
 
 class RedisServer:
     """One redis-server process: `url` has the password (if any) and TLS settings; `stop`/`start` keep the
@@ -61,8 +64,11 @@ class RedisServer:
 
         binary = shutil.which("redis-server")
         if binary is None:
-            pytest.fail("redis-server is not installed: the budget tests need a real Redis. Install it with "
-                        "`apt-get install -y redis-server` (.ci/run does this when it is missing).", pytrace=False)
+            pytest.fail(
+                "redis-server is not installed: the budget tests need a real Redis. Install it with "
+                "`apt-get install -y redis-server` (.ci/run does this when it is missing).",
+                pytrace=False,
+            )
         self.binary = binary
         self.workdir = workdir
         self.password = password
@@ -80,9 +86,28 @@ class RedisServer:
         if shutil.which("openssl") is None:
             pytest.fail("openssl is needed to make a certificate for the Redis TLS test", pytrace=False)
         cert, key = self.workdir / "redis.crt", self.workdir / "redis.key"
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-                        "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key),
-                        "-out", str(cert)], check=True, capture_output=True)
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+                "-keyout",
+                str(key),
+                "-out",
+                str(cert),
+            ],
+            check=True,
+            capture_output=True,
+        )
         return str(cert)
 
     @property
@@ -96,14 +121,39 @@ class RedisServer:
         import subprocess
         import time
 
-        args = [self.binary, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
-                "--protected-mode", "no", "--loglevel", "warning"]
+        args = [
+            self.binary,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.workdir),
+            "--protected-mode",
+            "no",
+            "--loglevel",
+            "warning",
+        ]
         if self.password:
             args += ["--requirepass", self.password]
         if self.tls:
             key = str(self.workdir / "redis.key")
-            args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.cert, "--tls-key-file", key,
-                     "--tls-ca-cert-file", self.cert, "--tls-auth-clients", "no"]
+            args += [
+                "--port",
+                "0",
+                "--tls-port",
+                str(self.port),
+                "--tls-cert-file",
+                self.cert,
+                "--tls-key-file",
+                key,
+                "--tls-ca-cert-file",
+                self.cert,
+                "--tls-auth-clients",
+                "no",
+            ]
         else:
             args += ["--port", str(self.port)]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -150,7 +200,7 @@ def redis_server(tmp_path: Any) -> Iterator[Callable[..., RedisServer]]:
 async def start_sim(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., Any]]:
     """`await start_sim("clean", log_path=None, **overrides)`; servers and the SDK clients the test module
     keeps in its `CLIENTS` list are closed when the test ends."""
-    from engine.sim import SimServer, scenario
+    from tailrace.engine.sim import SimServer, scenario
 
     servers: list[SimServer] = []
 

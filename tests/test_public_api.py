@@ -2,16 +2,65 @@
 
 from __future__ import annotations
 
-import engine
+import importlib
+import subprocess
+import sys
 
+import pytest
 
-def test_engine_public_names():
-    assert sorted(engine.__all__) == sorted([
+import tailrace
+
+PUBLIC = {
+    "tailrace": [
+        "AttemptOutcome", "AttemptRecord", "BatchSummary", "BudgetConfig", "CancelReason", "FailureReason",
+        "HedgeConfig", "InputError", "LimitSpec", "ModelChoice", "OutputContract", "PoolConfig", "ProviderConfigError",
+        "ProviderSpec", "RunOptions", "RunOutcome", "SpecError", "SpecErrors", "StepResult", "StepSpec", "TailTuning",
+        "TailraceError", "TenantBudget", "TraceConfig", "WorkflowSpec", "budget_status", "load_inputs",
+        "load_workflow", "register_validator", "run_batch", "workflow_from_dict",
+    ],
+    "tailrace.engine": [
         "AttemptOutcome", "AttemptRecord", "CancelReason", "Clock", "Dag", "Deadline", "ErrorKind",
         "FailureReason", "FakeClock", "InputError", "ModelChoice", "OutputContract", "ProviderConfigError",
         "ProviderError", "ProviderSpec", "RunOptions", "RunOutcome", "SpecError", "SpecErrors", "StepResult",
         "StepSpec", "StopKind", "SystemClock", "TailraceError", "Verdict", "WorkflowSpec", "load_inputs",
         "load_workflow", "register_validator", "validate", "workflow_from_dict",
-    ])
-    for name in engine.__all__:
-        assert getattr(engine, name) is not None
+    ],
+    "tailrace.policies": [
+        "AttemptFeedback", "AttemptPolicy", "AttemptState", "BudgetConfig", "Decision", "GiveUp", "Grant",
+        "HedgingPolicy", "LimitSpec", "Refusal", "RunCostGate", "SpendAsk", "SpendGate", "Start", "TailState",
+        "TailTuning", "TenantBudget", "Usage",
+    ],
+    "tailrace.runtime": [
+        "AttemptObserver", "Grant", "Refusal", "RunCostGate", "SpendGate", "StepRequest", "StepRunner", "TailControl",
+    ],
+    "tailrace.actors": ["BudgetActor", "BudgetHandle", "LatencyStatsActor", "StepExecutor"],
+    "tailrace.cluster": [
+        "BatchSummary", "ExecutorPool", "PoolConfig", "TraceConfig", "WorkflowDriver", "budget_status", "connect",
+        "run_batch", "start_executors",
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("package", sorted(PUBLIC))
+def test_public_names_are_pinned_and_resolve(package):
+    module = importlib.import_module(package)
+    assert sorted(module.__all__) == sorted(PUBLIC[package])
+    for name in module.__all__:
+        assert getattr(module, name) is not None, name
+
+
+def test_the_top_level_api_is_the_same_object_as_where_it_lives():
+    from tailrace.cluster.api import run_batch
+    from tailrace.engine.specs import WorkflowSpec
+
+    assert tailrace.run_batch is run_batch
+    assert tailrace.WorkflowSpec is WorkflowSpec
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = tailrace.nope
+
+
+def test_import_tailrace_does_not_import_ray():
+    # The CLI checks a user's input before Ray is imported or started; the engine is usable without Ray.
+    code = "import sys, tailrace, tailrace.engine, tailrace.policies, tailrace.cluster; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -5,13 +5,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from engine.classify import FailureFacts, Transport
+from tailrace.engine.classify import FailureFacts, Transport
 
 
-def facts_from_exception(exc: BaseException, timeout_types: tuple[type[BaseException], ...],
-                         connection_types: tuple[type[BaseException], ...],
-                         status_types: tuple[type[BaseException], ...],
-                         api_error_types: tuple[type[BaseException], ...]) -> FailureFacts:
+def facts_from_exception(
+    exc: BaseException,
+    timeout_types: tuple[type[BaseException], ...],
+    connection_types: tuple[type[BaseException], ...],
+    status_types: tuple[type[BaseException], ...],
+    api_error_types: tuple[type[BaseException], ...],
+) -> FailureFacts:
     if isinstance(exc, timeout_types):
         return FailureFacts(transport="timeout", message=str(exc))
     if isinstance(exc, connection_types):
@@ -29,7 +32,8 @@ def facts_from_exception(exc: BaseException, timeout_types: tuple[type[BaseExcep
     if isinstance(exc, api_error_types):  # an error event inside a 200 stream
         error = _error_object(getattr(exc, "body", None))
         return FailureFacts(
-            error_type=_str(error.get("type")), error_code=_str(error.get("code")),
+            error_type=_str(error.get("type")),
+            error_code=_str(error.get("code")),
             message=_str(error.get("message")) or str(exc),
         )
     transport: Transport = "malformed"

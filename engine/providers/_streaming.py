@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from engine.classify import classify
-from engine.clock import Clock
-from engine.providers._sdk_errors import facts_from_exception
-from engine.providers.base import AdapterSettings, AttemptProgress, ProviderCall, RawAttempt
+from tailrace.engine.classify import classify
+from tailrace.engine.clock import Clock
+from tailrace.engine.providers._sdk_errors import facts_from_exception
+from tailrace.engine.providers.base import AdapterSettings, AttemptProgress, ProviderCall, RawAttempt
 
 
 class StreamingAdapter:

@@ -6,8 +6,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from engine.clock import Clock
-from engine.outcomes import ProviderError, StopKind
+from tailrace.engine.clock import Clock
+from tailrace.engine.outcomes import ProviderError, StopKind
 
 # Provider stop reasons -> normalised stop kinds. Anything unlisted is UNKNOWN.
 _STOP_KINDS: dict[str, dict[str, StopKind]] = {
@@ -41,7 +41,7 @@ class ProviderCall:
     """One request to one model, rendered and ready to send."""
 
     provider: str
-    kind: str                          # "openai" | "anthropic"
+    kind: str  # "openai" | "anthropic"
     model: str
     prompt: str
     max_tokens: int
@@ -61,7 +61,7 @@ class AttemptProgress:
     last_token_mono: float | None = None
     text_parts: list[str] = field(default_factory=list)
     received_chars: int = 0
-    input_tokens: int | None = None    # as reported by the provider
+    input_tokens: int | None = None  # as reported by the provider
     output_tokens: int | None = None
     stop_reason: str | None = None
     request_id: str | None = None
@@ -140,12 +140,12 @@ class AdapterSettings:
     kind: str
     base_url: str | None = None
     api_key_env: str | None = None
-    api_key: str | None = field(default=None, repr=False)   # only for local simulators; never logged
+    api_key: str | None = field(default=None, repr=False)  # only for local simulators; never logged
 
     def resolved_key(self) -> str:
         key = self.api_key or api_key_for(self.kind, self.api_key_env)
         if not key:
-            from engine.errors import ProviderConfigError
+            from tailrace.engine.errors import ProviderConfigError
 
             env = self.api_key_env or DEFAULT_KEY_ENV[self.kind]
             raise ProviderConfigError(f"no API key for a {self.kind} provider: set {env}")
@@ -154,11 +154,11 @@ class AdapterSettings:
 
 def build_adapter(settings: AdapterSettings, clock: Clock) -> ProviderAdapter:
     if settings.kind == "openai":
-        from engine.providers.openai_adapter import OpenAIAdapter
+        from tailrace.engine.providers.openai_adapter import OpenAIAdapter
 
         return OpenAIAdapter(settings, clock)
     if settings.kind == "anthropic":
-        from engine.providers.anthropic_adapter import AnthropicAdapter
+        from tailrace.engine.providers.anthropic_adapter import AnthropicAdapter
 
         return AnthropicAdapter(settings, clock)
     raise ValueError(f"unknown provider kind {settings.kind!r}")

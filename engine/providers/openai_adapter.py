@@ -7,9 +7,9 @@ from typing import Any
 import httpx2
 import openai
 
-from engine.classify import rate_limit_headers
-from engine.providers._streaming import StreamingAdapter
-from engine.providers.base import AdapterSettings, AttemptProgress, ProviderCall
+from tailrace.engine.classify import rate_limit_headers
+from tailrace.engine.providers._streaming import StreamingAdapter
+from tailrace.engine.providers.base import AdapterSettings, AttemptProgress, ProviderCall
 
 _ERRORS = dict(
     timeout_types=(openai.APITimeoutError,),

@@ -44,7 +44,7 @@ for brownouts, simulated time). Cancellation: a request whose client disconnects
 logged with `cancelled: true` and `output_tokens` = tokens generated until then.
 """
 
-from engine.sim.config import (
+from tailrace.engine.sim.config import (
     DEFAULT_PROFILES,
     SCENARIOS,
     BrownoutConfig,
@@ -54,9 +54,9 @@ from engine.sim.config import (
     profile_class,
     scenario,
 )
-from engine.sim.content import REFUSAL_TEXT, count_tokens
-from engine.sim.planner import Finish, RequestFeatures, ResponsePlan, make_features, plan_response
-from engine.sim.server import SimServer, run_forever
+from tailrace.engine.sim.content import REFUSAL_TEXT, count_tokens
+from tailrace.engine.sim.planner import Finish, RequestFeatures, ResponsePlan, make_features, plan_response
+from tailrace.engine.sim.server import SimServer, run_forever
 
 __all__ = [
     "DEFAULT_PROFILES",

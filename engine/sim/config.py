@@ -18,37 +18,44 @@ class Fault(StrEnum):
 
     OK = "ok"
     # Latency faults: the answer is valid but late, or never comes.
-    STRAGGLER = "straggler"          # TTFT and generation time multiplied by a big factor
-    HANG = "hang"                    # no headers, or headers and no tokens, until the client leaves
-    STALL = "stall"                  # the stream starts, pauses for a long gap, then continues
+    STRAGGLER = "straggler"  # TTFT and generation time multiplied by a big factor
+    HANG = "hang"  # no headers, or headers and no tokens, until the client leaves
+    STALL = "stall"  # the stream starts, pauses for a long gap, then continues
     # Hard errors before any response body.
     HTTP_500 = "http_500"
-    OVERLOADED = "overloaded"        # OpenAI 503 server_is_overloaded / Anthropic 529 overloaded_error
-    RATE_LIMITED = "rate_limited"    # 429 with retry-after
-    QUOTA = "quota"                  # 429 that never succeeds (no retry-after)
+    OVERLOADED = "overloaded"  # OpenAI 503 server_is_overloaded / Anthropic 529 overloaded_error
+    RATE_LIMITED = "rate_limited"  # 429 with retry-after
+    QUOTA = "quota"  # 429 that never succeeds (no retry-after)
     CONTEXT_LENGTH = "context_length"  # 400
     CONTENT_POLICY = "content_policy"  # 400
-    AUTH = "auth"                    # 401
-    TOO_LARGE = "too_large"          # 413
-    RESET = "reset"                  # the TCP connection is dropped before any response
-    STREAM_ERROR = "stream_error"    # 200, then an error event or an abrupt close mid-body
+    AUTH = "auth"  # 401
+    TOO_LARGE = "too_large"  # 413
+    RESET = "reset"  # the TCP connection is dropped before any response
+    STREAM_ERROR = "stream_error"  # 200, then an error event or an abrupt close mid-body
     # Invalid outputs: a normal 200 whose content must fail validation.
     EMPTY = "empty"
-    TRUNCATED = "truncated"          # cut at max_tokens: finish_reason length / stop_reason max_tokens
+    TRUNCATED = "truncated"  # cut at max_tokens: finish_reason length / stop_reason max_tokens
     REFUSAL = "refusal"
-    FILTERED = "filtered"            # OpenAI finish_reason content_filter / Anthropic stop_reason refusal
-    SCHEMA_MISS = "schema_miss"      # valid JSON, but a required property missing or of the wrong type
-    ALTERED_ID = "altered_id"        # one copied identifier has one character changed
-    NOT_JSON = "not_json"            # prose where JSON was asked
+    FILTERED = "filtered"  # OpenAI finish_reason content_filter / Anthropic stop_reason refusal
+    SCHEMA_MISS = "schema_miss"  # valid JSON, but a required property missing or of the wrong type
+    ALTERED_ID = "altered_id"  # one copied identifier has one character changed
+    NOT_JSON = "not_json"  # prose where JSON was asked
 
 
 ERROR_FAULTS = frozenset(
-    {Fault.HTTP_500, Fault.OVERLOADED, Fault.RATE_LIMITED, Fault.QUOTA, Fault.CONTEXT_LENGTH,
-     Fault.CONTENT_POLICY, Fault.AUTH, Fault.TOO_LARGE}
+    {
+        Fault.HTTP_500,
+        Fault.OVERLOADED,
+        Fault.RATE_LIMITED,
+        Fault.QUOTA,
+        Fault.CONTEXT_LENGTH,
+        Fault.CONTENT_POLICY,
+        Fault.AUTH,
+        Fault.TOO_LARGE,
+    }
 )
 INVALID_OUTPUT_FAULTS = frozenset(
-    {Fault.EMPTY, Fault.TRUNCATED, Fault.REFUSAL, Fault.FILTERED, Fault.SCHEMA_MISS,
-     Fault.ALTERED_ID, Fault.NOT_JSON}
+    {Fault.EMPTY, Fault.TRUNCATED, Fault.REFUSAL, Fault.FILTERED, Fault.SCHEMA_MISS, Fault.ALTERED_ID, Fault.NOT_JSON}
 )
 
 
@@ -60,7 +67,7 @@ class ModelProfile(BaseModel):
     ttft_median_s: float = Field(gt=0)
     ttft_sigma: float = Field(ge=0)
     tokens_per_s: float = Field(gt=0)
-    tps_sigma: float = Field(default=0.15, ge=0)       # request-to-request spread of decode speed
+    tps_sigma: float = Field(default=0.15, ge=0)  # request-to-request spread of decode speed
     output_tokens_median: int = Field(default=120, gt=0)
     output_tokens_sigma: float = Field(default=0.5, ge=0)
     context_window: int = Field(default=128_000, gt=0)
@@ -136,15 +143,15 @@ class SimConfig(BaseModel):
     time_scale: float = Field(default=1.0, gt=0)
     profiles: dict[str, ModelProfile] = Field(default_factory=lambda: dict(DEFAULT_PROFILES))
     model_profiles: dict[str, ModelProfile] = Field(default_factory=dict)  # model name -> override
-    fault_rates: dict[Fault, float] = Field(default_factory=dict)          # probability per request
-    straggler_factor: tuple[float, float] = (3.0, 10.0)                    # uniform range
-    stall_s: tuple[float, float] = (10.0, 30.0)                            # gap length, uniform range
+    fault_rates: dict[Fault, float] = Field(default_factory=dict)  # probability per request
+    straggler_factor: tuple[float, float] = (3.0, 10.0)  # uniform range
+    stall_s: tuple[float, float] = (10.0, 30.0)  # gap length, uniform range
     script: dict[str, list[Fault]] = Field(default_factory=dict)  # model -> faults of its first N requests
-    force_fault: dict[str, Fault] = Field(default_factory=dict)   # model -> always this fault
+    force_fault: dict[str, Fault] = Field(default_factory=dict)  # model -> always this fault
     brownout: BrownoutConfig | None = None
     tpm_limit: int | None = Field(default=None, gt=0)  # tokens per minute per API key (enforced)
     rpm_limit: int | None = Field(default=None, gt=0)  # requests per minute per API key (enforced)
-    max_stream_chunks: int = Field(default=20, ge=1)   # bounds the cost of one streamed response
+    max_stream_chunks: int = Field(default=20, ge=1)  # bounds the cost of one streamed response
     default_max_tokens: int = Field(default=4096, gt=0)  # OpenAI requests without max_tokens
 
     @model_validator(mode="after")
@@ -187,9 +194,13 @@ HEAVY_TAIL_RATES: dict[Fault, float] = {
 
 SCENARIOS: dict[str, dict[str, Any]] = {
     # No faults at all: every request gets a valid answer. Outputs kept short for quick runs.
-    "clean": {"name": "clean", "profiles": {
-        k: p.model_copy(update={"output_tokens_median": 80, "output_tokens_sigma": 0.3})
-        for k, p in DEFAULT_PROFILES.items()}},
+    "clean": {
+        "name": "clean",
+        "profiles": {
+            k: p.model_copy(update={"output_tokens_median": 80, "output_tokens_sigma": 0.3})
+            for k, p in DEFAULT_PROFILES.items()
+        },
+    },
     "heavy-tail": {"name": "heavy-tail", "fault_rates": HEAVY_TAIL_RATES},
     # A correlated outage of one model; the others stay clean so the effect is isolated.
     "brownout": {"name": "brownout", "brownout": BrownoutConfig()},

@@ -90,6 +90,7 @@ def text_answer(rng: random.Random, ids: list[str], n_chars: int) -> str:
 
 # ---- schema-driven JSON -------------------------------------------------------------------------
 
+
 def _resolve(schema: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
     """Follow local `$ref`s and pick the first non-null branch of anyOf/oneOf (pydantic output)."""
     for _ in range(32):
@@ -159,8 +160,7 @@ class _Builder:
             return self.rng.random() < 0.5
         if t == "null":
             return None
-        return words(self.rng, 3)[: int(schema.get("maxLength", 10**9))].ljust(
-            int(schema.get("minLength", 0)), "x")
+        return words(self.rng, 3)[: int(schema.get("maxLength", 10**9))].ljust(int(schema.get("minLength", 0)), "x")
 
     def _object(self, schema: dict[str, Any], depth: int) -> dict[str, Any]:
         props: dict[str, Any] = schema.get("properties") or {}
@@ -306,7 +306,7 @@ def alter_id(rng: random.Random, text: str, ids: list[str]) -> str | None:
     else:
         pool = "-_.:/"
     new = rng.choice([c for c in pool if c != ch] or ["x"])
-    altered = target[:pos] + new + target[pos + 1:]
+    altered = target[:pos] + new + target[pos + 1 :]
     return text.replace(target, altered)
 
 

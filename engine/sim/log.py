@@ -23,25 +23,25 @@ def key_hash(api_key: str | None) -> str:
 
 @dataclass
 class RequestRecord:
-    ts: float                        # wall-clock epoch seconds when the request ended
+    ts: float  # wall-clock epoch seconds when the request ended
     request_id: str
-    api: str                         # openai | anthropic
+    api: str  # openai | anthropic
     model: str
     key_hash: str
-    fault: str                       # what the simulator did; `rate_limited` also for TPM/RPM rejects
-    status: int                      # HTTP status sent; 0 when none was (reset, hang, disconnect first)
+    fault: str  # what the simulator did; `rate_limited` also for TPM/RPM rejects
+    status: int  # HTTP status sent; 0 when none was (reset, hang, disconnect first)
     stream: bool
     input_tokens: int
-    output_tokens: int               # generated, also when cancelled (tokens before the disconnect)
-    cancelled: bool                  # the client went away (or the server stopped) before the end
-    duration_s: float                # real seconds
+    output_tokens: int  # generated, also when cancelled (tokens before the disconnect)
+    cancelled: bool  # the client went away (or the server stopped) before the end
+    duration_s: float  # real seconds
     idempotency_key: str | None = None
-    retry_count: str | None = None   # the `x-stainless-retry-count` header
-    occurrence: int = 0              # how many times this exact request content was seen before
-    finish: str | None = None        # stop reason in the API's vocabulary, when one was sent
-    limited: str | None = None       # "tokens" | "requests" | "too_large": rejected by a TPM/RPM limit
-    degraded: bool = False           # inside a brownout window
-    sim_time_s: float = 0.0          # simulated seconds since start, at arrival
+    retry_count: str | None = None  # the `x-stainless-retry-count` header
+    occurrence: int = 0  # how many times this exact request content was seen before
+    finish: str | None = None  # stop reason in the API's vocabulary, when one was sent
+    limited: str | None = None  # "tokens" | "requests" | "too_large": rejected by a TPM/RPM limit
+    degraded: bool = False  # inside a brownout window
+    sim_time_s: float = 0.0  # simulated seconds since start, at arrival
 
 
 class Summary:
@@ -49,9 +49,16 @@ class Summary:
 
     def __init__(self) -> None:
         self.requests = 0
-        self.models: dict[str, dict[str, Any]] = defaultdict(lambda: {
-            "requests": 0, "by_fault": Counter(), "by_status": Counter(), "input_tokens": 0,
-            "output_tokens": 0, "cancelled": 0})
+        self.models: dict[str, dict[str, Any]] = defaultdict(
+            lambda: {
+                "requests": 0,
+                "by_fault": Counter(),
+                "by_status": Counter(),
+                "input_tokens": 0,
+                "output_tokens": 0,
+                "cancelled": 0,
+            }
+        )
         self.cancelled = 0
         self.cancelled_tokens = 0
         self.status_429 = 0
@@ -77,8 +84,10 @@ class Summary:
     def as_dict(self) -> dict[str, Any]:
         return {
             "requests": self.requests,
-            "models": {k: {**v, "by_fault": dict(v["by_fault"]), "by_status": dict(v["by_status"])}
-                       for k, v in self.models.items()},
+            "models": {
+                k: {**v, "by_fault": dict(v["by_fault"]), "by_status": dict(v["by_status"])}
+                for k, v in self.models.items()
+            },
             "cancelled": {"count": self.cancelled, "output_tokens_before_cancel": self.cancelled_tokens},
             "status_429": self.status_429,
             "input_tokens": self.input_tokens,

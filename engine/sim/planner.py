@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
-from engine.sim.config import ERROR_FAULTS, Fault, SimConfig
-from engine.sim.content import (
+from tailrace.engine.sim.config import ERROR_FAULTS, Fault, SimConfig
+from tailrace.engine.sim.content import (
     REFUSAL_TEXT,
     alter_id,
     count_tokens,
@@ -36,10 +36,10 @@ Api = Literal["openai", "anthropic"]
 class Finish(StrEnum):
     """Why generation ended, before translation to each API's vocabulary."""
 
-    STOP = "stop"          # OpenAI stop / Anthropic end_turn
-    LENGTH = "length"      # OpenAI length / Anthropic max_tokens
-    REFUSAL = "refusal"    # OpenAI stop (refusal text) / Anthropic refusal
-    FILTER = "filter"      # OpenAI content_filter / Anthropic refusal
+    STOP = "stop"  # OpenAI stop / Anthropic end_turn
+    LENGTH = "length"  # OpenAI length / Anthropic max_tokens
+    REFUSAL = "refusal"  # OpenAI stop (refusal text) / Anthropic refusal
+    FILTER = "filter"  # OpenAI content_filter / Anthropic refusal
 
 
 @dataclass(frozen=True)
@@ -48,18 +48,25 @@ class RequestFeatures:
 
     api: Api
     model: str
-    texts: tuple[str, ...]            # system text first (if any), then every message's text
+    texts: tuple[str, ...]  # system text first (if any), then every message's text
     max_tokens: int
     stream: bool = False
-    structured: bool = False          # OpenAI response_format json_schema (structured outputs)
+    structured: bool = False  # OpenAI response_format json_schema (structured outputs)
     schema: dict[str, Any] | None = field(default=None, hash=False, compare=False)
     ids: tuple[str, ...] = ()
     prompt_tokens: int = 0
-    content_key: str = ""             # hash of everything above except `stream`
+    content_key: str = ""  # hash of everything above except `stream`
 
 
-def make_features(api: Api, model: str, texts: list[str], max_tokens: int, *, stream: bool = False,
-                  response_schema: dict[str, Any] | None = None) -> RequestFeatures:
+def make_features(
+    api: Api,
+    model: str,
+    texts: list[str],
+    max_tokens: int,
+    *,
+    stream: bool = False,
+    response_schema: dict[str, Any] | None = None,
+) -> RequestFeatures:
     """Features of a request. `response_schema` (structured outputs) wins over a `<schema>` tag."""
     schema, ids = parse_contract(texts)
     if response_schema is not None:
@@ -67,8 +74,14 @@ def make_features(api: Api, model: str, texts: list[str], max_tokens: int, *, st
     # `stream` is left out of the key on purpose: streaming must not change what is generated.
     key_src = json.dumps([api, model, texts, max_tokens, response_schema], sort_keys=True, default=str)
     return RequestFeatures(
-        api=api, model=model, texts=tuple(texts), max_tokens=max_tokens, stream=stream,
-        structured=response_schema is not None, schema=schema, ids=tuple(ids),
+        api=api,
+        model=model,
+        texts=tuple(texts),
+        max_tokens=max_tokens,
+        stream=stream,
+        structured=response_schema is not None,
+        schema=schema,
+        ids=tuple(ids),
         prompt_tokens=sum(count_tokens(t) for t in texts),
         content_key=hashlib.sha256(key_src.encode()).hexdigest(),
     )
@@ -79,22 +92,22 @@ class ResponsePlan:
     """Everything the server needs to act out one response. Durations are simulated seconds."""
 
     fault: Fault
-    status: int                       # HTTP status; 0 for a connection reset
-    ttft_s: float                     # until the first token (or until the error for error faults)
+    status: int  # HTTP status; 0 for a connection reset
+    ttft_s: float  # until the first token (or until the error for error faults)
     tokens_per_s: float
     text: str
     output_tokens: int
     finish: Finish
-    chunks: tuple[str, ...]           # `text` split for streaming
+    chunks: tuple[str, ...]  # `text` split for streaming
     request_id: str
-    degraded: bool = False            # inside a brownout window
+    degraded: bool = False  # inside a brownout window
     stall_after_chunk: int | None = None
     stall_s: float = 0.0
     hang_after_headers: bool = False  # hang: headers (and the stream prelude) sent, then nothing
     error_after_chunk: int | None = None  # stream_error: chunks sent before it strikes
-    error_as_event: bool = True       # stream_error: an SSE error event, else an abrupt close
+    error_as_event: bool = True  # stream_error: an SSE error event, else an abrupt close
     retry_after_s: float | None = None
-    refusal_field: bool = False       # OpenAI structured outputs: the refusal goes in `refusal`
+    refusal_field: bool = False  # OpenAI structured outputs: the refusal goes in `refusal`
 
     @property
     def generation_s(self) -> float:
@@ -113,9 +126,15 @@ def _rng(config: SimConfig, features: RequestFeatures, occurrence: int, label: s
 
 def _status(fault: Fault, api: Api) -> int:
     return {
-        Fault.HTTP_500: 500, Fault.OVERLOADED: 529 if api == "anthropic" else 503,
-        Fault.RATE_LIMITED: 429, Fault.QUOTA: 429, Fault.CONTEXT_LENGTH: 400,
-        Fault.CONTENT_POLICY: 400, Fault.AUTH: 401, Fault.TOO_LARGE: 413, Fault.RESET: 0,
+        Fault.HTTP_500: 500,
+        Fault.OVERLOADED: 529 if api == "anthropic" else 503,
+        Fault.RATE_LIMITED: 429,
+        Fault.QUOTA: 429,
+        Fault.CONTEXT_LENGTH: 400,
+        Fault.CONTENT_POLICY: 400,
+        Fault.AUTH: 401,
+        Fault.TOO_LARGE: 413,
+        Fault.RESET: 0,
     }.get(fault, 200)
 
 
@@ -132,11 +151,12 @@ def _split(text: str, n_chunks: int) -> tuple[str, ...]:
     if not text:
         return ()
     size = math.ceil(len(text) / n_chunks)
-    return tuple(text[i:i + size] for i in range(0, len(text), size))
+    return tuple(text[i : i + size] for i in range(0, len(text), size))
 
 
-def _choose_fault(config: SimConfig, features: RequestFeatures, occurrence: int, sim_time: float,
-                  forced: Fault | None) -> tuple[Fault, bool]:
+def _choose_fault(
+    config: SimConfig, features: RequestFeatures, occurrence: int, sim_time: float, forced: Fault | None
+) -> tuple[Fault, bool]:
     """The fault and whether the model is in a brownout window."""
     degraded = config.brownout is not None and config.brownout.degraded(features.model, sim_time)
     if forced is not None:
@@ -144,15 +164,17 @@ def _choose_fault(config: SimConfig, features: RequestFeatures, occurrence: int,
     window = config.profile(features.model).context_window
     if features.prompt_tokens + features.max_tokens > window:
         return Fault.CONTEXT_LENGTH, degraded
-    if (degraded and config.brownout is not None
-            and _rng(config, features, occurrence, "brownout").random() < config.brownout.overloaded_rate):
+    if (
+        degraded
+        and config.brownout is not None
+        and _rng(config, features, occurrence, "brownout").random() < config.brownout.overloaded_rate
+    ):
         return Fault.OVERLOADED, degraded
     u = _rng(config, features, occurrence, "fault").random()
     return _draw_fault(config.rates(features.model), u), degraded
 
 
-def _write(fault: Fault, features: RequestFeatures, rng: random.Random,
-           n_chars: int) -> tuple[Fault, str, Finish]:
+def _write(fault: Fault, features: RequestFeatures, rng: random.Random, n_chars: int) -> tuple[Fault, str, Finish]:
     """The text for this fault; a fault that does not apply to the contract becomes `ok`."""
     schema, ids = features.schema, list(features.ids)
 
@@ -185,8 +207,13 @@ def _write(fault: Fault, features: RequestFeatures, rng: random.Random,
     return fault, answer(n_chars), Finish.STOP
 
 
-def plan_response(config: SimConfig, features: RequestFeatures, occurrence: int = 0,
-                  sim_time: float = 0.0, forced: Fault | None = None) -> ResponsePlan:
+def plan_response(
+    config: SimConfig,
+    features: RequestFeatures,
+    occurrence: int = 0,
+    sim_time: float = 0.0,
+    forced: Fault | None = None,
+) -> ResponsePlan:
     """The full plan for one request. Pure: same arguments, same plan."""
     profile = config.profile(features.model)
     fault, degraded = _choose_fault(config, features, occurrence, sim_time, forced)
@@ -196,16 +223,24 @@ def plan_response(config: SimConfig, features: RequestFeatures, occurrence: int 
     if degraded:
         ttft *= config.brownout.latency_factor if config.brownout else 1.0
         tps /= config.brownout.latency_factor if config.brownout else 1.0
-    request_id = hashlib.sha256(
-        f"{config.seed}|{features.content_key}|{occurrence}".encode()).hexdigest()[:24]
+    request_id = hashlib.sha256(f"{config.seed}|{features.content_key}|{occurrence}".encode()).hexdigest()[:24]
     common: dict[str, Any] = {"request_id": request_id, "degraded": degraded}
 
     if fault in ERROR_FAULTS or fault == Fault.RESET:
         # Errors come back faster than answers: the request is rejected before generation.
         retry = round(lat.uniform(0.5, 5.0), 3) if fault == Fault.RATE_LIMITED else None
-        return ResponsePlan(fault=fault, status=_status(fault, features.api), ttft_s=ttft * lat.uniform(0.1, 0.5),
-                            tokens_per_s=tps, text="", output_tokens=0, finish=Finish.STOP, chunks=(),
-                            retry_after_s=retry, **common)
+        return ResponsePlan(
+            fault=fault,
+            status=_status(fault, features.api),
+            ttft_s=ttft * lat.uniform(0.1, 0.5),
+            tokens_per_s=tps,
+            text="",
+            output_tokens=0,
+            finish=Finish.STOP,
+            chunks=(),
+            retry_after_s=retry,
+            **common,
+        )
 
     if fault == Fault.STRAGGLER:
         factor = lat.uniform(*config.straggler_factor)
@@ -235,5 +270,15 @@ def plan_response(config: SimConfig, features: RequestFeatures, occurrence: int 
         extra["error_as_event"] = shape.random() < 0.6
     if fault == Fault.REFUSAL and features.api == "openai" and features.structured:
         extra["refusal_field"] = True
-    return ResponsePlan(fault=fault, status=200, ttft_s=ttft, tokens_per_s=tps, text=text,
-                        output_tokens=output_tokens, finish=finish, chunks=chunks, **common, **extra)
+    return ResponsePlan(
+        fault=fault,
+        status=200,
+        ttft_s=ttft,
+        tokens_per_s=tps,
+        text=text,
+        output_tokens=output_tokens,
+        finish=finish,
+        chunks=chunks,
+        **common,
+        **extra,
+    )

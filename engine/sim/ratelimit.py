@@ -63,8 +63,8 @@ class LimitSnapshot:
 class Admission:
     ok: bool
     snapshot: LimitSnapshot
-    retry_after_s: float | None = None   # simulated; None: waiting will not help
-    reason: str = ""                     # "requests" | "tokens" | "too_large" when rejected
+    retry_after_s: float | None = None  # simulated; None: waiting will not help
+    reason: str = ""  # "requests" | "tokens" | "too_large" when rejected
 
 
 class RateLimiter:
@@ -87,9 +87,13 @@ class RateLimiter:
 
     def _snapshot(self, req: Bucket, tok: Bucket) -> LimitSnapshot:
         return LimitSnapshot(
-            limit_requests=int(req.capacity), remaining_requests=max(0, math.floor(req.level)),
-            reset_requests_s=req.until_full(), limit_tokens=int(tok.capacity),
-            remaining_tokens=max(0, math.floor(tok.level)), reset_tokens_s=tok.until_full())
+            limit_requests=int(req.capacity),
+            remaining_requests=max(0, math.floor(req.level)),
+            reset_requests_s=req.until_full(),
+            limit_tokens=int(tok.capacity),
+            remaining_tokens=max(0, math.floor(tok.level)),
+            reset_tokens_s=tok.until_full(),
+        )
 
     def peek(self, key: str, now: float) -> LimitSnapshot:
         """The key's limits without charging anything (for responses to unusable requests)."""
@@ -123,9 +127,12 @@ class RateLimiter:
         out: dict[str, dict[str, float]] = {}
         for key, tok in self._tokens.items():
             tok.refill(now)
-            out[key] = {"window_tokens": round(tok.capacity - tok.level, 1),
-                        "charged_tokens": round(tok.charged_total, 1),
-                        "tpm_limit": tok.capacity, "enforced": self.tpm_limit is not None}
+            out[key] = {
+                "window_tokens": round(tok.capacity - tok.level, 1),
+                "charged_tokens": round(tok.charged_total, 1),
+                "tpm_limit": tok.capacity,
+                "enforced": self.tpm_limit is not None,
+            }
         return out
 
 

@@ -23,15 +23,15 @@ from typing import Any
 
 from aiohttp import web
 
-from engine.sim.config import ERROR_FAULTS, Fault, SimConfig, profile_class
-from engine.sim.log import RequestLog, RequestRecord, key_hash
-from engine.sim.planner import Finish, RequestFeatures, ResponsePlan, plan_response
-from engine.sim.ratelimit import RateLimiter, retry_after_headers
-from engine.sim.wire import BadRequest, Exchange, Wire
-from engine.sim.wire_anthropic import STOP as ANTHROPIC_STOP
-from engine.sim.wire_anthropic import AnthropicWire
-from engine.sim.wire_openai import FINISH as OPENAI_FINISH
-from engine.sim.wire_openai import OpenAIWire
+from tailrace.engine.sim.config import ERROR_FAULTS, Fault, SimConfig, profile_class
+from tailrace.engine.sim.log import RequestLog, RequestRecord, key_hash
+from tailrace.engine.sim.planner import Finish, RequestFeatures, ResponsePlan, plan_response
+from tailrace.engine.sim.ratelimit import RateLimiter, retry_after_headers
+from tailrace.engine.sim.wire import BadRequest, Exchange, Wire
+from tailrace.engine.sim.wire_anthropic import STOP as ANTHROPIC_STOP
+from tailrace.engine.sim.wire_anthropic import AnthropicWire
+from tailrace.engine.sim.wire_openai import FINISH as OPENAI_FINISH
+from tailrace.engine.sim.wire_openai import OpenAIWire
 
 
 @dataclass
@@ -41,7 +41,7 @@ class _Progress:
     status: int = 0
     fault: str = "ok"
     sent_chars: int = 0
-    gen_started: float | None = None   # real monotonic time generation began (non-streaming)
+    gen_started: float | None = None  # real monotonic time generation began (non-streaming)
     finished: bool = False
     finish: str | None = None
     limited: str | None = None
@@ -74,8 +74,7 @@ class SimServer:
         app.router.add_get("/stats", self._handle_stats)
         app.router.add_get("/health", self._handle_health)
         # handler_cancellation: a client disconnect cancels its handler, so hangs end and are logged.
-        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0,
-                                     access_log=None)
+        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
@@ -115,9 +114,15 @@ class SimServer:
     def stats(self) -> dict[str, Any]:
         with self._limiter_lock:
             usage = self._limiter.usage(self.sim_time())
-        return {"scenario": self.config.name, "seed": self.config.seed,
-                "time_scale": self.config.time_scale, "sim_time_s": round(self.sim_time(), 3),
-                "in_flight": len(self._inflight), **self._log.summary(), "keys": usage}
+        return {
+            "scenario": self.config.name,
+            "seed": self.config.seed,
+            "time_scale": self.config.time_scale,
+            "sim_time_s": round(self.sim_time(), 3),
+            "in_flight": len(self._inflight),
+            **self._log.summary(),
+            "keys": usage,
+        }
 
     def log_records(self) -> list[dict[str, Any]]:
         return self._log.records()
@@ -160,10 +165,13 @@ class SimServer:
     def _latch_brownout(self, features: RequestFeatures) -> None:
         """Resolve `brownout.model="auto"` to the first OpenAI mid/strong model requested."""
         b = self.config.brownout
-        if (b is not None and b.model == "auto" and features.api == "openai"
-                and profile_class(features.model) in ("mid", "strong")):
-            self.config = self.config.model_copy(
-                update={"brownout": b.model_copy(update={"model": features.model})})
+        if (
+            b is not None
+            and b.model == "auto"
+            and features.api == "openai"
+            and profile_class(features.model) in ("mid", "strong")
+        ):
+            self.config = self.config.model_copy(update={"brownout": b.model_copy(update={"model": features.model})})
 
     def _forced(self, model: str) -> Fault | None:
         """The scripted fault of this model's n-th request, else its forced fault, else None."""
@@ -177,8 +185,9 @@ class SimServer:
         if task is not None:
             self._inflight.add(task)
         started, arrival = time.monotonic(), self.sim_time()
-        api_key = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix(
-            "Bearer ").strip()
+        api_key = (
+            request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        )
         prog = _Progress()
         features: RequestFeatures | None = None
         plan: ResponsePlan | None = None
@@ -209,11 +218,13 @@ class SimServer:
         finally:
             if task is not None:
                 self._inflight.discard(task)
-            self._record(request, wire, features, plan, prog, key_hash(api_key), occurrence, cancelled,
-                         started, arrival)
+            self._record(
+                request, wire, features, plan, prog, key_hash(api_key), occurrence, cancelled, started, arrival
+            )
 
-    async def _act(self, request: web.Request, wire: Wire, ex: Exchange, key: str,
-                   prog: _Progress) -> web.StreamResponse:
+    async def _act(
+        self, request: web.Request, wire: Wire, ex: Exchange, key: str, prog: _Progress
+    ) -> web.StreamResponse:
         plan, features = ex.plan, ex.features
         prog.fault = plan.fault.value
         charge = features.prompt_tokens + features.max_tokens
@@ -239,16 +250,18 @@ class SimServer:
                 real_wait = plan.retry_after_s * self.config.time_scale
                 headers.update(retry_after_headers(plan.retry_after_s, self.config.time_scale))
             prog.status, prog.finished = plan.status, True
-            return web.json_response(wire.error_body(plan.fault, ex.request_id, features, real_wait),
-                                     status=plan.status, headers=headers)
+            return web.json_response(
+                wire.error_body(plan.fault, ex.request_id, features, real_wait), status=plan.status, headers=headers
+            )
         if plan.fault == Fault.HANG and not plan.hang_after_headers:
             await asyncio.Event().wait()  # until the client leaves or the server stops
         if features.stream:
             return await self._stream(request, wire, ex, headers, prog)
         return await self._full(request, wire, ex, headers, prog)
 
-    async def _full(self, request: web.Request, wire: Wire, ex: Exchange, headers: dict[str, str],
-                    prog: _Progress) -> web.StreamResponse:
+    async def _full(
+        self, request: web.Request, wire: Wire, ex: Exchange, headers: dict[str, str], prog: _Progress
+    ) -> web.StreamResponse:
         plan = ex.plan
         await self._sleep(plan.ttft_s)
         prog.gen_started = time.monotonic()
@@ -269,13 +282,16 @@ class SimServer:
         prog.finish = self._finish_name(wire, plan.finish)
         return web.Response(body=data, status=200, headers={**headers, "content-type": "application/json"})
 
-    async def _stream(self, request: web.Request, wire: Wire, ex: Exchange, headers: dict[str, str],
-                      prog: _Progress) -> web.StreamResponse:
+    async def _stream(
+        self, request: web.Request, wire: Wire, ex: Exchange, headers: dict[str, str], prog: _Progress
+    ) -> web.StreamResponse:
         plan = ex.plan
         # Headers and the prelude come a little before the first token, as with the real APIs.
         await self._sleep(plan.ttft_s * 0.25)
-        resp = web.StreamResponse(status=200, headers={
-            **headers, "content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"})
+        resp = web.StreamResponse(
+            status=200,
+            headers={**headers, "content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"},
+        )
         prog.status = 200
         await resp.prepare(request)
         await resp.write(b"".join(wire.prelude(ex)))
@@ -326,29 +342,53 @@ class SimServer:
             chars = max(chars, int(min(plan.output_tokens, elapsed_sim * plan.tokens_per_s) * 4))
         return min(plan.output_tokens, math.ceil(min(chars, len(plan.text)) / 4))
 
-    def _record(self, request: web.Request, wire: Wire, features: RequestFeatures | None,
-                plan: ResponsePlan | None, prog: _Progress, key: str, occurrence: int, cancelled: bool,
-                started: float, arrival: float) -> None:
+    def _record(
+        self,
+        request: web.Request,
+        wire: Wire,
+        features: RequestFeatures | None,
+        plan: ResponsePlan | None,
+        prog: _Progress,
+        key: str,
+        occurrence: int,
+        cancelled: bool,
+        started: float,
+        arrival: float,
+    ) -> None:
         output = self._generated_tokens(plan, prog)
         if features is not None and wire.api == "anthropic" and prog.limited is None:
             # Anthropic reserves max_tokens of output at admission and corrects it at the end.
             with self._limiter_lock:
                 self._limiter.refund(key, features.max_tokens - output, self.sim_time())
         h = request.headers
-        self._log.add(RequestRecord(
-            ts=time.time(), request_id=wire.full_request_id(plan.request_id) if plan else "",
-            api=wire.api, model=features.model if features else "", key_hash=key, fault=prog.fault,
-            status=prog.status, stream=features.stream if features else False,
-            input_tokens=features.prompt_tokens if features else 0, output_tokens=output,
-            cancelled=cancelled, duration_s=round(time.monotonic() - started, 4),
-            idempotency_key=h.get("idempotency-key") or h.get("x-idempotency-key"),
-            retry_count=h.get("x-stainless-retry-count"), occurrence=occurrence, finish=prog.finish,
-            limited=prog.limited, degraded=plan.degraded if plan else False,
-            sim_time_s=round(arrival, 3)))
+        self._log.add(
+            RequestRecord(
+                ts=time.time(),
+                request_id=wire.full_request_id(plan.request_id) if plan else "",
+                api=wire.api,
+                model=features.model if features else "",
+                key_hash=key,
+                fault=prog.fault,
+                status=prog.status,
+                stream=features.stream if features else False,
+                input_tokens=features.prompt_tokens if features else 0,
+                output_tokens=output,
+                cancelled=cancelled,
+                duration_s=round(time.monotonic() - started, 4),
+                idempotency_key=h.get("idempotency-key") or h.get("x-idempotency-key"),
+                retry_count=h.get("x-stainless-retry-count"),
+                occurrence=occurrence,
+                finish=prog.finish,
+                limited=prog.limited,
+                degraded=plan.degraded if plan else False,
+                sim_time_s=round(arrival, 3),
+            )
+        )
 
 
-def run_forever(config: SimConfig, host: str = "127.0.0.1", port: int = 8765,
-                log_path: str | Path | None = None) -> None:
+def run_forever(
+    config: SimConfig, host: str = "127.0.0.1", port: int = 8765, log_path: str | Path | None = None
+) -> None:
     """Serve until Ctrl-C (the `tailrace sim` command)."""
 
     async def main() -> None:

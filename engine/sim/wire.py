@@ -13,9 +13,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.sim.config import Fault
-from engine.sim.planner import RequestFeatures, ResponsePlan
-from engine.sim.ratelimit import LimitSnapshot
+from tailrace.engine.sim.config import Fault
+from tailrace.engine.sim.planner import RequestFeatures, ResponsePlan
+from tailrace.engine.sim.ratelimit import LimitSnapshot
 
 
 class BadRequest(Exception):
@@ -54,16 +54,24 @@ class Wire(ABC):
         """Features and whether usage is wanted in the stream. Raises `BadRequest`."""
 
     @abstractmethod
-    def error_body(self, fault: Fault, request_id: str, features: RequestFeatures | None,
-                   retry_after_real_s: float | None = None) -> dict[str, Any]:
+    def error_body(
+        self, fault: Fault, request_id: str, features: RequestFeatures | None, retry_after_real_s: float | None = None
+    ) -> dict[str, Any]:
         """The JSON body of an error response for `fault`."""
 
     @abstractmethod
     def bad_request_body(self, err: BadRequest, request_id: str) -> dict[str, Any]: ...
 
     @abstractmethod
-    def rate_limit_body(self, reason: str, request_id: str, model: str, snapshot: LimitSnapshot,
-                        requested: int, retry_after_real_s: float | None) -> dict[str, Any]:
+    def rate_limit_body(
+        self,
+        reason: str,
+        request_id: str,
+        model: str,
+        snapshot: LimitSnapshot,
+        requested: int,
+        retry_after_real_s: float | None,
+    ) -> dict[str, Any]:
         """The 429 body when a configured TPM/RPM limit rejects the request."""
 
     @abstractmethod

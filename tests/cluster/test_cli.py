@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.cli import DEMO_WORKFLOW, main
+from tailrace.cluster.cli import DEMO_WORKFLOW, main
 
 CYCLE = """
 name: cyc
@@ -22,19 +22,24 @@ steps:
 def files(tmp_path: Path) -> Path:
     (tmp_path / "cycle.yaml").write_text(CYCLE)
     (tmp_path / "ok.jsonl").write_text('{"x": 1}\n')
-    (tmp_path / "broken.jsonl").write_text('{"ticket_id": "T", "order_id": "O", "customer": "c", "message": "m"}\n{oops\n')
+    (tmp_path / "broken.jsonl").write_text(
+        '{"ticket_id": "T", "order_id": "O", "customer": "c", "message": "m"}\n{oops\n'
+    )
     (tmp_path / "missing_field.jsonl").write_text('{"ticket_id": "T"}\n')
     return tmp_path
 
 
-@pytest.mark.parametrize(("argv", "expected"), [
-    (["run", "{d}/cycle.yaml", "--inputs", "{d}/ok.jsonl"], "cycle: a -> b -> c -> a"),
-    (["run", "{d}/nowhere.yaml", "--inputs", "{d}/ok.jsonl"], "nowhere.yaml"),
-    (["run", str(DEMO_WORKFLOW), "--inputs", "{d}/absent.jsonl"], "absent.jsonl"),
-    (["run", str(DEMO_WORKFLOW), "--inputs", "{d}/broken.jsonl"], "broken.jsonl:2: not valid JSON"),
-    (["run", str(DEMO_WORKFLOW), "--inputs", "{d}/missing_field.jsonl"], "missing input field(s): order_id"),
-    (["demo", "--deadline", "-1"], "--deadline"),
-])
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["run", "{d}/cycle.yaml", "--inputs", "{d}/ok.jsonl"], "cycle: a -> b -> c -> a"),
+        (["run", "{d}/nowhere.yaml", "--inputs", "{d}/ok.jsonl"], "nowhere.yaml"),
+        (["run", str(DEMO_WORKFLOW), "--inputs", "{d}/absent.jsonl"], "absent.jsonl"),
+        (["run", str(DEMO_WORKFLOW), "--inputs", "{d}/broken.jsonl"], "broken.jsonl:2: not valid JSON"),
+        (["run", str(DEMO_WORKFLOW), "--inputs", "{d}/missing_field.jsonl"], "missing input field(s): order_id"),
+        (["demo", "--deadline", "-1"], "--deadline"),
+    ],
+)
 def test_bad_input_is_one_clear_error(files, capsys, argv, expected):
     code = main([a.format(d=files) for a in argv])
     err = " ".join(capsys.readouterr().err.split())

@@ -6,22 +6,33 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
-from cluster.driver import WorkflowDriver
-from engine.clock import FakeClock
-from engine.loading import workflow_from_dict
-from engine.outcomes import StepResult
-from engine.specs import RunOptions
+from tailrace.cluster.driver import WorkflowDriver
+from tailrace.engine.clock import FakeClock
+from tailrace.engine.loading import workflow_from_dict
+from tailrace.engine.outcomes import StepResult
+from tailrace.engine.specs import RunOptions
 
-CHAIN = workflow_from_dict({
-    "name": "chain", "inputs": ["x"],
-    "steps": [
-        {"id": "a", "prompt": "{{input.x}}", "models": [{"provider": "openai", "model": "m", "max_tokens": 5}]},
-        {"id": "b", "prompt": "{{steps.a}}", "depends_on": ["a"],
-         "models": [{"provider": "openai", "model": "m", "max_tokens": 5}]},
-        {"id": "c", "prompt": "{{steps.b}}", "depends_on": ["b"],
-         "models": [{"provider": "openai", "model": "m", "max_tokens": 5}]},
-    ],
-})
+CHAIN = workflow_from_dict(
+    {
+        "name": "chain",
+        "inputs": ["x"],
+        "steps": [
+            {"id": "a", "prompt": "{{input.x}}", "models": [{"provider": "openai", "model": "m", "max_tokens": 5}]},
+            {
+                "id": "b",
+                "prompt": "{{steps.a}}",
+                "depends_on": ["a"],
+                "models": [{"provider": "openai", "model": "m", "max_tokens": 5}],
+            },
+            {
+                "id": "c",
+                "prompt": "{{steps.b}}",
+                "depends_on": ["b"],
+                "models": [{"provider": "openai", "model": "m", "max_tokens": 5}],
+            },
+        ],
+    }
+)
 
 
 class SteppingExecutor:
@@ -53,5 +64,5 @@ async def test_every_step_request_of_a_run_carries_the_one_deadline_epoch():
     assert [r.step.id for r in executor.requests] == ["a", "b", "c"]
     assert {r.deadline_epoch for r in executor.requests} == {started_wall + 10}
     assert outcome.deadline_at == started_wall + 10
-    assert outcome.latency_s == 1.5          # 3 x 0.5 s of monotonic time; the 360 s of wall jumps do not count
+    assert outcome.latency_s == 1.5  # 3 x 0.5 s of monotonic time; the 360 s of wall jumps do not count
     assert outcome.on_time

@@ -6,10 +6,10 @@ import json
 import re
 from pathlib import Path
 
-from actors.run_metrics import SERIES
+from tailrace.runtime.run_metrics import SERIES
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "cluster" / "grafana" / "tailrace.json"
-# Exported by the hedging policy's own counters, not by actors.run_metrics.
+# Exported by the hedging policy's own counters, not by tailrace.runtime.run_metrics.
 HEDGE_SERIES = {"tailrace_duplicates_sent_total", "tailrace_duplicates_won_total"}
 
 

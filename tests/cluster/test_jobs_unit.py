@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster import jobs
-from cluster.cli import main
-from engine.errors import InputError
+from tailrace.cluster import jobs
+from tailrace.cluster.cli import main
+from tailrace.engine.errors import InputError
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "support_triage"
 
@@ -27,10 +27,15 @@ def test_the_same_batch_gets_the_same_id_and_any_change_a_new_one(batch_dir):
     first = jobs.submission_id_for(wf, inputs, args)
     assert first.startswith("tailrace-support-triage-") and first == jobs.submission_id_for(wf, inputs, args)
     # Executor sizing does not change what the batch computes: same id.
-    assert jobs.submission_id_for(wf, inputs, jobs.BatchArgs("workflow.yaml", "inputs.jsonl", {"deadline_s": 20},
-                                                            pool={"max_executors": 9})) == first
-    assert jobs.submission_id_for(wf, inputs, jobs.BatchArgs("workflow.yaml", "inputs.jsonl",
-                                                            {"deadline_s": 25})) != first
+    assert (
+        jobs.submission_id_for(
+            wf, inputs, jobs.BatchArgs("workflow.yaml", "inputs.jsonl", {"deadline_s": 20}, pool={"max_executors": 9})
+        )
+        == first
+    )
+    assert (
+        jobs.submission_id_for(wf, inputs, jobs.BatchArgs("workflow.yaml", "inputs.jsonl", {"deadline_s": 25})) != first
+    )
     inputs.write_text(inputs.read_text() + inputs.read_text().splitlines()[0] + "\n")
     assert jobs.submission_id_for(wf, inputs, args) != first
 
@@ -52,20 +57,51 @@ def test_runtime_env_ships_code_and_dependencies_but_never_keys(batch_dir, monke
     monkeypatch.setenv("OPENAI_BASE_URL", "http://llm.internal/v1")
     env = jobs.runtime_env(batch_dir, pip=["rapidfuzz==3.9"], env_vars=jobs.forwarded_env())
     assert env["working_dir"] == str(batch_dir)
-    assert sorted(Path(p).name for p in env["py_modules"]) == ["actors", "cluster", "engine", "policies"]
+    [shipped] = env["py_modules"]
+    assert Path(shipped).name == "tailrace"  # one package, never generic top-level names
+    for module in (
+        "__init__.py",
+        "engine/clock.py",
+        "engine/sim/server.py",
+        "policies/hedging.py",
+        "runtime/step_runner.py",
+        "runtime/budget_exchange.lua",
+        "actors/step_executor.py",
+        "cluster/jobs.py",
+    ):
+        assert (Path(shipped) / module).is_file(), module
+    assert not list(Path(shipped).rglob("__pycache__"))
     assert env["pip"] == ["rapidfuzz==3.9"]
     assert env["env_vars"]["OPENAI_BASE_URL"] == "http://llm.internal/v1"
     assert "sk-should-never-travel" not in str(env)
 
 
 def test_job_command_line_round_trips(batch_dir):
-    args = jobs.BatchArgs("workflow.yaml", "inputs.jsonl", {"deadline_s": 20, "tenant": "acme"}, concurrency=8,
-                          scenario="clean", seed=3, time_scale=0.05, pool={"max_executors": 4}, redact_prompts=True)
+    args = jobs.BatchArgs(
+        "workflow.yaml",
+        "inputs.jsonl",
+        {"deadline_s": 20, "tenant": "acme"},
+        concurrency=8,
+        scenario="clean",
+        seed=3,
+        time_scale=0.05,
+        pool={"max_executors": 4},
+        redact_prompts=True,
+    )
     parsed = jobs._job_parser().parse_args(args.argv("tailrace-x-1", "/data/jobs"))
     assert (parsed.workflow, parsed.inputs, parsed.submission_id, parsed.results_dir) == (
-        "workflow.yaml", "inputs.jsonl", "tailrace-x-1", "/data/jobs")
+        "workflow.yaml",
+        "inputs.jsonl",
+        "tailrace-x-1",
+        "/data/jobs",
+    )
     assert (parsed.scenario, parsed.seed, parsed.time_scale, parsed.concurrency, parsed.redact_prompts) == (
-        "clean", 3, 0.05, 8, True)
+        "clean",
+        3,
+        0.05,
+        8,
+        True,
+    )
 
 
 def test_inputs_outside_the_working_dir_are_refused_before_contacting_anyone(batch_dir, tmp_path_factory):
@@ -76,7 +112,15 @@ def test_inputs_outside_the_working_dir_are_refused_before_contacting_anyone(bat
 
 
 def test_an_unreachable_cluster_is_one_clear_error(batch_dir, capsys):
-    code = main(["submit", str(batch_dir / "workflow.yaml"), "--inputs", str(batch_dir / "inputs.jsonl"),
-                 "--address", "http://127.0.0.1:9"])
+    code = main(
+        [
+            "submit",
+            str(batch_dir / "workflow.yaml"),
+            "--inputs",
+            str(batch_dir / "inputs.jsonl"),
+            "--address",
+            "http://127.0.0.1:9",
+        ]
+    )
     err = " ".join(capsys.readouterr().err.split())
     assert code == 2 and "cannot reach the Ray job server at http://127.0.0.1:9" in err and "Traceback" not in err

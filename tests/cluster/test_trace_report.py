@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from cluster.cli import main
-from cluster.report import build_report, critical_path, describe_path, plot_cdf, read_results
-from cluster.results import ResultWriter
-from cluster.trace import REDACTED, Redactor, TraceConfig, TraceWriter, default_trace_path, read_trace
-from engine.dag import Dag
-from engine.loading import workflow_from_dict
-from engine.outcomes import (
+from tailrace.cluster.cli import main
+from tailrace.cluster.report import build_report, critical_path, describe_path, plot_cdf, read_results
+from tailrace.cluster.results import ResultWriter
+from tailrace.cluster.trace import REDACTED, Redactor, TraceConfig, TraceWriter, default_trace_path, read_trace
+from tailrace.engine.dag import Dag
+from tailrace.engine.loading import workflow_from_dict
+from tailrace.engine.outcomes import (
     AttemptOutcome,
     AttemptRecord,
     AttemptRequest,
@@ -26,60 +26,136 @@ from engine.outcomes import (
 )
 
 T0 = 1_700_000_000.0
-WORKFLOW = workflow_from_dict({
-    "name": "diamond", "inputs": ["x"],
-    "steps": [
-        {"id": "a", "prompt": "{{input.x}}", "models": [{"provider": "openai", "model": "m1", "max_tokens": 50}]},
-        {"id": "b", "prompt": "{{steps.a}}", "depends_on": ["a"],
-         "models": [{"provider": "openai", "model": "m1", "max_tokens": 50}]},
-        {"id": "c", "prompt": "{{steps.a}}", "depends_on": ["a"],
-         "models": [{"provider": "openai", "model": "m1", "max_tokens": 50}]},
-        {"id": "d", "prompt": "{{steps.b}} {{steps.c}}", "depends_on": ["b", "c"],
-         "models": [{"provider": "openai", "model": "m1", "max_tokens": 50}]},
-    ],
-})
+WORKFLOW = workflow_from_dict(
+    {
+        "name": "diamond",
+        "inputs": ["x"],
+        "steps": [
+            {"id": "a", "prompt": "{{input.x}}", "models": [{"provider": "openai", "model": "m1", "max_tokens": 50}]},
+            {
+                "id": "b",
+                "prompt": "{{steps.a}}",
+                "depends_on": ["a"],
+                "models": [{"provider": "openai", "model": "m1", "max_tokens": 50}],
+            },
+            {
+                "id": "c",
+                "prompt": "{{steps.a}}",
+                "depends_on": ["a"],
+                "models": [{"provider": "openai", "model": "m1", "max_tokens": 50}],
+            },
+            {
+                "id": "d",
+                "prompt": "{{steps.b}} {{steps.c}}",
+                "depends_on": ["b", "c"],
+                "models": [{"provider": "openai", "model": "m1", "max_tokens": 50}],
+            },
+        ],
+    }
+)
 
 
-def attempt(step: str, n: int, start: float, end: float, outcome: AttemptOutcome = AttemptOutcome.VALID,
-            tokens: int = 100, run: str = "r", **extra) -> AttemptRecord:
+def attempt(
+    step: str,
+    n: int,
+    start: float,
+    end: float,
+    outcome: AttemptOutcome = AttemptOutcome.VALID,
+    tokens: int = 100,
+    run: str = "r",
+    **extra,
+) -> AttemptRecord:
     return AttemptRecord(
-        run_id=run, step_id=step, attempt=n, provider="openai", model=extra.pop("model", "m1"),
-        started_at=T0 + start, ended_at=T0 + end, latency_s=end - start, ttft_s=0.1, input_tokens=tokens // 2,
-        output_tokens=tokens // 2, cost_usd=tokens * 1e-6, outcome=outcome,
-        request=AttemptRequest(provider="openai", kind="openai", model="m1", prompt=f"prompt of {step}",
-                               system="sys", max_tokens=50), **extra)
+        run_id=run,
+        step_id=step,
+        attempt=n,
+        provider="openai",
+        model=extra.pop("model", "m1"),
+        started_at=T0 + start,
+        ended_at=T0 + end,
+        latency_s=end - start,
+        ttft_s=0.1,
+        input_tokens=tokens // 2,
+        output_tokens=tokens // 2,
+        cost_usd=tokens * 1e-6,
+        outcome=outcome,
+        request=AttemptRequest(
+            provider="openai", kind="openai", model="m1", prompt=f"prompt of {step}", system="sys", max_tokens=50
+        ),
+        **extra,
+    )
 
 
-def run(run_id: str, latency: float, attempts: list[AttemptRecord], delivered: bool = True,
-        deadline: float = 10.0, failure: FailureReason | None = None) -> RunOutcome:
+def run(
+    run_id: str,
+    latency: float,
+    attempts: list[AttemptRecord],
+    delivered: bool = True,
+    deadline: float = 10.0,
+    failure: FailureReason | None = None,
+) -> RunOutcome:
     return RunOutcome(
-        run_id=run_id, workflow="diamond", tenant="t", delivered=delivered, failure=failure,
-        started_at=T0, ended_at=T0 + latency, deadline_at=T0 + deadline, latency_s=latency,
-        cost_usd=sum(a.cost_usd for a in attempts), attempts=[a.model_copy(update={"run_id": run_id}) for a in attempts])
+        run_id=run_id,
+        workflow="diamond",
+        tenant="t",
+        delivered=delivered,
+        failure=failure,
+        started_at=T0,
+        ended_at=T0 + latency,
+        deadline_at=T0 + deadline,
+        latency_s=latency,
+        cost_usd=sum(a.cost_usd for a in attempts),
+        attempts=[a.model_copy(update={"run_id": run_id}) for a in attempts],
+    )
 
 
 def slow_run() -> RunOutcome:
     # a 0-1; b 1-2 (fast); c 1-5 with a losing hedge; d 5.2-6: the critical path is a -> c -> d.
-    return run("slow", 6.1, [
-        attempt("a", 0, 0.0, 1.0),
-        attempt("b", 0, 1.05, 2.0),
-        attempt("c", 0, 1.05, 5.0),
-        attempt("c", 1, 3.0, 5.0, AttemptOutcome.CANCELLED, cancel_reason=CancelReason.HEDGE_LOST, role="duplicate"),
-        attempt("d", 0, 5.2, 6.0),
-    ])
+    return run(
+        "slow",
+        6.1,
+        [
+            attempt("a", 0, 0.0, 1.0),
+            attempt("b", 0, 1.05, 2.0),
+            attempt("c", 0, 1.05, 5.0),
+            attempt(
+                "c", 1, 3.0, 5.0, AttemptOutcome.CANCELLED, cancel_reason=CancelReason.HEDGE_LOST, role="duplicate"
+            ),
+            attempt("d", 0, 5.2, 6.0),
+        ],
+    )
 
 
 def batch() -> list[RunOutcome]:
-    runs = [run(f"r{i}", 1.0 + i * 0.1, [attempt("a", 0, 0, 0.3), attempt("b", 0, 0.3, 0.6),
-                                         attempt("c", 0, 0.3, 0.7), attempt("d", 0, 0.7, 1.0)])
-            for i in range(8)]
+    runs = [
+        run(
+            f"r{i}",
+            1.0 + i * 0.1,
+            [attempt("a", 0, 0, 0.3), attempt("b", 0, 0.3, 0.6), attempt("c", 0, 0.3, 0.7), attempt("d", 0, 0.7, 1.0)],
+        )
+        for i in range(8)
+    ]
     runs.append(slow_run())
-    runs.append(run("late", 10.3, [attempt("a", 0, 0, 0.5, AttemptOutcome.ERROR, tokens=40,
-                                           error=ProviderError(kind=ErrorKind.RATE_LIMITED, retryable=True,
-                                                               status=429)),
-                                   attempt("a", 1, 0.6, 10.2, AttemptOutcome.CANCELLED, tokens=60,
-                                           cancel_reason=CancelReason.DEADLINE)],
-                    delivered=False, failure=FailureReason.DEADLINE_EXCEEDED))
+    runs.append(
+        run(
+            "late",
+            10.3,
+            [
+                attempt(
+                    "a",
+                    0,
+                    0,
+                    0.5,
+                    AttemptOutcome.ERROR,
+                    tokens=40,
+                    error=ProviderError(kind=ErrorKind.RATE_LIMITED, retryable=True, status=429),
+                ),
+                attempt("a", 1, 0.6, 10.2, AttemptOutcome.CANCELLED, tokens=60, cancel_reason=CancelReason.DEADLINE),
+            ],
+            delivered=False,
+            failure=FailureReason.DEADLINE_EXCEEDED,
+        )
+    )
     return runs
 
 
@@ -101,7 +177,7 @@ def test_report_numbers(results_file):
     assert (report.runs, report.delivered, report.on_time) == (10, 9, 9)
     assert report.hit_rate == pytest.approx(0.9)
     assert report.failures == {"deadline_exceeded": 1}
-    assert report.percentiles["p50"] == pytest.approx(1.4)   # nearest rank of 10 sorted latencies
+    assert report.percentiles["p50"] == pytest.approx(1.4)  # nearest rank of 10 sorted latencies
     assert report.percentiles["max"] == pytest.approx(10.3)
     # Waste: the slow run's losing hedge (100) and every attempt of the failed run (40 + 60).
     assert report.wasted_tokens == 200
@@ -121,8 +197,10 @@ def test_critical_path_follows_the_dependency_that_ended_last():
     assert [leg.span.step_id for leg in critical_path(slow_run())] == ["a", "c", "d"]
     report = build_report([slow_run()], WORKFLOW)
     text = describe_path(report.slowest[0])
-    assert text == ("a 1.00 s (m1, 1 attempt) -> wait 0.05 -> c 3.95 s (m1, 2 attempts) -> wait 0.20 -> "
-                    "d 0.80 s (m1, 1 attempt) -> wait 0.10")
+    assert text == (
+        "a 1.00 s (m1, 1 attempt) -> wait 0.05 -> c 3.95 s (m1, 2 attempts) -> wait 0.20 -> "
+        "d 0.80 s (m1, 1 attempt) -> wait 0.10"
+    )
 
 
 def test_plot_is_written_and_readable(results_file, tmp_path):
@@ -157,18 +235,33 @@ def test_trace_lines_say_why_each_attempt_lost(results_file):
 
 def test_secrets_never_reach_a_trace_and_prompts_are_redacted_when_asked(tmp_path, monkeypatch):
     monkeypatch.setenv("MY_SERVICE_API_KEY", "hunter2-very-secret-value")
-    leaky = attempt("a", 0, 0, 1, AttemptOutcome.ERROR, error=ProviderError(
-        kind=ErrorKind.AUTH, retryable=False, status=401,
-        message="Incorrect API key provided: sk-proj-abcdefghijklmnop1234. token=hunter2-very-secret-value"))
-    leaky = leaky.model_copy(update={"request": leaky.request.model_copy(update={
-        "prompt": "connect to redis://app:s3cretpass@db:6379 with Bearer abcdefghijk12345"})})
+    leaky = attempt(
+        "a",
+        0,
+        0,
+        1,
+        AttemptOutcome.ERROR,
+        error=ProviderError(
+            kind=ErrorKind.AUTH,
+            retryable=False,
+            status=401,
+            message="Incorrect API key provided: sk-proj-abcdefghijklmnop1234. token=hunter2-very-secret-value",
+        ),
+    )
+    leaky = leaky.model_copy(
+        update={
+            "request": leaky.request.model_copy(
+                update={"prompt": "connect to redis://app:s3cretpass@db:6379 with Bearer abcdefghijk12345"}
+            )
+        }
+    )
     outcome = run("leak", 1.0, [leaky], delivered=False, failure=FailureReason.PROVIDER_ERROR)
     plain = tmp_path / "plain.jsonl"
     TraceWriter(TraceConfig(path=str(plain)), WORKFLOW).write(outcome, {"x": "customer secret story"})
     text = plain.read_text()
     for secret in ("sk-proj-abcdefghijklmnop1234", "hunter2-very-secret-value", "s3cretpass", "abcdefghijk12345"):
         assert secret not in text
-    assert REDACTED in text and "customer secret story" in text   # prompts kept unless asked
+    assert REDACTED in text and "customer secret story" in text  # prompts kept unless asked
     redacted = tmp_path / "redacted.jsonl"
     TraceWriter(TraceConfig(path=str(redacted), redact_prompts=True), WORKFLOW).write(outcome, {"x": "customer story"})
     lines = list(read_trace(redacted))
@@ -179,11 +272,12 @@ def test_secrets_never_reach_a_trace_and_prompts_are_redacted_when_asked(tmp_pat
 def test_redactor_leaves_ordinary_text_alone():
     r = Redactor(secrets=[])
     assert r.scrub("ticket TCK-1042: the token bucket refilled; see https://example.com/a") == (
-        "ticket TCK-1042: the token bucket refilled; see https://example.com/a")
+        "ticket TCK-1042: the token bucket refilled; see https://example.com/a"
+    )
 
 
 def test_without_matplotlib_the_report_says_how_to_get_the_plot(results_file, capsys, monkeypatch):
-    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)   # as if not installed
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # as if not installed
     assert main(["report", str(results_file)]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "pip install 'tailrace[plot]'" in out and "hit rate" in out

@@ -7,11 +7,11 @@ import httpx2
 import openai
 import pytest
 
-from engine.classify import FailureFacts, classify, parse_duration_s, redact_secrets, retry_after_s
-from engine.outcomes import ErrorKind, StopKind
-from engine.providers import anthropic_adapter, openai_adapter
-from engine.providers._sdk_errors import facts_from_exception
-from engine.providers.base import normalise_stop
+from tailrace.engine.classify import FailureFacts, classify, parse_duration_s, redact_secrets, retry_after_s
+from tailrace.engine.outcomes import ErrorKind, StopKind
+from tailrace.engine.providers import anthropic_adapter, openai_adapter
+from tailrace.engine.providers._sdk_errors import facts_from_exception
+from tailrace.engine.providers.base import normalise_stop
 
 K = ErrorKind
 RA = {"retry-after": "2"}
@@ -19,16 +19,41 @@ RA = {"retry-after": "2"}
 CASES = [
     # provider, facts, kind, retryable, retry_after
     ("openai", FailureFacts(status=429, error_code="rate_limit_exceeded", headers=RA), K.RATE_LIMITED, True, 2.0),
-    ("openai", FailureFacts(status=429, error_type="insufficient_quota", error_code="insufficient_quota",
-                            message="You exceeded your current quota"), K.QUOTA_EXHAUSTED, False, None),
+    (
+        "openai",
+        FailureFacts(
+            status=429,
+            error_type="insufficient_quota",
+            error_code="insufficient_quota",
+            message="You exceeded your current quota",
+        ),
+        K.QUOTA_EXHAUSTED,
+        False,
+        None,
+    ),
     ("openai", FailureFacts(status=500, error_type="server_error"), K.SERVER_ERROR, True, None),
     ("openai", FailureFacts(status=502), K.SERVER_ERROR, True, None),
     ("openai", FailureFacts(status=503, error_code="server_is_overloaded"), K.OVERLOADED, True, None),
-    ("openai", FailureFacts(status=400, error_code="context_length_exceeded",
-                            message="This model's maximum context length is 128000 tokens"),
-     K.CONTEXT_LENGTH, False, None),
-    ("openai", FailureFacts(status=400, error_code="content_policy_violation",
-                            message="Your request was rejected by our safety system"), K.CONTENT_POLICY, False, None),
+    (
+        "openai",
+        FailureFacts(
+            status=400,
+            error_code="context_length_exceeded",
+            message="This model's maximum context length is 128000 tokens",
+        ),
+        K.CONTEXT_LENGTH,
+        False,
+        None,
+    ),
+    (
+        "openai",
+        FailureFacts(
+            status=400, error_code="content_policy_violation", message="Your request was rejected by our safety system"
+        ),
+        K.CONTENT_POLICY,
+        False,
+        None,
+    ),
     ("openai", FailureFacts(status=400, message="Invalid value for 'temperature'"), K.BAD_REQUEST, False, None),
     ("openai", FailureFacts(status=401, error_code="invalid_api_key"), K.AUTH, False, None),
     ("openai", FailureFacts(status=403), K.AUTH, False, None),
@@ -38,17 +63,36 @@ CASES = [
     ("openai", FailureFacts(transport="malformed"), K.MALFORMED_RESPONSE, True, None),
     ("openai", FailureFacts(error_type="server_error", message="stream broke"), K.SERVER_ERROR, True, None),
     ("anthropic", FailureFacts(status=429, error_type="rate_limit_error", headers=RA), K.RATE_LIMITED, True, 2.0),
-    ("anthropic", FailureFacts(status=429, error_type="rate_limit_error",
-                               message="You have reached your specified API usage limits"),
-     K.QUOTA_EXHAUSTED, False, None),
+    (
+        "anthropic",
+        FailureFacts(
+            status=429, error_type="rate_limit_error", message="You have reached your specified API usage limits"
+        ),
+        K.QUOTA_EXHAUSTED,
+        False,
+        None,
+    ),
     ("anthropic", FailureFacts(status=529, error_type="overloaded_error"), K.OVERLOADED, True, None),
     ("anthropic", FailureFacts(status=500, error_type="api_error"), K.SERVER_ERROR, True, None),
     ("anthropic", FailureFacts(status=503), K.OVERLOADED, True, None),
-    ("anthropic", FailureFacts(status=400, error_type="invalid_request_error",
-                               message="prompt is too long: 210000 tokens > 200000 maximum"),
-     K.CONTEXT_LENGTH, False, None),
-    ("anthropic", FailureFacts(status=400, error_type="invalid_request_error",
-                               message="Output blocked by content filtering policy"), K.CONTENT_POLICY, False, None),
+    (
+        "anthropic",
+        FailureFacts(
+            status=400, error_type="invalid_request_error", message="prompt is too long: 210000 tokens > 200000 maximum"
+        ),
+        K.CONTEXT_LENGTH,
+        False,
+        None,
+    ),
+    (
+        "anthropic",
+        FailureFacts(
+            status=400, error_type="invalid_request_error", message="Output blocked by content filtering policy"
+        ),
+        K.CONTENT_POLICY,
+        False,
+        None,
+    ),
     ("anthropic", FailureFacts(status=401, error_type="authentication_error"), K.AUTH, False, None),
     ("anthropic", FailureFacts(status=403, error_type="permission_error"), K.AUTH, False, None),
     ("anthropic", FailureFacts(status=413, error_type="request_too_large"), K.TOO_LARGE, False, None),
@@ -65,13 +109,20 @@ def test_classification_table(provider, facts, kind, retryable, retry_after):
 
 
 STOPS = [
-    ("openai", "stop", StopKind.COMPLETE), ("openai", "length", StopKind.TRUNCATED),
-    ("openai", "content_filter", StopKind.FILTERED), ("openai", "tool_calls", StopKind.TOOL),
-    ("openai", "function_call", StopKind.TOOL), ("openai", "refusal", StopKind.UNKNOWN),
-    ("anthropic", "end_turn", StopKind.COMPLETE), ("anthropic", "stop_sequence", StopKind.COMPLETE),
-    ("anthropic", "max_tokens", StopKind.TRUNCATED), ("anthropic", "refusal", StopKind.REFUSED),
-    ("anthropic", "tool_use", StopKind.TOOL), ("anthropic", "model_context_window_exceeded", StopKind.TRUNCATED),
-    ("anthropic", "pause_turn", StopKind.TRUNCATED), ("anthropic", None, StopKind.UNKNOWN),
+    ("openai", "stop", StopKind.COMPLETE),
+    ("openai", "length", StopKind.TRUNCATED),
+    ("openai", "content_filter", StopKind.FILTERED),
+    ("openai", "tool_calls", StopKind.TOOL),
+    ("openai", "function_call", StopKind.TOOL),
+    ("openai", "refusal", StopKind.UNKNOWN),
+    ("anthropic", "end_turn", StopKind.COMPLETE),
+    ("anthropic", "stop_sequence", StopKind.COMPLETE),
+    ("anthropic", "max_tokens", StopKind.TRUNCATED),
+    ("anthropic", "refusal", StopKind.REFUSED),
+    ("anthropic", "tool_use", StopKind.TOOL),
+    ("anthropic", "model_context_window_exceeded", StopKind.TRUNCATED),
+    ("anthropic", "pause_turn", StopKind.TRUNCATED),
+    ("anthropic", None, StopKind.UNKNOWN),
 ]
 
 
@@ -101,13 +152,18 @@ def _response(status: int, headers: dict[str, str] | None = None) -> httpx2.Resp
 
 
 def test_facts_from_real_sdk_exceptions():
-    oa = openai.RateLimitError("rate limited", response=_response(429, {"retry-after": "1"}),
-                               body={"message": "slow down", "type": "requests", "code": "rate_limit_exceeded"})
+    oa = openai.RateLimitError(
+        "rate limited",
+        response=_response(429, {"retry-after": "1"}),
+        body={"message": "slow down", "type": "requests", "code": "rate_limit_exceeded"},
+    )
     facts = facts_from_exception(oa, **openai_adapter._ERRORS)
     assert (facts.status, facts.error_code, facts.headers.get("retry-after")) == (429, "rate_limit_exceeded", "1")
     an = anthropic.InternalServerError(
-        "overloaded", response=_response(529),
-        body={"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+        "overloaded",
+        response=_response(529),
+        body={"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}},
+    )
     facts = facts_from_exception(an, **anthropic_adapter._ERRORS)
     assert (facts.status, facts.error_type) == (529, "overloaded_error")
     timeout = openai.APITimeoutError(request=httpx2.Request("POST", "http://127.0.0.1/"))

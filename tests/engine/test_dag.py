@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from engine.dag import Dag, ancestors_of, find_cycle
-from engine.errors import SpecError
-from engine.specs import WorkflowSpec
+from tailrace.engine.dag import Dag, ancestors_of, find_cycle
+from tailrace.engine.errors import SpecError
+from tailrace.engine.specs import WorkflowSpec
 
 # One step, three in parallel, then two (the support-triage shape).
 SIX = Dag(
@@ -108,7 +108,12 @@ def test_critical_path_on_six_steps():
 
 def test_remaining_critical_path_is_inclusive_and_looks_downstream():
     assert SIX.remaining_critical_paths(SIX_W) == {
-        "classify": 10.0, "sentiment": 6.0, "policy": 6.0, "facts": 8.0, "reply": 2.0, "note": 5.0,
+        "classify": 10.0,
+        "sentiment": 6.0,
+        "policy": 6.0,
+        "facts": 8.0,
+        "reply": 2.0,
+        "note": 5.0,
     }
     assert SIX.remaining_critical_path("classify", SIX_W) == SIX.critical_path(SIX_W)[1]
     assert DIAMOND.remaining_critical_path("b", {"a": 1, "b": 2, "c": 5, "d": 1}) == 3.0
@@ -135,13 +140,15 @@ def test_empty_dag():
 
 def test_from_spec():
     m = {"provider": "openai", "model": "gpt-4o-mini", "max_tokens": 10}
-    spec = WorkflowSpec.model_validate({
-        "name": "w",
-        "steps": [
-            {"id": "late", "prompt": "x", "depends_on": ["early"], "models": [m]},
-            {"id": "early", "prompt": "x", "models": [m]},
-        ],
-    })
+    spec = WorkflowSpec.model_validate(
+        {
+            "name": "w",
+            "steps": [
+                {"id": "late", "prompt": "x", "depends_on": ["early"], "models": [m]},
+                {"id": "early", "prompt": "x", "models": [m]},
+            ],
+        }
+    )
     dag = Dag.from_spec(spec)
     assert dag.nodes == ("late", "early")
     assert dag.topological_order() == ["early", "late"]

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import pytest
 
-from engine.errors import SpecErrors
-from engine.loading import workflow_from_dict
-from engine.specs import HedgeConfig
+from tailrace.engine.errors import SpecErrors
+from tailrace.engine.loading import workflow_from_dict
+from tailrace.engine.specs import HedgeConfig
 
 
 def workflow(hedge: dict) -> dict:
-    return {"name": "w", "steps": [{"id": "s", "prompt": "hi", "hedge": hedge,
-                                    "models": [{"provider": "openai", "model": "m", "max_tokens": 10}]}]}
+    return {
+        "name": "w",
+        "steps": [
+            {
+                "id": "s",
+                "prompt": "hi",
+                "hedge": hedge,
+                "models": [{"provider": "openai", "model": "m", "max_tokens": 10}],
+            }
+        ],
+    }
 
 
 def test_step_hedge_block_sets_only_what_it_names():
@@ -20,9 +29,14 @@ def test_step_hedge_block_sets_only_what_it_names():
     assert step.hedge.model_fields_set == {"ttft_quantile", "max_concurrent"}
 
 
-@pytest.mark.parametrize(("hedge", "field"), [({"ttft_quantil": 0.8}, "ttft_quantil"),
-                                              ({"ttft_quantile": 1.5}, "ttft_quantile"),
-                                              ({"max_concurrent": 0}, "max_concurrent")])
+@pytest.mark.parametrize(
+    ("hedge", "field"),
+    [
+        ({"ttft_quantil": 0.8}, "ttft_quantil"),
+        ({"ttft_quantile": 1.5}, "ttft_quantile"),
+        ({"max_concurrent": 0}, "max_concurrent"),
+    ],
+)
 def test_bad_hedge_block_names_the_field(hedge, field):
     with pytest.raises((SpecErrors, ValueError)) as info:
         workflow_from_dict(workflow(hedge))

@@ -7,7 +7,7 @@ import json
 import jsonschema
 import pytest
 
-from engine.sim import (
+from tailrace.engine.sim import (
     REFUSAL_TEXT,
     SCENARIOS,
     Fault,
@@ -20,8 +20,8 @@ from engine.sim import (
     profile_class,
     scenario,
 )
-from engine.sim.content import parse_contract
-from engine.sim.ratelimit import RateLimiter, duration_string
+from tailrace.engine.sim.content import parse_contract
+from tailrace.engine.sim.ratelimit import RateLimiter, duration_string
 
 SCHEMA = {
     "type": "object",
@@ -34,8 +34,11 @@ SCHEMA = {
         "confidence": {"type": "number", "minimum": 0, "maximum": 1},
         "urgent": {"type": "boolean"},
         "tags": {"type": "array", "items": {"type": "string"}, "minItems": 2},
-        "customer": {"type": "object", "required": ["name", "order_id"],
-                     "properties": {"name": {"type": "string"}, "order_id": {"type": "string"}}},
+        "customer": {
+            "type": "object",
+            "required": ["name", "order_id"],
+            "properties": {"name": {"type": "string"}, "order_id": {"type": "string"}},
+        },
     },
     "additionalProperties": False,
 }
@@ -51,8 +54,15 @@ def system_prompt(schema: dict | None = SCHEMA, ids: list[str] | None = None) ->
     return "\n".join(parts)
 
 
-def features(user: str = "Where is my parcel?", *, schema: dict | None = SCHEMA, ids: list[str] | None = IDS,
-             model: str = "gpt-4.1", max_tokens: int = 600, api: str = "openai"):
+def features(
+    user: str = "Where is my parcel?",
+    *,
+    schema: dict | None = SCHEMA,
+    ids: list[str] | None = IDS,
+    model: str = "gpt-4.1",
+    max_tokens: int = 600,
+    api: str = "openai",
+):
     return make_features(api, model, [system_prompt(schema, ids), user], max_tokens)  # type: ignore[arg-type]
 
 
@@ -92,8 +102,10 @@ def test_id_placement_prefers_id_named_properties() -> None:
     value = json.loads(plan.text)
     assert value["ticket_id"] == "TCK-48213"
     assert value["customer"]["order_id"] == "ORD-7Q2K9"
-    schema = {"type": "object", "properties": {"ref_ids": {"type": "array", "items": {"type": "string"}},
-                                               "note": {"type": "string"}}}
+    schema = {
+        "type": "object",
+        "properties": {"ref_ids": {"type": "array", "items": {"type": "string"}}, "note": {"type": "string"}},
+    }
     value = json.loads(plan_response(scenario("clean"), features(schema=schema), 0).text)
     assert value["ref_ids"] == IDS
     schema = {"type": "object", "properties": {"note": {"type": "string"}, "n": {"type": "integer"}}}
@@ -103,12 +115,15 @@ def test_id_placement_prefers_id_named_properties() -> None:
 
 def test_pydantic_style_schema_with_refs_and_optional() -> None:
     schema = {
-        "$defs": {"Item": {"type": "object", "properties": {"sku_id": {"type": "string"},
-                                                            "qty": {"type": "integer"}},
-                           "required": ["sku_id", "qty"]}},
+        "$defs": {
+            "Item": {
+                "type": "object",
+                "properties": {"sku_id": {"type": "string"}, "qty": {"type": "integer"}},
+                "required": ["sku_id", "qty"],
+            }
+        },
         "type": "object",
-        "properties": {"item": {"$ref": "#/$defs/Item"},
-                       "comment": {"anyOf": [{"type": "string"}, {"type": "null"}]}},
+        "properties": {"item": {"$ref": "#/$defs/Item"}, "comment": {"anyOf": [{"type": "string"}, {"type": "null"}]}},
         "required": ["item", "comment"],
     }
     plan = plan_response(scenario("clean"), features(schema=schema, ids=["SKU-1"]), 0)
@@ -124,8 +139,10 @@ def test_plain_text_answer_contains_ids() -> None:
         json.loads(plan.text)
 
 
-@pytest.mark.parametrize("fault", [Fault.EMPTY, Fault.TRUNCATED, Fault.REFUSAL, Fault.SCHEMA_MISS,
-                                   Fault.ALTERED_ID, Fault.NOT_JSON, Fault.FILTERED])
+@pytest.mark.parametrize(
+    "fault",
+    [Fault.EMPTY, Fault.TRUNCATED, Fault.REFUSAL, Fault.SCHEMA_MISS, Fault.ALTERED_ID, Fault.NOT_JSON, Fault.FILTERED],
+)
 def test_invalid_output_faults_fail_validation(fault: Fault) -> None:
     cfg = scenario("clean", seed=5)
     for i in range(10):
@@ -164,15 +181,19 @@ def test_truncated_text_answer_is_cut_at_max_tokens() -> None:
 def test_error_faults_have_statuses_per_api() -> None:
     cfg = scenario("clean")
     assert plan_response(cfg, features(), 0, forced=Fault.OVERLOADED).status == 503
-    assert plan_response(cfg, features(api="anthropic", model="claude-sonnet-4-5"), 0,
-                         forced=Fault.OVERLOADED).status == 529
+    assert (
+        plan_response(cfg, features(api="anthropic", model="claude-sonnet-4-5"), 0, forced=Fault.OVERLOADED).status
+        == 529
+    )
     assert plan_response(cfg, features(), 0, forced=Fault.RATE_LIMITED).retry_after_s is not None
     assert plan_response(cfg, features(), 0, forced=Fault.QUOTA).retry_after_s is None
 
 
 def test_context_window_is_enforced() -> None:
-    cfg = scenario("clean", model_profiles={"tiny": ModelProfile(ttft_median_s=0.5, ttft_sigma=0.1,
-                                                                  tokens_per_s=100, context_window=500)})
+    cfg = scenario(
+        "clean",
+        model_profiles={"tiny": ModelProfile(ttft_median_s=0.5, ttft_sigma=0.1, tokens_per_s=100, context_window=500)},
+    )
     assert plan_response(cfg, features(model="tiny", max_tokens=400), 0).fault == Fault.CONTEXT_LENGTH
     assert plan_response(cfg, features(model="tiny", max_tokens=200), 0).fault == Fault.OK
 
@@ -238,8 +259,9 @@ def test_profile_mapping() -> None:
 
 
 def test_parse_contract_from_several_messages() -> None:
-    schema, ids = parse_contract(["<schema>not json</schema> <ids>[\"A\"]</ids>",
-                                  "<schema>{\"type\": \"object\"}</schema> <ids>[\"B\", \"A\"]</ids>"])
+    schema, ids = parse_contract(
+        ['<schema>not json</schema> <ids>["A"]</ids>', '<schema>{"type": "object"}</schema> <ids>["B", "A"]</ids>']
+    )
     assert schema == {"type": "object"} and ids == ["A", "B"]
 
 
@@ -249,8 +271,8 @@ def test_rate_limiter_and_duration_strings() -> None:
     rejected = lim.admit("k", 600, now=0.0)
     assert not rejected.ok and rejected.reason == "tokens"
     assert rejected.retry_after_s == pytest.approx(200 * 60 / 1000)
-    assert lim.admit("k", 600, now=12.0).ok           # the bucket refilled
-    assert lim.admit("other", 600, now=0.0).ok         # keys are independent
+    assert lim.admit("k", 600, now=12.0).ok  # the bucket refilled
+    assert lim.admit("other", 600, now=0.0).ok  # keys are independent
     assert lim.admit("k", 5000, now=100.0).reason == "too_large"
     assert duration_string(0.084) == "84ms"
     assert duration_string(1.0) == "1s"

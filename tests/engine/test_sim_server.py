@@ -16,7 +16,7 @@ import httpx2
 import openai
 import pytest
 
-from engine.sim import BrownoutConfig, Fault, SimServer, make_features, plan_response, scenario
+from tailrace.engine.sim import BrownoutConfig, Fault, SimServer, make_features, plan_response, scenario
 
 Start = Callable[..., Awaitable[SimServer]]
 CLIENTS: list[Any] = []  # SDK clients made by a test, closed by the fixture
@@ -24,14 +24,18 @@ MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "
 
 
 def oa(sim: SimServer, **kw: Any) -> openai.AsyncOpenAI:
-    CLIENTS.append(openai.AsyncOpenAI(base_url=sim.openai_base_url, max_retries=0,
-                                      **{"timeout": 10, "api_key": "sk-test", **kw}))
+    CLIENTS.append(
+        openai.AsyncOpenAI(base_url=sim.openai_base_url, max_retries=0, **{"timeout": 10, "api_key": "sk-test", **kw})
+    )
     return CLIENTS[-1]
 
 
 def an(sim: SimServer, **kw: Any) -> anthropic.AsyncAnthropic:
-    CLIENTS.append(anthropic.AsyncAnthropic(base_url=sim.anthropic_base_url, max_retries=0,
-                                            **{"timeout": 10, "api_key": "sk-ant-test", **kw}))
+    CLIENTS.append(
+        anthropic.AsyncAnthropic(
+            base_url=sim.anthropic_base_url, max_retries=0, **{"timeout": 10, "api_key": "sk-ant-test", **kw}
+        )
+    )
     return CLIENTS[-1]
 
 
@@ -45,11 +49,24 @@ async def records_when(sim: SimServer, n: int, timeout: float = 3.0) -> list[dic
 
 async def test_disconnect_mid_stream_is_logged_as_cancelled_with_partial_tokens(start_sim: Start) -> None:
     # A slow decode so the client can leave half-way through.
-    sim = await start_sim(time_scale=0.02, model_profiles={"slow": {
-        "ttft_median_s": 0.5, "ttft_sigma": 0.0, "tokens_per_s": 20, "output_tokens_median": 400,
-        "output_tokens_sigma": 0.0}})
-    stream = await oa(sim).chat.completions.create(model="slow", messages=MESSAGES, max_tokens=1000,  # type: ignore[arg-type]
-                                                   stream=True)
+    sim = await start_sim(
+        time_scale=0.02,
+        model_profiles={
+            "slow": {
+                "ttft_median_s": 0.5,
+                "ttft_sigma": 0.0,
+                "tokens_per_s": 20,
+                "output_tokens_median": 400,
+                "output_tokens_sigma": 0.0,
+            }
+        },
+    )
+    stream = await oa(sim).chat.completions.create(
+        model="slow",
+        messages=MESSAGES,
+        max_tokens=1000,  # type: ignore[arg-type]
+        stream=True,
+    )
     got = 0
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
@@ -65,9 +82,19 @@ async def test_disconnect_mid_stream_is_logged_as_cancelled_with_partial_tokens(
 
 
 async def test_non_stream_timeout_is_cancelled_with_tokens_by_elapsed_time(start_sim: Start) -> None:
-    sim = await start_sim(time_scale=0.02, model_profiles={"slow": {
-        "ttft_median_s": 1.0, "ttft_sigma": 0.0, "tokens_per_s": 20, "tps_sigma": 0.0,
-        "output_tokens_median": 400, "output_tokens_sigma": 0.0}})
+    sim = await start_sim(
+        time_scale=0.02,
+        model_profiles={
+            "slow": {
+                "ttft_median_s": 1.0,
+                "ttft_sigma": 0.0,
+                "tokens_per_s": 20,
+                "tps_sigma": 0.0,
+                "output_tokens_median": 400,
+                "output_tokens_sigma": 0.0,
+            }
+        },
+    )
     # ttft 20 ms, then 400 tokens at 1000 tok/s real: a 0.2 s timeout leaves after ~180 tokens.
     with pytest.raises(openai.APITimeoutError):
         await oa(sim, timeout=0.2).chat.completions.create(model="slow", messages=MESSAGES, max_tokens=1000)  # type: ignore[arg-type]
@@ -87,8 +114,11 @@ async def test_hang_lasts_until_the_client_gives_up(start_sim: Start) -> None:
     for i in range(6):
         with pytest.raises(openai.APITimeoutError):
             s = await client.chat.completions.create(
-                model="gpt-4o", messages=[*MESSAGES, {"role": "user", "content": str(i)}],  # type: ignore[list-item]
-                max_tokens=100, stream=True)
+                model="gpt-4o",
+                messages=[*MESSAGES, {"role": "user", "content": str(i)}],  # type: ignore[list-item]
+                max_tokens=100,
+                stream=True,
+            )
             async for chunk in s:
                 assert not (chunk.choices and chunk.choices[0].delta.content)
     recs = await records_when(sim, 7)
@@ -134,9 +164,13 @@ async def test_tpm_scenario_rejects_past_the_limit_with_headers(start_sim: Start
 
     # Anthropic gives unused output reservations back at the end, so only concurrent requests overrun.
     ant = an(sim)
-    results = await asyncio.gather(*(ant.messages.create(
-        model="claude-haiku-4-5", max_tokens=300, messages=[{"role": "user", "content": "hi"}])
-        for _ in range(5)), return_exceptions=True)
+    results = await asyncio.gather(
+        *(
+            ant.messages.create(model="claude-haiku-4-5", max_tokens=300, messages=[{"role": "user", "content": "hi"}])
+            for _ in range(5)
+        ),
+        return_exceptions=True,
+    )
     [err] = [r for r in results if isinstance(r, Exception)][:1]
     assert isinstance(err, anthropic.RateLimitError)
     h = err.response.headers
@@ -159,7 +193,8 @@ async def test_brownout_degrades_only_the_chosen_model(start_sim: Start) -> None
         for i in range(12):
             try:
                 await client.chat.completions.create(
-                    model=model, messages=[{"role": "user", "content": f"q{i}"}], max_tokens=100)
+                    model=model, messages=[{"role": "user", "content": f"q{i}"}], max_tokens=100
+                )
                 seen.append(200)
             except openai.InternalServerError as err:
                 assert err.body["code"] == "server_is_overloaded"  # type: ignore[index]
@@ -173,19 +208,27 @@ async def test_brownout_degrades_only_the_chosen_model(start_sim: Start) -> None
     later_client = oa(later)
     for i in range(12):
         await later_client.chat.completions.create(
-            model="gpt-4.1", messages=[{"role": "user", "content": f"q{i}"}], max_tokens=100)
+            model="gpt-4.1", messages=[{"role": "user", "content": f"q{i}"}], max_tokens=100
+        )
 
 
 async def test_brownout_auto_picks_the_first_openai_mid_or_strong_model(start_sim: Start) -> None:
-    sim = await start_sim("brownout", brownout={"model": "auto", "offset_s": 0, "period_s": 1e6,
-                                                "duration_s": 1e6, "overloaded_rate": 0.0})
-    await an(sim).messages.create(model="claude-sonnet-4-5", max_tokens=50,
-                                  messages=[{"role": "user", "content": "hi"}])
+    sim = await start_sim(
+        "brownout",
+        brownout={"model": "auto", "offset_s": 0, "period_s": 1e6, "duration_s": 1e6, "overloaded_rate": 0.0},
+    )
+    await an(sim).messages.create(
+        model="claude-sonnet-4-5", max_tokens=50, messages=[{"role": "user", "content": "hi"}]
+    )
     client = oa(sim)
     for model in ("gpt-4o-mini", "gpt-5", "gpt-4.1"):
         await client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=50)  # type: ignore[arg-type]
     assert {r["model"]: r["degraded"] for r in sim.log_records()} == {
-        "gpt-4o-mini": False, "claude-sonnet-4-5": False, "gpt-5": True, "gpt-4.1": False}
+        "gpt-4o-mini": False,
+        "claude-sonnet-4-5": False,
+        "gpt-5": True,
+        "gpt-4.1": False,
+    }
 
 
 async def test_concurrency_does_not_change_outcomes(start_sim: Start) -> None:
@@ -196,15 +239,17 @@ async def test_concurrency_does_not_change_outcomes(start_sim: Start) -> None:
     async def ask(i: int) -> str:
         try:
             c = await client.chat.completions.create(
-                model="gpt-4o", messages=[{"role": "user", "content": f"question {i}"}], max_tokens=200)
+                model="gpt-4o", messages=[{"role": "user", "content": f"question {i}"}], max_tokens=200
+            )
             return "empty" if c.choices[0].message.content == "" else "ok"
         except openai.InternalServerError as err:
             return "http_500" if err.status_code == 500 else "overloaded"
 
     got = await asyncio.gather(*(ask(i) for i in range(30)))
     cfg = scenario("clean", fault_rates=rates, seed=9, time_scale=0.01)
-    expected = [plan_response(cfg, make_features("openai", "gpt-4o", [f"question {i}"], 200), 0).fault.value
-                for i in range(30)]
+    expected = [
+        plan_response(cfg, make_features("openai", "gpt-4o", [f"question {i}"], 200), 0).fault.value for i in range(30)
+    ]
     assert list(got) == expected and len(set(expected)) > 2
 
 
@@ -222,8 +267,12 @@ async def test_log_file_stats_and_health(start_sim: Start, tmp_path: Path) -> No
     sim = await start_sim(log_path=log, script={"gpt-4o": [Fault.HTTP_500]})
     client = oa(sim)
     with pytest.raises(openai.InternalServerError):
-        await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=100,  # type: ignore[arg-type]
-                                             extra_headers={"Idempotency-Key": "run1-step2"})
+        await client.chat.completions.create(
+            model="gpt-4o",
+            messages=MESSAGES,
+            max_tokens=100,  # type: ignore[arg-type]
+            extra_headers={"Idempotency-Key": "run1-step2"},
+        )
     await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=100)  # type: ignore[arg-type]
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["fault"] for r in lines] == ["http_500", "ok"] and [r["status"] for r in lines] == [500, 200]
@@ -250,8 +299,9 @@ def test_in_thread_with_sync_clients() -> None:
         c = openai.OpenAI(base_url=sim.openai_base_url, api_key="sk-test", max_retries=0)
         assert c.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=100).choices  # type: ignore[arg-type]
         a = anthropic.Anthropic(base_url=sim.anthropic_base_url, api_key="k", max_retries=0)
-        assert a.messages.create(model="claude-haiku-4-5", max_tokens=100,
-                                 messages=[{"role": "user", "content": "hi"}]).content
+        assert a.messages.create(
+            model="claude-haiku-4-5", max_tokens=100, messages=[{"role": "user", "content": "hi"}]
+        ).content
         assert sim.stats()["requests"] == 2
         port = sim.port
     with pytest.raises(httpx2.ConnectError):
@@ -260,8 +310,9 @@ def test_in_thread_with_sync_clients() -> None:
 
 async def test_stop_ends_hung_requests(start_sim: Start) -> None:
     sim = await start_sim(force_fault={"gpt-4o": Fault.HANG})
-    task = asyncio.create_task(oa(sim, timeout=30).chat.completions.create(
-        model="gpt-4o", messages=MESSAGES, max_tokens=100))  # type: ignore[arg-type]
+    task = asyncio.create_task(
+        oa(sim, timeout=30).chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=100)
+    )  # type: ignore[arg-type]
     while sim.stats()["in_flight"] == 0:
         await asyncio.sleep(0.01)
     started = time.monotonic()

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from engine.errors import TailraceError
-from engine.templates import TemplateError, TemplateRef, references, render
+from tailrace.engine.errors import TailraceError
+from tailrace.engine.templates import TemplateError, TemplateRef, references, render
 
 INPUTS = {"ticket": "TCK-1", "n": 3, "customer": {"name": "Ada"}}
 UPSTREAM = {
@@ -42,8 +42,11 @@ RENDER_CASES = [
     ("input string as-is", "{{input.ticket}}", "TCK-1"),
     ("input number as JSON", "{{input.n}}", "3"),
     ("path into an input object", "{{input.customer.name}}", "Ada"),
-    ("whole JSON output", "{{steps.classify}}",
-     '{"intent": "refund", "tags": ["late", "damaged"], "score": 0.5, "ok": true, "none": null}'),
+    (
+        "whole JSON output",
+        "{{steps.classify}}",
+        '{"intent": "refund", "tags": ["late", "damaged"], "score": 0.5, "ok": true, "none": null}',
+    ),
     ("string field raw", "{{steps.classify.intent}}", "refund"),
     ("list field as JSON", "{{steps.classify.tags}}", '["late", "damaged"]'),
     ("list index", "{{steps.classify.tags.1}}", "damaged"),

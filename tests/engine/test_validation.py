@@ -8,10 +8,10 @@ from collections.abc import Iterator
 import pydantic
 import pytest
 
-from engine.errors import SpecError
-from engine.outcomes import ProviderError, StopKind
-from engine.specs import OutputContract
-from engine.validation import (
+from tailrace.engine.errors import SpecError
+from tailrace.engine.outcomes import ProviderError, StopKind
+from tailrace.engine.specs import OutputContract
+from tailrace.engine.validation import (
     Verdict,
     contract_instructions,
     register_validator,
@@ -41,7 +41,7 @@ JSON_SCHEMA = OutputContract(kind="json", json_schema=SCHEMA)
 JSON_MODEL = OutputContract(kind="json", schema_model=Triage)
 # A string reference must name an importable module; the test module's own name depends on how
 # pytest imports it, so use a model of the engine itself.
-JSON_MODEL_STR = OutputContract(kind="json", schema_model="engine.outcomes:ProviderError")
+JSON_MODEL_STR = OutputContract(kind="json", schema_model="tailrace.engine.outcomes:ProviderError")
 IDS = OutputContract(copy_ids=["ticket_id", "order_id"])
 JSON_IDS = OutputContract(kind="json", copy_ids=["quote", "city"])
 LONG = OutputContract(min_chars=10)
@@ -72,15 +72,33 @@ CASES = [
     ("fenced json", JSON_SCHEMA, f"```json\n{GOOD}\n```", OK, True, None),
     ("bare fence", JSON_SCHEMA, f"```\n{GOOD}\n```", OK, True, None),
     ("schema holds", JSON_SCHEMA, GOOD, OK, True, None),
-    ("schema: missing property", JSON_SCHEMA, '{"ticket_id": "TCK-10400"}', OK, False,
-     "schema: $: 'intent' is a required property"),
-    ("schema: wrong enum", JSON_SCHEMA, '{"ticket_id": "x", "intent": "cancel"}', OK, False,
-     "schema: $.intent: 'cancel' is not one of ['refund', 'other']"),
+    (
+        "schema: missing property",
+        JSON_SCHEMA,
+        '{"ticket_id": "TCK-10400"}',
+        OK,
+        False,
+        "schema: $: 'intent' is a required property",
+    ),
+    (
+        "schema: wrong enum",
+        JSON_SCHEMA,
+        '{"ticket_id": "x", "intent": "cancel"}',
+        OK,
+        False,
+        "schema: $.intent: 'cancel' is not one of ['refund', 'other']",
+    ),
     ("schema: wrong type", JSON_SCHEMA, "[]", OK, False, "schema: $: [] is not of type 'object'"),
     ("model holds", JSON_MODEL, '{"ticket_id": "T", "urgency": 2}', OK, True, None),
     ("model: missing field", JSON_MODEL, '{"ticket_id": "T"}', OK, False, "schema: urgency: Field required"),
-    ("model given as a string", JSON_MODEL_STR, '{"kind": "timeout", "retryable": "maybe"}', OK, False,
-     "schema: retryable: Input should be a valid boolean, unable to interpret input"),
+    (
+        "model given as a string",
+        JSON_MODEL_STR,
+        '{"kind": "timeout", "retryable": "maybe"}',
+        OK,
+        False,
+        "schema: retryable: Input should be a valid boolean, unable to interpret input",
+    ),
     ("ids copied", IDS, "Ticket TCK-10400, order 439563.", OK, True, None),
     ("id altered", IDS, "Ticket TCK-10401, order 439563.", OK, False, "missing_id: ticket_id"),
     ("second id missing", IDS, "Ticket TCK-10400.", OK, False, "missing_id: order_id"),
@@ -89,9 +107,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("name", "contract", "text", "stop", "ok", "reason"), CASES, ids=[c[0] for c in CASES]
-)
+@pytest.mark.parametrize(("name", "contract", "text", "stop", "ok", "reason"), CASES, ids=[c[0] for c in CASES])
 def test_verdicts(name, contract, text, stop, ok, reason):
     verdict = validate(contract, text, stop, INPUTS)
     assert (verdict.ok, verdict.reason) == (ok, reason)
@@ -200,12 +216,12 @@ def test_registry_rejects_a_different_function_under_a_taken_name(clean_registry
 
 def test_resolve_schema_model():
     assert resolve_schema_model(Triage) is Triage
-    assert resolve_schema_model("engine.outcomes:ProviderError") is ProviderError
+    assert resolve_schema_model("tailrace.engine.outcomes:ProviderError") is ProviderError
     for bad, fragment in [
         ("no_colon", "form 'package.module:ClassName'"),
         ("no_such_module_xyz:Model", "cannot import module"),
-        ("engine.outcomes:Nope", "has no attribute"),
-        ("engine.specs:DEFAULT_PROVIDERS", "not a pydantic BaseModel"),
+        ("tailrace.engine.outcomes:Nope", "has no attribute"),
+        ("tailrace.engine.specs:DEFAULT_PROVIDERS", "not a pydantic BaseModel"),
         (dict, "not a pydantic BaseModel"),
     ]:
         with pytest.raises(SpecError, match=fragment):
@@ -217,9 +233,7 @@ def test_contract_instructions():
     assert contract_instructions(OutputContract(copy_ids=["ticket_id", "order_id"]), INPUTS) == (
         'Copy these identifiers verbatim into your answer:\n<ids>["TCK-10400","439563"]</ids>'
     )
-    text = contract_instructions(
-        OutputContract(kind="json", json_schema=SCHEMA, copy_ids=["city"]), INPUTS
-    )
+    text = contract_instructions(OutputContract(kind="json", json_schema=SCHEMA, copy_ids=["city"]), INPUTS)
     schema_part, ids_part = text.split("\n\n")
     assert schema_part.startswith(
         "Respond with a single JSON object that conforms to this JSON Schema, with no other text:\n<schema>"
@@ -240,7 +254,7 @@ def test_contract_instructions_for_json_without_schema():
 
 
 def test_refusal_phrased_as_content_is_refused_for_text():
-    from engine.specs import OutputContract as _Contract
+    from tailrace.engine.specs import OutputContract as _Contract
 
     verdict = validate(_Contract(), "I'm sorry, but I can't help with that.", StopKind.COMPLETE, {})
     assert verdict.reason == "refused"

@@ -12,40 +12,71 @@ import time
 import pytest
 import ray
 
-from actors.budget_actor import RAY_NAMESPACE, find_budget_actor
-from cluster.api import run_batch, start_executors
-from cluster.budget import BudgetAdmission, budget_status, ensure_budget
-from cluster.cli import main as cli
-from cluster.driver import WorkflowDriver
-from cluster.providers import SimulatorEndpoints, resolve_providers
-from engine.loading import workflow_from_dict
-from engine.outcomes import FailureReason, RunOutcome
-from engine.specs import RunOptions
-from policies.budget_config import BudgetConfig, LimitSpec, TenantBudget
+from tailrace.actors.budget_actor import RAY_NAMESPACE, find_budget_actor
+from tailrace.cluster.api import run_batch, start_executors
+from tailrace.cluster.budget import BudgetAdmission, budget_status, ensure_budget
+from tailrace.cluster.cli import main as cli
+from tailrace.cluster.driver import WorkflowDriver
+from tailrace.cluster.providers import SimulatorEndpoints, resolve_providers
+from tailrace.engine.loading import workflow_from_dict
+from tailrace.engine.outcomes import FailureReason, RunOutcome
+from tailrace.engine.specs import RunOptions
+from tailrace.policies.budget_config import BudgetConfig, LimitSpec, TenantBudget
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
-TIME_SCALE = 0.05            # one simulated minute = 3 real seconds
-TPM = 20_000                 # per simulated minute: ~6,700 tokens per real second
-WORKFLOW = workflow_from_dict({
-    "name": "budgeted", "inputs": ["ticket_id"],
-    "steps": [
-        {"id": "draft", "prompt": "Draft a short note about ticket {{input.ticket_id}}.",
-         "models": [{"provider": "openai", "model": "gpt-4o-mini", "max_tokens": 200,
-                     "input_usd_per_mtok": 0.15, "output_usd_per_mtok": 0.6,
-                     "expected_ttft_s": 0.1, "expected_latency_s": 0.4}],
-         "output": {"copy_ids": ["ticket_id"]}},
-        {"id": "check", "depends_on": ["draft"], "prompt": "Check this note: {{steps.draft}}",
-         "models": [{"provider": "openai", "model": "gpt-4o-mini", "max_tokens": 200,
-                     "input_usd_per_mtok": 0.15, "output_usd_per_mtok": 0.6,
-                     "expected_ttft_s": 0.1, "expected_latency_s": 0.4}]},
-    ],
-})
+TIME_SCALE = 0.05  # one simulated minute = 3 real seconds
+TPM = 20_000  # per simulated minute: ~6,700 tokens per real second
+WORKFLOW = workflow_from_dict(
+    {
+        "name": "budgeted",
+        "inputs": ["ticket_id"],
+        "steps": [
+            {
+                "id": "draft",
+                "prompt": "Draft a short note about ticket {{input.ticket_id}}.",
+                "models": [
+                    {
+                        "provider": "openai",
+                        "model": "gpt-4o-mini",
+                        "max_tokens": 200,
+                        "input_usd_per_mtok": 0.15,
+                        "output_usd_per_mtok": 0.6,
+                        "expected_ttft_s": 0.1,
+                        "expected_latency_s": 0.4,
+                    }
+                ],
+                "output": {"copy_ids": ["ticket_id"]},
+            },
+            {
+                "id": "check",
+                "depends_on": ["draft"],
+                "prompt": "Check this note: {{steps.draft}}",
+                "models": [
+                    {
+                        "provider": "openai",
+                        "model": "gpt-4o-mini",
+                        "max_tokens": 200,
+                        "input_usd_per_mtok": 0.15,
+                        "output_usd_per_mtok": 0.6,
+                        "expected_ttft_s": 0.1,
+                        "expected_latency_s": 0.4,
+                    }
+                ],
+            },
+        ],
+    }
+)
 
 
 def budget(name: str, **kw) -> BudgetConfig:
-    return BudgetConfig(limits=[LimitSpec(account="sim", tpm=TPM)], accounts={"openai": "sim", "anthropic": "sim"},
-                        window_s=60 * TIME_SCALE, actor_name=name, **kw)
+    return BudgetConfig(
+        limits=[LimitSpec(account="sim", tpm=TPM)],
+        accounts={"openai": "sim", "anthropic": "sim"},
+        window_s=60 * TIME_SCALE,
+        actor_name=name,
+        **kw,
+    )
 
 
 def records(n: int, prefix: str = "r") -> list[dict]:
@@ -71,14 +102,20 @@ def test_budget_holds_the_tpm_limit_and_refuses_runs_at_once(simulator):
     outcomes: list[RunOutcome] = []
     try:
         # 400 runs at once, ~800 tokens each: ~16x what the limit serves in the 8 s deadline.
-        summary = run_batch(WORKFLOW, records(400), options=RunOptions(deadline_s=8.0, tenant="acme"),
-                            simulator=endpoints(sim), max_in_flight=400, budget=budget("b-limit"),
-                            on_done=outcomes.append)
+        summary = run_batch(
+            WORKFLOW,
+            records(400),
+            options=RunOptions(deadline_s=8.0, tenant="acme"),
+            simulator=endpoints(sim),
+            max_in_flight=400,
+            budget=budget("b-limit"),
+            on_done=outcomes.append,
+        )
         assert overruns(sim) == 0, "the budget let an attempt through that the provider rejected"
         assert summary.delivered > 40
         refused = [o for o in outcomes if o.failure == FailureReason.BUDGET_EXHAUSTED and not o.attempts]
         assert len(refused) > 100
-        for o in refused:   # refused at submission: no attempt, no time spent
+        for o in refused:  # refused at submission: no attempt, no time spent
             assert o.latency_s < 0.5 and "at submission" in (o.detail or "")
         delivered = [o for o in outcomes if o.delivered]
         assert sum(o.on_time for o in delivered) == len(delivered)
@@ -101,12 +138,19 @@ def test_killing_the_budget_actor_mid_batch_loses_no_spend(simulator, redis_serv
         outcomes.append(outcome)
         if len(outcomes) == 25 and not killed:
             actor = find_budget_actor("b-kill")
-            ray.kill(actor, no_restart=False)    # Ray restarts it (max_restarts=-1); its state is in Redis
+            ray.kill(actor, no_restart=False)  # Ray restarts it (max_restarts=-1); its state is in Redis
             killed.append(time.monotonic())
 
     try:
-        run_batch(WORKFLOW, records(120), options=RunOptions(deadline_s=30.0, tenant="acme"),
-                  simulator=endpoints(sim), max_in_flight=20, budget=config, on_done=on_done)
+        run_batch(
+            WORKFLOW,
+            records(120),
+            options=RunOptions(deadline_s=30.0, tenant="acme"),
+            simulator=endpoints(sim),
+            max_in_flight=20,
+            budget=config,
+            on_done=on_done,
+        )
         assert killed
         health = ray.get(find_budget_actor("b-kill").health.remote())
         assert health["restarted"] and health["backend"] == "redis"
@@ -134,17 +178,25 @@ def test_two_budget_actors_on_one_redis_hold_one_limit(simulator, redis_server):
     redis = redis_server()
     sim = simulator("tpm", seed=3, time_scale=TIME_SCALE, tpm_limit=TPM)
     providers = resolve_providers(WORKFLOW, endpoints(sim))
-    handles = [ensure_budget(budget(name, redis_url=redis.url, namespace="shared"), WORKFLOW)
-               for name in ("b-east", "b-west")]
+    handles = [
+        ensure_budget(budget(name, redis_url=redis.url, namespace="shared"), WORKFLOW) for name in ("b-east", "b-west")
+    ]
     executors = [start_executors(providers, 1, num_cpus=0.25, budget=h) for h in handles]
     try:
-        drivers = [WorkflowDriver(WORKFLOW, RunOptions(deadline_s=6.0, tenant=f"t{i}"), ex,
-                                  admission=BudgetAdmission(h.config, WORKFLOW, h.actor))
-                   for i, (h, ex) in enumerate(zip(handles, executors, strict=True))]
+        drivers = [
+            WorkflowDriver(
+                WORKFLOW,
+                RunOptions(deadline_s=6.0, tenant=f"t{i}"),
+                ex,
+                admission=BudgetAdmission(h.config, WORKFLOW, h.actor),
+            )
+            for i, (h, ex) in enumerate(zip(handles, executors, strict=True))
+        ]
 
         async def both() -> list[list[RunOutcome]]:
-            return list(await asyncio.gather(*(_run_driver(d, records(150, f"c{i}-"), 0.01)
-                                               for i, d in enumerate(drivers))))
+            return list(
+                await asyncio.gather(*(_run_driver(d, records(150, f"c{i}-"), 0.01) for i, d in enumerate(drivers)))
+            )
 
         results = asyncio.run(both())
         ray.get([e.shutdown.remote() for ex in executors for e in ex])
@@ -153,7 +205,7 @@ def test_two_budget_actors_on_one_redis_hold_one_limit(simulator, redis_server):
         assert all(d > 5 for d in delivered), delivered
         charged = next(iter(sim.stats()["keys"].values()))["charged_tokens"]
         elapsed_s = sim.stats()["sim_time_s"] * TIME_SCALE
-        assert charged <= TPM + TPM / (60 * TIME_SCALE) * elapsed_s   # one bucket's burst + refill
+        assert charged <= TPM + TPM / (60 * TIME_SCALE) * elapsed_s  # one bucket's burst + refill
         status = budget_status(redis_url=redis.url, namespace="shared")
         assert set(status.spend) == {"t0", "t1"}
     finally:
@@ -179,8 +231,15 @@ def test_redis_down_mid_run_throttles_and_never_overruns(simulator, redis_server
             marks["charged"] = next(iter(sim.stats()["keys"].values()))["charged_tokens"]
 
     try:
-        run_batch(WORKFLOW, records(160), options=RunOptions(deadline_s=30.0, tenant="acme"),
-                  simulator=endpoints(sim), max_in_flight=40, budget=config, on_done=on_done)
+        run_batch(
+            WORKFLOW,
+            records(160),
+            options=RunOptions(deadline_s=30.0, tenant="acme"),
+            simulator=endpoints(sim),
+            max_in_flight=40,
+            budget=config,
+            on_done=on_done,
+        )
         ended = time.monotonic()
         assert "down" in marks
         assert overruns(sim) == 0
@@ -189,7 +248,7 @@ def test_redis_down_mid_run_throttles_and_never_overruns(simulator, redis_server
         # While Redis was down the cluster ran on half the rate, from an empty bucket.
         charged = next(iter(sim.stats()["keys"].values()))["charged_tokens"] - marks["charged"]
         rate = TPM / (60 * TIME_SCALE)
-        in_flight_at_outage = 40 * 2 * 400     # what was already leased or running when Redis went away
+        in_flight_at_outage = 40 * 2 * 400  # what was already leased or running when Redis went away
         assert charged <= 0.5 * rate * (ended - marks["down"]) + in_flight_at_outage
         assert sum(o.delivered for o in outcomes) > 60
     finally:
@@ -200,17 +259,25 @@ def test_budget_status_command_reads_redis_without_a_cluster(redis_server, capsy
     redis = redis_server(password="cli-secret")
     import asyncio as aio
 
-    from actors.budget_ledger import RedisLedger
-    from policies.leases import ExchangeRequest, SpendDelta
+    from tailrace.policies.leases import ExchangeRequest, SpendDelta
+    from tailrace.runtime.budget_ledger import RedisLedger
 
     config = BudgetConfig(tenants={"acme": TenantBudget(daily_usd=5)})
 
     async def record() -> None:
         ledger = RedisLedger(redis.url, "cli", config.bucket)
         day = time.strftime("%Y-%m-%d", time.gmtime())
-        await ledger.exchange(ExchangeRequest(executor="e", report_id="1", day=day, close=True,
-                                              spend={"acme": SpendDelta(usd=1.25, input_tokens=100, attempts=2)}),
-                              time.time(), "L")
+        await ledger.exchange(
+            ExchangeRequest(
+                executor="e",
+                report_id="1",
+                day=day,
+                close=True,
+                spend={"acme": SpendDelta(usd=1.25, input_tokens=100, attempts=2)},
+            ),
+            time.time(),
+            "L",
+        )
         await ledger.aclose()
 
     aio.run(record())

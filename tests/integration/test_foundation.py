@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from cluster.api import run_batch
-from cluster.providers import SimulatorEndpoints
-from engine.loading import load_inputs, load_workflow, workflow_from_dict
-from engine.outcomes import AttemptOutcome, ErrorKind, FailureReason
-from engine.sim import Fault
-from engine.specs import RunOptions
+from tailrace.cluster.api import run_batch
+from tailrace.cluster.providers import SimulatorEndpoints
+from tailrace.engine.loading import load_inputs, load_workflow, workflow_from_dict
+from tailrace.engine.outcomes import AttemptOutcome, ErrorKind, FailureReason
+from tailrace.engine.sim import Fault
+from tailrace.engine.specs import RunOptions
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -33,8 +33,9 @@ def demo_records(n: int) -> list[dict]:
 def test_demo_workflow_on_clean_all_delivered_and_valid(simulator, tmp_path):
     sim = simulator("clean", seed=3, time_scale=0.05)
     out = tmp_path / "results.jsonl"
-    summary = run_batch(DEMO, demo_records(60), options=RunOptions(deadline_s=20), out=out,
-                        simulator=endpoints(sim), max_in_flight=30)
+    summary = run_batch(
+        DEMO, demo_records(60), options=RunOptions(deadline_s=20), out=out, simulator=endpoints(sim), max_in_flight=30
+    )
     assert (summary.runs, summary.delivered, summary.on_time) == (60, 60, 60)
     outcomes = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(outcomes) == 60
@@ -51,13 +52,22 @@ TWO_PROVIDERS = {
     "name": "two_providers",
     "inputs": ["ticket_id"],
     "steps": [
-        {"id": "draft", "prompt": "Draft a note on {{input.ticket_id}}.",
-         "models": [{"provider": "anthropic", "model": "claude-haiku-4-5", "max_tokens": 300}],
-         "output": {"copy_ids": ["ticket_id"]}},
-        {"id": "check", "depends_on": ["draft"], "prompt": "Check this note: {{steps.draft}}",
-         "models": [{"provider": "openai", "model": "gpt-4o-mini", "max_tokens": 300}],
-         "output": {"kind": "json", "json_schema": {"type": "object", "required": ["ok"],
-                                                     "properties": {"ok": {"type": "boolean"}}}}},
+        {
+            "id": "draft",
+            "prompt": "Draft a note on {{input.ticket_id}}.",
+            "models": [{"provider": "anthropic", "model": "claude-haiku-4-5", "max_tokens": 300}],
+            "output": {"copy_ids": ["ticket_id"]},
+        },
+        {
+            "id": "check",
+            "depends_on": ["draft"],
+            "prompt": "Check this note: {{steps.draft}}",
+            "models": [{"provider": "openai", "model": "gpt-4o-mini", "max_tokens": 300}],
+            "output": {
+                "kind": "json",
+                "json_schema": {"type": "object", "required": ["ok"], "properties": {"ok": {"type": "boolean"}}},
+            },
+        },
     ],
 }
 
@@ -65,8 +75,12 @@ TWO_PROVIDERS = {
 def test_openai_and_anthropic_formats_both_used(simulator, tmp_path):
     log = tmp_path / "sim.jsonl"
     sim = simulator("clean", seed=1, time_scale=0.05, log_path=log)
-    summary = run_batch(workflow_from_dict(TWO_PROVIDERS), [{"ticket_id": f"T-{i}"} for i in range(5)],
-                        options=RunOptions(deadline_s=10), simulator=endpoints(sim))
+    summary = run_batch(
+        workflow_from_dict(TWO_PROVIDERS),
+        [{"ticket_id": f"T-{i}"} for i in range(5)],
+        options=RunOptions(deadline_s=10),
+        simulator=endpoints(sim),
+    )
     assert summary.delivered == 5
     apis = {r["api"] for r in sim.log_records()}
     assert apis == {"openai", "anthropic"}
@@ -76,8 +90,7 @@ def test_hanging_provider_ends_the_run_at_its_deadline(simulator, tmp_path):
     hang_all = {m: Fault.HANG for m in ("gpt-4.1", "claude-haiku-4-5", "gpt-4o-mini")}
     sim = simulator("clean", seed=1, time_scale=0.05, force_fault=hang_all)
     out = tmp_path / "results.jsonl"
-    summary = run_batch(DEMO, demo_records(4), options=RunOptions(deadline_s=1.5), out=out,
-                        simulator=endpoints(sim))
+    summary = run_batch(DEMO, demo_records(4), options=RunOptions(deadline_s=1.5), out=out, simulator=endpoints(sim))
     assert summary.failures == {"deadline_exceeded": 4}
     for o in map(json.loads, out.read_text().splitlines()):
         overrun = o["ended_at"] - o["deadline_at"]
@@ -85,8 +98,10 @@ def test_hanging_provider_ends_the_run_at_its_deadline(simulator, tmp_path):
         assert o["failed_step"] == "classify"
         # The executor ends the step itself a little before the deadline; only when it is starved
         # of CPU does the driver's backstop end the run first, and then the records stay behind.
-        assert all(a["outcome"] == "cancelled" and a["cancel_reason"] in ("deadline", "shutdown", "run_failed")
-                   for a in o["attempts"])
+        assert all(
+            a["outcome"] == "cancelled" and a["cancel_reason"] in ("deadline", "shutdown", "run_failed")
+            for a in o["attempts"]
+        )
     # Whichever ended it, the hung HTTP requests were closed, not left running in the simulator.
     records = sim.log_records()
     for _ in range(50):
@@ -101,8 +116,9 @@ def test_invalid_output_is_retried_and_the_final_output_is_valid(simulator):
     sim = simulator("clean", seed=1, time_scale=0.05, script={"gpt-4.1": [Fault.SCHEMA_MISS]})
     outcomes = []
     # 30 s: time for every step on its first rung (with less, the time allocator drops steps down the ladder).
-    summary = run_batch(DEMO, demo_records(1), options=RunOptions(deadline_s=30), simulator=endpoints(sim),
-                        on_done=outcomes.append)
+    summary = run_batch(
+        DEMO, demo_records(1), options=RunOptions(deadline_s=30), simulator=endpoints(sim), on_done=outcomes.append
+    )
     assert summary.delivered == 1
     classify = [a for a in outcomes[0].attempts if a.step_id == "classify"]
     assert [a.outcome for a in classify] == [AttemptOutcome.INVALID, AttemptOutcome.VALID]
@@ -114,8 +130,9 @@ def test_invalid_output_is_retried_and_the_final_output_is_valid(simulator):
 def test_non_retryable_400_is_not_retried_on_the_same_model(simulator):
     sim = simulator("clean", seed=1, time_scale=0.05, force_fault={"gpt-4.1": Fault.CONTEXT_LENGTH})
     outcomes = []
-    summary = run_batch(DEMO, demo_records(2), options=RunOptions(deadline_s=30), simulator=endpoints(sim),
-                        on_done=outcomes.append)
+    summary = run_batch(
+        DEMO, demo_records(2), options=RunOptions(deadline_s=30), simulator=endpoints(sim), on_done=outcomes.append
+    )
     assert summary.delivered == 2
     for outcome in outcomes:
         for step in DEMO.steps:
@@ -126,7 +143,8 @@ def test_non_retryable_400_is_not_retried_on_the_same_model(simulator):
 
 def test_run_cost_cap_refuses_attempts_that_cannot_fit(simulator):
     sim = simulator("clean", seed=1, time_scale=0.05)
-    summary = run_batch(DEMO, demo_records(2), options=RunOptions(deadline_s=10, max_cost_usd=0.000001),
-                        simulator=endpoints(sim))
+    summary = run_batch(
+        DEMO, demo_records(2), options=RunOptions(deadline_s=10, max_cost_usd=0.000001), simulator=endpoints(sim)
+    )
     assert summary.failures == {FailureReason.BUDGET_EXHAUSTED.value: 2}
     assert sim.log_records() == []  # nothing was sent that the budget had not admitted

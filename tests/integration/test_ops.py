@@ -12,16 +12,16 @@ from pathlib import Path
 import pytest
 import ray
 
-from cluster.api import run_batch
-from cluster.driver import WorkflowDriver, run_records
-from cluster.pool import ExecutorPool, PoolConfig
-from cluster.providers import SimulatorEndpoints, resolve_providers
-from cluster.results import BatchSummary, ResultWriter
-from engine.clock import SkewedClock
-from engine.loading import load_inputs, load_workflow, workflow_from_dict
-from engine.outcomes import FailureReason
-from engine.sim import Fault
-from engine.specs import RunOptions
+from tailrace.cluster.api import run_batch
+from tailrace.cluster.driver import WorkflowDriver, run_records
+from tailrace.cluster.pool import ExecutorPool, PoolConfig
+from tailrace.cluster.providers import SimulatorEndpoints, resolve_providers
+from tailrace.cluster.results import BatchSummary, ResultWriter
+from tailrace.engine.clock import SkewedClock
+from tailrace.engine.loading import load_inputs, load_workflow, workflow_from_dict
+from tailrace.engine.outcomes import FailureReason
+from tailrace.engine.sim import Fault
+from tailrace.engine.specs import RunOptions
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -40,9 +40,16 @@ def demo_records(n: int, prefix: str = "r") -> list[dict]:
 
 
 def test_pool_grows_under_backlog_and_shrinks_when_idle(simulator):
-    sim = simulator("clean", seed=2, time_scale=1.0)   # runs of ~5 s: a real backlog builds
-    config = PoolConfig(min_executors=1, max_executors=3, target_in_flight=3, executor_num_cpus=0.1,
-                        scale_interval_s=0.2, scale_down_after_s=0.6, request_resources=False)
+    sim = simulator("clean", seed=2, time_scale=1.0)  # runs of ~5 s: a real backlog builds
+    config = PoolConfig(
+        min_executors=1,
+        max_executors=3,
+        target_in_flight=3,
+        executor_num_cpus=0.1,
+        scale_interval_s=0.2,
+        scale_down_after_s=0.6,
+        request_resources=False,
+    )
 
     async def scenario() -> tuple[list[int], BatchSummary, int, ExecutorPool]:
         summary = BatchSummary()
@@ -50,13 +57,16 @@ def test_pool_grows_under_backlog_and_shrinks_when_idle(simulator):
         async with ExecutorPool(resolve_providers(DEMO, endpoints(sim)), config) as pool:
             assert pool.status().ready == 1
             driver = WorkflowDriver(DEMO, RunOptions(deadline_s=30), pool)
-            batch = asyncio.ensure_future(run_records(driver, [(r["id"], r) for r in demo_records(12)],
-                                                      ResultWriter(None), summary, max_in_flight=12))
+            batch = asyncio.ensure_future(
+                run_records(
+                    driver, [(r["id"], r) for r in demo_records(12)], ResultWriter(None), summary, max_in_flight=12
+                )
+            )
             while not batch.done():
                 sizes.append(pool.status().ready)
                 await asyncio.sleep(0.1)
             await batch
-            for _ in range(100):          # idle now: it must come back to the minimum
+            for _ in range(100):  # idle now: it must come back to the minimum
                 if pool.status().ready + pool.status().starting == 1:
                     break
                 await asyncio.sleep(0.1)
@@ -73,20 +83,43 @@ def test_pool_grows_under_backlog_and_shrinks_when_idle(simulator):
 def test_executor_clock_ahead_ends_steps_early_by_the_skew(simulator, tmp_path):
     sim = simulator("clean", seed=1, time_scale=0.05, force_fault=HANG_ALL)
     outcomes = []
-    run_batch(DEMO, demo_records(2), options=RunOptions(deadline_s=4.0), simulator=endpoints(sim),
-              executor_clock=SkewedClock(+2.5), on_done=outcomes.append, out=tmp_path / "r.jsonl")
+    run_batch(
+        DEMO,
+        demo_records(2),
+        options=RunOptions(deadline_s=4.0),
+        simulator=endpoints(sim),
+        executor_clock=SkewedClock(+2.5),
+        on_done=outcomes.append,
+        out=tmp_path / "r.jsonl",
+    )
     for o in outcomes:
         assert o.failure == FailureReason.DEADLINE_EXCEEDED and o.failed_step == "classify"
         # The executor's wall clock runs 2.5 s ahead: it saw the 4 s deadline 2.5 s early.
         assert 1.3 < o.latency_s < 2.6, o.latency_s
 
 
-PROBE = workflow_from_dict({
-    "name": "metrics_probe", "inputs": ["ticket_id"],
-    "steps": [{"id": "note", "prompt": "Note on {{input.ticket_id}}.", "output": {"copy_ids": ["ticket_id"]},
-               "models": [{"provider": "openai", "model": "gpt-4o-mini", "max_tokens": 200,
-                           "input_usd_per_mtok": 0.15, "output_usd_per_mtok": 0.6}]}],
-})
+PROBE = workflow_from_dict(
+    {
+        "name": "metrics_probe",
+        "inputs": ["ticket_id"],
+        "steps": [
+            {
+                "id": "note",
+                "prompt": "Note on {{input.ticket_id}}.",
+                "output": {"copy_ids": ["ticket_id"]},
+                "models": [
+                    {
+                        "provider": "openai",
+                        "model": "gpt-4o-mini",
+                        "max_tokens": 200,
+                        "input_usd_per_mtok": 0.15,
+                        "output_usd_per_mtok": 0.6,
+                    }
+                ],
+            }
+        ],
+    }
+)
 
 
 def _scrape(port: int) -> str:
@@ -106,8 +139,9 @@ def _total(text: str, name: str, **labels: str) -> float:
 
 def test_dashboard_series_are_readable_from_the_prometheus_endpoint(simulator):
     sim = simulator("clean", seed=4, time_scale=0.02, script={"gpt-4o-mini": [Fault.RATE_LIMITED]})
-    summary = run_batch(PROBE, [{"ticket_id": f"T-{i}"} for i in range(6)], options=RunOptions(deadline_s=10),
-                        simulator=endpoints(sim))
+    summary = run_batch(
+        PROBE, [{"ticket_id": f"T-{i}"} for i in range(6)], options=RunOptions(deadline_s=10), simulator=endpoints(sim)
+    )
     assert summary.delivered == 6
     port = ray._private.worker._global_node.metrics_export_port
     wanted = {
@@ -120,7 +154,7 @@ def test_dashboard_series_are_readable_from_the_prometheus_endpoint(simulator):
         "ray_tailrace_step_latency_seconds_count": {"workflow": "metrics_probe", "step": "note"},
         "ray_tailrace_tokens_wasted_total": {"model": "gpt-4o-mini"},
     }
-    deadline = time.monotonic() + 60   # the metrics agent exports every ~10 s
+    deadline = time.monotonic() + 60  # the metrics agent exports every ~10 s
     text = ""
     while time.monotonic() < deadline:
         text = _scrape(port)

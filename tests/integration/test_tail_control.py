@@ -11,21 +11,22 @@ import uuid
 import pytest
 import ray
 
-from actors.latency_stats import stats_actor
-from actors.step_executor import StepExecutor
-from cluster.api import run_batch
-from cluster.providers import SimulatorEndpoints, resolve_providers
-from engine.loading import workflow_from_dict
-from engine.outcomes import AttemptOutcome, CancelReason
-from engine.sim import BrownoutConfig, Fault, ModelProfile
-from engine.specs import HedgeConfig, RunOptions
-from policies.hedging import TailTuning, scaled_hedge
+from tailrace.actors.latency_stats import stats_actor
+from tailrace.actors.step_executor import StepExecutor
+from tailrace.cluster.api import run_batch
+from tailrace.cluster.providers import SimulatorEndpoints, resolve_providers
+from tailrace.engine.loading import workflow_from_dict
+from tailrace.engine.outcomes import AttemptOutcome, CancelReason
+from tailrace.engine.sim import BrownoutConfig, Fault, ModelProfile
+from tailrace.engine.specs import HedgeConfig, RunOptions
+from tailrace.policies.hedging import TailTuning, scaled_hedge
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 TIME_SCALE = 0.05
-STEADY = ModelProfile(ttft_median_s=1.0, ttft_sigma=0.0, tokens_per_s=100, tps_sigma=0.0,
-                      output_tokens_median=40, output_tokens_sigma=0.0)
+STEADY = ModelProfile(
+    ttft_median_s=1.0, ttft_sigma=0.0, tokens_per_s=100, tps_sigma=0.0, output_tokens_median=40, output_tokens_sigma=0.0
+)
 TUNING = TailTuning().scaled(TIME_SCALE)
 HEDGE = scaled_hedge(HedgeConfig(), TIME_SCALE)
 
@@ -38,7 +39,9 @@ def one_step(hedge: dict | None = None, side_effect: bool = False) -> dict:
     # Priors in real seconds: about what the pinned profile takes at this time scale.
     prior = {"expected_ttft_s": 1.0 * TIME_SCALE, "expected_latency_s": 1.6 * TIME_SCALE}
     step = {
-        "id": "answer", "prompt": "Answer ticket {{input.ticket_id}}.", "side_effect": side_effect,
+        "id": "answer",
+        "prompt": "Answer ticket {{input.ticket_id}}.",
+        "side_effect": side_effect,
         "models": [
             {"provider": "openai", "model": "gpt-4.1", "max_tokens": 300, **prior},
             {"provider": "anthropic", "model": "claude-haiku-4-5", "max_tokens": 300, **prior},
@@ -52,21 +55,36 @@ def one_step(hedge: dict | None = None, side_effect: bool = False) -> dict:
 
 def run(sim, workflow: dict, n: int, **kwargs):
     outcomes = []
-    summary = run_batch(workflow_from_dict(workflow), [{"ticket_id": f"T-{i}", "id": f"r{i}"} for i in range(n)],
-                        options=RunOptions(deadline_s=kwargs.pop("deadline_s", 10)), simulator=endpoints(sim),
-                        on_done=outcomes.append, hedge=kwargs.pop("hedge", HEDGE),
-                        tuning=kwargs.pop("tuning", TUNING), **kwargs)
+    summary = run_batch(
+        workflow_from_dict(workflow),
+        [{"ticket_id": f"T-{i}", "id": f"r{i}"} for i in range(n)],
+        options=RunOptions(deadline_s=kwargs.pop("deadline_s", 10)),
+        simulator=endpoints(sim),
+        on_done=outcomes.append,
+        hedge=kwargs.pop("hedge", HEDGE),
+        tuning=kwargs.pop("tuning", TUNING),
+        **kwargs,
+    )
     return summary, outcomes
 
 
 def test_straggler_is_beaten_by_a_duplicate_and_its_request_is_cancelled(simulator):
-    sim = simulator("clean", seed=1, time_scale=TIME_SCALE, straggler_factor=(20.0, 20.0),
-                    model_profiles={"gpt-4.1": STEADY}, script={"gpt-4.1": [Fault.STRAGGLER]})
+    sim = simulator(
+        "clean",
+        seed=1,
+        time_scale=TIME_SCALE,
+        straggler_factor=(20.0, 20.0),
+        model_profiles={"gpt-4.1": STEADY},
+        script={"gpt-4.1": [Fault.STRAGGLER]},
+    )
     summary, [outcome] = run(sim, one_step(), 1)
     assert summary.delivered == 1
     primary, duplicate = outcome.attempts
     assert (primary.role, primary.outcome, primary.cancel_reason) == (
-        "primary", AttemptOutcome.CANCELLED, CancelReason.HEDGE_LOST)
+        "primary",
+        AttemptOutcome.CANCELLED,
+        CancelReason.HEDGE_LOST,
+    )
     assert (duplicate.role, duplicate.model, duplicate.outcome) == ("duplicate", "gpt-4.1", AttemptOutcome.VALID)
     # Cold model: the duplicate waited 1.5x the TTFT prior (75 ms), far less than the straggler's 1 s.
     assert 0.07 <= duplicate.started_at - primary.started_at < 0.5
@@ -79,24 +97,39 @@ def test_straggler_is_beaten_by_a_duplicate_and_its_request_is_cancelled(simulat
 
 def test_invalid_answer_that_comes_first_loses_to_a_valid_later_one(simulator):
     # The primary straggles (4x) but is valid; its duplicate answers first, empty. One duplicate only.
-    sim = simulator("clean", seed=1, time_scale=TIME_SCALE, straggler_factor=(4.0, 4.0),
-                    model_profiles={"gpt-4.1": STEADY}, script={"gpt-4.1": [Fault.STRAGGLER, Fault.EMPTY]})
+    sim = simulator(
+        "clean",
+        seed=1,
+        time_scale=TIME_SCALE,
+        straggler_factor=(4.0, 4.0),
+        model_profiles={"gpt-4.1": STEADY},
+        script={"gpt-4.1": [Fault.STRAGGLER, Fault.EMPTY]},
+    )
     summary, [outcome] = run(sim, one_step(hedge={"max_duplicates": 1}), 1)
     assert summary.delivered == 1
     primary, duplicate = outcome.attempts
-    assert (duplicate.role, duplicate.outcome, duplicate.invalid_reason) == ("duplicate", AttemptOutcome.INVALID,
-                                                                            "empty")
+    assert (duplicate.role, duplicate.outcome, duplicate.invalid_reason) == (
+        "duplicate",
+        AttemptOutcome.INVALID,
+        "empty",
+    )
     assert (primary.role, primary.outcome) == ("primary", AttemptOutcome.VALID)
-    assert duplicate.ended_at < primary.ended_at          # first, and still not the answer
+    assert duplicate.ended_at < primary.ended_at  # first, and still not the answer
     assert "T-0" in outcome.outputs["answer"]
 
 
 def test_during_a_brownout_duplicates_move_to_the_alternative_model(simulator):
     # gpt-4.1 answers 6x slower than its spec says (8.4 simulated seconds instead of ~1.4); haiku is healthy.
-    brownout = BrownoutConfig(model="gpt-4.1", offset_s=0.0, period_s=1e6, duration_s=1e6,
-                              latency_factor=6.0, overloaded_rate=0.0)
-    sim = simulator("brownout", seed=2, time_scale=TIME_SCALE, brownout=brownout,
-                    model_profiles={"gpt-4.1": STEADY, "claude-haiku-4-5": STEADY})
+    brownout = BrownoutConfig(
+        model="gpt-4.1", offset_s=0.0, period_s=1e6, duration_s=1e6, latency_factor=6.0, overloaded_rate=0.0
+    )
+    sim = simulator(
+        "brownout",
+        seed=2,
+        time_scale=TIME_SCALE,
+        brownout=brownout,
+        model_profiles={"gpt-4.1": STEADY, "claude-haiku-4-5": STEADY},
+    )
     summary, outcomes = run(sim, one_step(), 60, max_in_flight=6)
     assert summary.delivered == 60
     steps = sorted(outcomes, key=lambda o: o.attempts[0].started_at)
@@ -120,17 +153,24 @@ def test_during_a_brownout_duplicates_move_to_the_alternative_model(simulator):
 
 
 def test_side_effect_step_is_never_hedged_and_retries_keep_its_idempotency_key(simulator):
-    sim = simulator("clean", seed=1, time_scale=TIME_SCALE, straggler_factor=(6.0, 6.0),
-                    model_profiles={"gpt-4.1": STEADY},
-                    script={"gpt-4.1": [Fault.HTTP_500, Fault.STRAGGLER]})
+    sim = simulator(
+        "clean",
+        seed=1,
+        time_scale=TIME_SCALE,
+        straggler_factor=(6.0, 6.0),
+        model_profiles={"gpt-4.1": STEADY},
+        script={"gpt-4.1": [Fault.HTTP_500, Fault.STRAGGLER]},
+    )
     summary, [outcome] = run(sim, one_step(side_effect=True), 1)
     assert summary.delivered == 1
-    assert [(a.role, a.outcome) for a in outcome.attempts] == [("primary", AttemptOutcome.ERROR),
-                                                               ("retry", AttemptOutcome.VALID)]
+    assert [(a.role, a.outcome) for a in outcome.attempts] == [
+        ("primary", AttemptOutcome.ERROR),
+        ("retry", AttemptOutcome.VALID),
+    ]
     keys = {a.idempotency_key for a in outcome.attempts}
     assert len(keys) == 1 and None not in keys
     sent = [r["idempotency_key"] for r in sim.log_records()]
-    assert sent == [keys.pop()] * 2       # the same key on the wire, and only two requests: no duplicate
+    assert sent == [keys.pop()] * 2  # the same key on the wire, and only two requests: no duplicate
 
 
 def test_new_executor_starts_warm_from_the_shared_statistics(simulator):
@@ -144,11 +184,13 @@ def test_new_executor_starts_warm_from_the_shared_statistics(simulator):
         assert summary.delivered == 30
         assert ray.get(stats.counts.remote()).get("openai/gpt-4.1", 0) >= 25
         providers = resolve_providers(workflow_from_dict(one_step()), endpoints(sim))
-        fresh = StepExecutor.options(max_concurrency=100, num_cpus=0).remote(providers, "fresh", hedge=HEDGE, tuning=tuning, stats_name=name)
+        fresh = StepExecutor.options(max_concurrency=100, num_cpus=0).remote(
+            providers, "fresh", hedge=HEDGE, tuning=tuning, stats_name=name
+        )
         try:
             ray.get(fresh.sync_stats.remote())
             seen = ray.get(fresh.tail_snapshot.remote())
-            assert seen["samples"].get("openai/gpt-4.1", 0) >= 25      # warm before its first step
+            assert seen["samples"].get("openai/gpt-4.1", 0) >= 25  # warm before its first step
         finally:
             ray.kill(fresh)
     finally:

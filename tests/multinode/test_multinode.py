@@ -26,29 +26,29 @@ from typing import Any
 import pytest
 import ray
 
-from cluster import jobs
-from cluster.api import run_batch
-from cluster.cli import main
-from cluster.driver import WorkflowDriver, run_records
-from cluster.pool import ExecutorPool, PoolConfig
-from cluster.providers import SimulatorEndpoints, resolve_providers
-from cluster.results import BatchSummary, ResultWriter
-from engine.clock import SkewedClock
-from engine.loading import load_inputs, load_workflow
-from engine.outcomes import CancelReason, FailureReason
-from engine.sim import Fault
-from engine.specs import RunOptions
+from tailrace.cluster import jobs
+from tailrace.cluster.api import run_batch
+from tailrace.cluster.cli import main
+from tailrace.cluster.driver import WorkflowDriver, run_records
+from tailrace.cluster.pool import ExecutorPool, PoolConfig
+from tailrace.cluster.providers import SimulatorEndpoints, resolve_providers
+from tailrace.cluster.results import BatchSummary, ResultWriter
+from tailrace.engine.clock import SkewedClock
+from tailrace.engine.loading import load_inputs, load_workflow
+from tailrace.engine.outcomes import CancelReason, FailureReason
+from tailrace.engine.sim import Fault
+from tailrace.engine.specs import RunOptions
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "support_triage"
 DEMO = load_workflow(EXAMPLE / "workflow.yaml")
-ON_WORKERS = {"tailrace_executor": 1}     # only the worker nodes offer this resource
+ON_WORKERS = {"tailrace_executor": 1}  # only the worker nodes offer this resource
 HANG_ALL = {m: Fault.HANG for m in ("gpt-4.1", "claude-haiku-4-5", "gpt-4o-mini")}
 
 
 @dataclass
 class Env:
     cluster: Any
-    address: str                 # the dashboard (job server) URL
+    address: str  # the dashboard (job server) URL
     workers: list[Any]
 
     def worker_ids(self) -> set[str]:
@@ -72,14 +72,23 @@ def env() -> Any:
         ray.shutdown()
     ensure_token_if_auth_enabled(None, create_token_if_missing=True)  # as `ray.init()` does for a new cluster
     port = _free_port()
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
-        # The job agent's own port, free too: the default (52365) may be held by another cluster on the machine.
-        "dashboard_agent_listen_port": _free_port(),
-        # Notice a dead node in ~1.5 s instead of ~15 s, so the kill test stays short.
-        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
-                           "health_check_timeout_ms": 500},
-    })
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 2,
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": port,
+            # The job agent's own port, free too: the default (52365) may be held by another cluster on the machine.
+            "dashboard_agent_listen_port": _free_port(),
+            # Notice a dead node in ~1.5 s instead of ~15 s, so the kill test stays short.
+            "_system_config": {
+                "health_check_period_ms": 500,
+                "health_check_failure_threshold": 3,
+                "health_check_timeout_ms": 500,
+            },
+        },
+    )
     try:
         workers = [cluster.add_node(num_cpus=2, resources={"tailrace_executor": 2}) for _ in range(2)]
         ray.init(address=cluster.address, logging_level=logging.WARNING, log_to_driver=False)
@@ -122,10 +131,32 @@ def test_batch_as_a_job_round_trip_and_resubmit_skips_finished_runs(env, tmp_pat
     d = batch_dir(tmp_path / "batch", 10)
     results_dir = str(tmp_path / "jobs")
     common = ["--address", env.address]
-    code = main(["submit", str(d / "workflow.yaml"), "--inputs", str(d / "inputs.jsonl"), *common,
-                 "--python", sys.executable, "--results-dir", results_dir, "--scenario", "clean", "--time-scale",
-                 "0.05", "--deadline", "20", "--min-executors", "2", "--max-executors", "2",
-                 "--executor-resource", "tailrace_executor=1", "--wait"])
+    code = main(
+        [
+            "submit",
+            str(d / "workflow.yaml"),
+            "--inputs",
+            str(d / "inputs.jsonl"),
+            *common,
+            "--python",
+            sys.executable,
+            "--results-dir",
+            results_dir,
+            "--scenario",
+            "clean",
+            "--time-scale",
+            "0.05",
+            "--deadline",
+            "20",
+            "--min-executors",
+            "2",
+            "--max-executors",
+            "2",
+            "--executor-resource",
+            "tailrace_executor=1",
+            "--wait",
+        ]
+    )
     out = capsys.readouterr().out
     match = re.search(r"(tailrace-support-triage-[0-9a-f]{12}): submitted", out)
     assert match, out
@@ -142,16 +173,32 @@ def test_batch_as_a_job_round_trip_and_resubmit_skips_finished_runs(env, tmp_pat
     assert "10 │" in capsys.readouterr().out and sorted(result_ids(local)) == sorted(f"r{i}" for i in range(10))
     assert (tmp_path / "local.trace.jsonl").is_file()
     # Through a helper job, as from a machine that cannot see the head node's disk: the same bytes.
-    fetched = jobs.fetch_results(sid, tmp_path / "fetched.jsonl", address=env.address, results_dir=results_dir,
-                                 python=sys.executable, via_job=True)
+    fetched = jobs.fetch_results(
+        sid,
+        tmp_path / "fetched.jsonl",
+        address=env.address,
+        results_dir=results_dir,
+        python=sys.executable,
+        via_job=True,
+    )
     assert fetched.read_bytes() == local.read_bytes()
 
     # The same batch again: the same job id, and nothing is run twice.
-    again = jobs.submit(d / "workflow.yaml", d / "inputs.jsonl", address=env.address, python=sys.executable,
-                        results_dir=results_dir, args=jobs.BatchArgs(
-                            "", "", {**DEMO.defaults.model_dump(), "deadline_s": 20.0}, scenario="clean",
-                            time_scale=0.05, pool={"min_executors": 2, "max_executors": 2,
-                                                   "executor_resources": ON_WORKERS}))
+    again = jobs.submit(
+        d / "workflow.yaml",
+        d / "inputs.jsonl",
+        address=env.address,
+        python=sys.executable,
+        results_dir=results_dir,
+        args=jobs.BatchArgs(
+            "",
+            "",
+            {**DEMO.defaults.model_dump(), "deadline_s": 20.0},
+            scenario="clean",
+            time_scale=0.05,
+            pool={"min_executors": 2, "max_executors": 2, "executor_resources": ON_WORKERS},
+        ),
+    )
     assert (again.submission_id, again.job_id, again.action) == (sid, f"{sid}.2", "resubmitted")
     finished(sid, env.address)
     assert "10 already finished (skipped)" in next(jobs.logs(sid, env.address))
@@ -162,8 +209,15 @@ def test_batch_as_a_job_round_trip_and_resubmit_skips_finished_runs(env, tmp_pat
 def test_an_interrupted_job_resumes_without_losing_or_repeating_runs(env, tmp_path):
     d = batch_dir(tmp_path / "batch", 24)
     results_dir = tmp_path / "jobs"
-    args = jobs.BatchArgs("", "", {"deadline_s": 20.0}, concurrency=3, scenario="clean", time_scale=0.3,
-                          pool={"min_executors": 1, "max_executors": 2, "executor_resources": ON_WORKERS})
+    args = jobs.BatchArgs(
+        "",
+        "",
+        {"deadline_s": 20.0},
+        concurrency=3,
+        scenario="clean",
+        time_scale=0.3,
+        pool={"min_executors": 1, "max_executors": 2, "executor_resources": ON_WORKERS},
+    )
     kw = {"address": env.address, "python": sys.executable, "results_dir": str(results_dir), "args": args}
     first = jobs.submit(d / "workflow.yaml", d / "inputs.jsonl", **kw)
     assert first.action == "submitted"
@@ -177,8 +231,11 @@ def test_an_interrupted_job_resumes_without_losing_or_repeating_runs(env, tmp_pa
     assert 4 <= done_before < 24
 
     again = jobs.submit(d / "workflow.yaml", d / "inputs.jsonl", **kw)
-    assert (again.submission_id, again.job_id, again.action) == (first.submission_id, f"{first.job_id}.2",
-                                                                 "resubmitted")
+    assert (again.submission_id, again.job_id, again.action) == (
+        first.submission_id,
+        f"{first.job_id}.2",
+        "resubmitted",
+    )
     finished(again.submission_id, env.address)
     ids = result_ids(results)
     assert len(ids) == 24 and len(set(ids)) == 24
@@ -197,8 +254,14 @@ def test_token_auth_is_on_and_the_client_carries_the_token(env):
 def test_runs_spread_over_both_worker_nodes(env, simulator):
     sim = simulator("clean", seed=3, time_scale=0.05)
     pools: list[ExecutorPool] = []
-    summary = run_batch(DEMO, demo_records(16), options=RunOptions(deadline_s=20), simulator=endpoints(sim),
-                        pool=PoolConfig.fixed(2, executor_resources=ON_WORKERS), on_pool=pools.append)
+    summary = run_batch(
+        DEMO,
+        demo_records(16),
+        options=RunOptions(deadline_s=20),
+        simulator=endpoints(sim),
+        pool=PoolConfig.fixed(2, executor_resources=ON_WORKERS),
+        on_pool=pools.append,
+    )
     assert summary.delivered == 16
     served = pools[0].status().served
     assert set(served) == env.worker_ids(), "executors were not spread over the two worker nodes"
@@ -221,11 +284,19 @@ def test_killing_a_worker_node_mid_batch_every_run_ends_by_its_deadline(env, sim
     killer = threading.Thread(target=kill_when_busy, daemon=True)
     killer.start()
     started = time.monotonic()
-    summary = run_batch(DEMO, demo_records(12, "k"), options=RunOptions(deadline_s=deadline_s),
-                        simulator=endpoints(sim), max_in_flight=12, grace_s=grace_s,
-                        pool=PoolConfig(min_executors=2, max_executors=2, executor_resources=ON_WORKERS,
-                                        replace_after_s=2.0, scale_interval_s=0.2),
-                        on_pool=pools.append, on_done=outcomes.append)
+    summary = run_batch(
+        DEMO,
+        demo_records(12, "k"),
+        options=RunOptions(deadline_s=deadline_s),
+        simulator=endpoints(sim),
+        max_in_flight=12,
+        grace_s=grace_s,
+        pool=PoolConfig(
+            min_executors=2, max_executors=2, executor_resources=ON_WORKERS, replace_after_s=2.0, scale_interval_s=0.2
+        ),
+        on_pool=pools.append,
+        on_done=outcomes.append,
+    )
     killer.join(timeout=30)
     env.workers[1] = env.cluster.add_node(num_cpus=2, resources={"tailrace_executor": 2})  # for later tests
     assert summary.runs == 12 and len(outcomes) == 12
@@ -247,9 +318,16 @@ def test_pending_executors_are_placed_on_a_node_added_for_them(env, simulator):
     from ray.experimental.internal_kv import _internal_kv_get
 
     small = env.cluster.add_node(num_cpus=1, resources={"tailrace_burst": 1})
-    sim = simulator("clean", seed=7, time_scale=2.0)   # runs of ~10 s: the load outlasts adding a node
-    config = PoolConfig(min_executors=1, max_executors=3, target_in_flight=2, executor_num_cpus=0,
-                        executor_resources={"tailrace_burst": 1}, scale_interval_s=0.2, scale_down_after_s=1.5)
+    sim = simulator("clean", seed=7, time_scale=2.0)  # runs of ~10 s: the load outlasts adding a node
+    config = PoolConfig(
+        min_executors=1,
+        max_executors=3,
+        target_in_flight=2,
+        executor_num_cpus=0,
+        executor_resources={"tailrace_burst": 1},
+        scale_interval_s=0.2,
+        scale_down_after_s=1.5,
+    )
     added: list[Any] = []
 
     def hinted() -> list[dict]:
@@ -260,22 +338,26 @@ def test_pending_executors_are_placed_on_a_node_added_for_them(env, simulator):
         summary = BatchSummary()
         async with ExecutorPool(resolve_providers(DEMO, endpoints(sim)), config) as pool:
             driver = WorkflowDriver(DEMO, RunOptions(deadline_s=60), pool)
-            batch = asyncio.ensure_future(run_records(driver, [(r["id"], r) for r in demo_records(12, "a")],
-                                                      ResultWriter(None), summary, max_in_flight=12))
+            batch = asyncio.ensure_future(
+                run_records(
+                    driver, [(r["id"], r) for r in demo_records(12, "a")], ResultWriter(None), summary, max_in_flight=12
+                )
+            )
             for _ in range(300):
                 if pool.status().starting == 2:
                     break
                 await asyncio.sleep(0.05)
             seen["pending"] = pool.status().starting
             seen["hint"] = hinted()
-            for _ in range(100):                    # raylets report their waiting work about every second
+            for _ in range(100):  # raylets report their waiting work about every second
                 state = get_cluster_resource_state(ray._private.worker.global_worker.gcs_client)
-                seen["demand"] = [dict(r.request.resources_bundle) for r in state.pending_resource_requests
-                                  for _ in range(r.count)]
+                seen["demand"] = [
+                    dict(r.request.resources_bundle) for r in state.pending_resource_requests for _ in range(r.count)
+                ]
                 if len(seen["demand"]) >= 2:
                     break
                 await asyncio.sleep(0.1)
-            need_node.set()                           # the test, playing the autoscaler, adds a node
+            need_node.set()  # the test, playing the autoscaler, adds a node
             await asyncio.to_thread(node_added.wait, 60)
             for _ in range(300):
                 if pool.status().ready == 3:
@@ -294,7 +376,7 @@ def test_pending_executors_are_placed_on_a_node_added_for_them(env, simulator):
     need_node, node_added = threading.Event(), threading.Event()
     outcome: dict[str, Any] = {}
 
-    def in_background() -> None:     # nodes are added from the main thread (Ray installs signal handlers)
+    def in_background() -> None:  # nodes are added from the main thread (Ray installs signal handlers)
         try:
             outcome["result"] = asyncio.run(scenario())
         except BaseException as exc:
@@ -317,8 +399,8 @@ def test_pending_executors_are_placed_on_a_node_added_for_them(env, simulator):
         raise outcome["error"]
     summary, _, seen = outcome["result"]
     assert seen["pending"] == 2
-    assert seen["hint"] == [{"tailrace_burst": 1}] * 3             # what the autoscaler is asked for
-    assert seen["demand"].count({"tailrace_burst": 1.0}) >= 2       # what it sees waiting
+    assert seen["hint"] == [{"tailrace_burst": 1}] * 3  # what the autoscaler is asked for
+    assert seen["demand"].count({"tailrace_burst": 1.0}) >= 2  # what it sees waiting
     assert sorted(seen["nodes"].values()) == [1, 2], seen["nodes"]  # the new node took the two pending ones
     assert summary.delivered == 12
     assert seen["idle"] == 1 and seen["idle_hint"] == [{"tailrace_burst": 1}]
@@ -329,9 +411,16 @@ def test_driver_deadline_cancels_attempts_running_on_another_node(env, simulator
     deadline still ends every run on time and the attempts there are cancelled and settled."""
     sim = simulator("clean", seed=1, time_scale=0.05, force_fault=HANG_ALL)
     outcomes = []
-    run_batch(DEMO, demo_records(4, "d"), options=RunOptions(deadline_s=2.0), simulator=endpoints(sim),
-              grace_s=0.5, executor_clock=SkewedClock(-30.0), on_done=outcomes.append,
-              pool=PoolConfig.fixed(2, executor_resources=ON_WORKERS))
+    run_batch(
+        DEMO,
+        demo_records(4, "d"),
+        options=RunOptions(deadline_s=2.0),
+        simulator=endpoints(sim),
+        grace_s=0.5,
+        executor_clock=SkewedClock(-30.0),
+        on_done=outcomes.append,
+        pool=PoolConfig.fixed(2, executor_resources=ON_WORKERS),
+    )
     assert len(outcomes) == 4
     for o in outcomes:
         assert o.failure == FailureReason.DEADLINE_EXCEEDED

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from policies.admission import AdmissionPlanner
+from tailrace.policies.admission import AdmissionPlanner
 
 KEY = "tokens:acct:*"
 T0 = 1_000.0
@@ -17,8 +17,8 @@ def planner(capacity=1000.0, rate=100.0, weights=None, margin=0.0) -> AdmissionP
 
 def test_admits_what_fits_and_refuses_what_cannot_arrive_before_its_latest_start():
     p = planner()
-    assert p.admit("r1", "a", {KEY: 1000}, latest=T0 + 1, now=T0) is None      # the full bucket
-    assert p.admit("r2", "a", {KEY: 500}, latest=T0 + 6, now=T0) is None       # 5 s of refill
+    assert p.admit("r1", "a", {KEY: 1000}, latest=T0 + 1, now=T0) is None  # the full bucket
+    assert p.admit("r2", "a", {KEY: 500}, latest=T0 + 6, now=T0) is None  # 5 s of refill
     why = p.admit("r3", "a", {KEY: 200}, latest=T0 + 6, now=T0)
     assert why is not None and "tokens:acct:*" in why
     assert p.admit("r4", "a", {KEY: 200}, latest=T0 + 7, now=T0) is None
@@ -44,10 +44,10 @@ def test_done_corrects_the_plan_with_actual_use():
     p = planner()
     assert p.admit("r1", "a", {KEY: 1000}, latest=T0 + 1, now=T0) is None
     assert p.admit("r2", "a", {KEY: 200}, latest=T0 + 1, now=T0) is not None
-    p.done("r1", {KEY: 400}, now=T0)              # used far less than planned
+    p.done("r1", {KEY: 400}, now=T0)  # used far less than planned
     assert p.free(KEY, T0) == pytest.approx(600)
     assert p.admit("r2", "a", {KEY: 200}, latest=T0 + 1, now=T0) is None
-    p.done("r2", {KEY: 700}, now=T0)              # retries: more than planned is charged
+    p.done("r2", {KEY: 700}, now=T0)  # retries: more than planned is charged
     assert p.free(KEY, T0) == pytest.approx(-100)
     assert p.admit("r3", "a", {KEY: 100}, latest=T0 + 1.9, now=T0) is not None
     assert p.admit("r3", "a", {KEY: 100}, latest=T0 + 2.0, now=T0) is None
@@ -62,7 +62,7 @@ def test_sync_never_plans_with_more_than_the_ledger_has():
 def test_margin_plans_below_the_rate():
     p = planner(capacity=100, rate=100, margin=0.5)
     assert p.admit("r1", "a", {KEY: 100}, latest=T0, now=T0 - 1e-9) is None
-    assert p.admit("r2", "a", {KEY: 100}, latest=T0 + 1.5, now=T0) is not None   # only 50/s planned
+    assert p.admit("r2", "a", {KEY: 100}, latest=T0 + 1.5, now=T0) is not None  # only 50/s planned
     assert p.admit("r3", "a", {KEY: 100}, latest=T0 + 2.1, now=T0) is None
 
 
@@ -72,7 +72,7 @@ def test_fair_share_two_to_one_between_backlogged_tenants():
     admitted = {"gold": 0.0, "std": 0.0}
     now, n = T0, 0
     while now < T0 + 120:
-        for tenant in ("gold", "std", "std", "gold", "std"):   # std asks more often
+        for tenant in ("gold", "std", "std", "gold", "std"):  # std asks more often
             n += 1
             run = f"{tenant}{n}"
             if p.admit(run, tenant, {KEY: 50}, latest=now + 2.0, now=now) is None:
@@ -81,7 +81,7 @@ def test_fair_share_two_to_one_between_backlogged_tenants():
                 p.done(run, {KEY: 50}, now)
         now += 0.1
     assert admitted["gold"] / admitted["std"] == pytest.approx(2.0, rel=0.1)
-    assert sum(admitted.values()) == pytest.approx(100 * 100, rel=0.05)   # the whole rate is used
+    assert sum(admitted.values()) == pytest.approx(100 * 100, rel=0.05)  # the whole rate is used
 
 
 def test_a_lone_tenant_may_use_everything():

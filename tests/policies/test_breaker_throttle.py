@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from policies.breaker import BreakerBoard, BreakerConfig, CircuitBreaker, CircuitState
-from policies.throttle import RetryThrottle, ThrottleConfig
+from tailrace.policies.breaker import BreakerBoard, BreakerConfig, CircuitBreaker, CircuitState
+from tailrace.policies.throttle import RetryThrottle, ThrottleConfig
 
 CONFIG = BreakerConfig(consecutive_failures=3, failure_rate=0.5, window_s=10.0, min_requests=6, cooldown_s=5.0)
 F, S = True, False
@@ -17,13 +17,16 @@ BREAKER_CASES = [
     ("three failures in a row: open", [(0, F), (1, F), (2, F)], 2.0, CircuitState.OPEN),
     ("a success resets the run of failures", [(0, F), (1, F), (2, S), (3, F)], 3.0, CircuitState.CLOSED),
     ("half the window failing: open", [(0, F), (1, S), (2, F), (3, S), (4, F), (5, S)], 5.0, CircuitState.OPEN),
-    ("failures older than the window do not count",
-     [(0, F), (1, S), (2, F), (13, S), (14, F), (15, S), (16, S), (17, S), (18, S)], 18.0, CircuitState.CLOSED),
+    (
+        "failures older than the window do not count",
+        [(0, F), (1, S), (2, F), (13, S), (14, F), (15, S), (16, S), (17, S), (18, S)],
+        18.0,
+        CircuitState.CLOSED,
+    ),
     ("open until the cool-down has passed", [(0, F), (1, F), (2, F)], 6.9, CircuitState.OPEN),
     ("half-open after the cool-down", [(0, F), (1, F), (2, F)], 7.0, CircuitState.HALF_OPEN),
     ("the probe succeeds: closed", [(0, F), (1, F), (2, F), (7, S)], 7.0, CircuitState.CLOSED),
-    ("the probe fails: open again, for a fresh cool-down", [(0, F), (1, F), (2, F), (7, F)], 11.0,
-     CircuitState.OPEN),
+    ("the probe fails: open again, for a fresh cool-down", [(0, F), (1, F), (2, F), (7, F)], 11.0, CircuitState.OPEN),
     ("... which ends 5 s after the failed probe", [(0, F), (1, F), (2, F), (7, F)], 12.0, CircuitState.HALF_OPEN),
 ]
 
@@ -43,8 +46,8 @@ def test_half_open_lets_one_probe_through_at_a_time():
     assert not breaker.allows(6.0)
     assert breaker.allows(7.0)
     breaker.started(7.0)
-    assert not breaker.allows(7.1)          # the probe is out
-    breaker.abandoned(7.5)                  # it was cancelled: it told nothing; another may go
+    assert not breaker.allows(7.1)  # the probe is out
+    breaker.abandoned(7.5)  # it was cancelled: it told nothing; another may go
     assert breaker.allows(7.6)
 
 
@@ -77,4 +80,4 @@ def test_throttle_table(name, events, tokens, allowed):
         throttle.record("m", failed=e == "f")
     assert throttle.tokens("m") == pytest.approx(tokens)
     assert throttle.allows("m") is allowed
-    assert throttle.allows("another-model")   # per target model: others are not throttled
+    assert throttle.allows("another-model")  # per target model: others are not throttled

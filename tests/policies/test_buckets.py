@@ -6,17 +6,17 @@ import math
 
 import pytest
 
-from policies.buckets import TokenBucket
+from tailrace.policies.buckets import TokenBucket
 
 T0 = 1_000.0
 
 
 def test_starts_full_and_refills_continuously_at_capacity_per_window():
-    b = TokenBucket.full(600.0, 10.0, T0)          # 600 per minute
+    b = TokenBucket.full(600.0, 10.0, T0)  # 600 per minute
     assert b.take(600, T0) == 600
     assert b.available(T0) == 0
     assert b.available(T0 + 1.5) == pytest.approx(0.0)  # taken tokens are held by the lease: no refill
-    b.spend(600, T0 + 1.5)                          # the lease spent them
+    b.spend(600, T0 + 1.5)  # the lease spent them
     assert b.available(T0 + 3.0) == pytest.approx(15.0)  # refill resumes once they left the bucket
     assert b.available(T0 + 100) == pytest.approx(600.0)  # never above capacity
 
@@ -24,7 +24,7 @@ def test_starts_full_and_refills_continuously_at_capacity_per_window():
 def test_partial_grant_and_exact_grant():
     b = TokenBucket.full(100.0, 1.0, T0)
     assert b.take(70, T0) == 70
-    assert b.take(70, T0) == 30                     # what is left
+    assert b.take(70, T0) == 30  # what is left
     b2 = TokenBucket.full(100.0, 1.0, T0)
     assert b2.take_exactly(60, T0)
     assert not b2.take_exactly(60, T0)
@@ -63,7 +63,7 @@ def test_seconds_until_is_exact_and_infinite_when_it_cannot_fit():
     b.spend(600, T0)
     assert b.seconds_until(100, T0) == pytest.approx(10.0)
     assert b.seconds_until(601, T0) == math.inf
-    daily = TokenBucket.full(5.0, 0.0, T0)          # a daily USD allowance: no refill
+    daily = TokenBucket.full(5.0, 0.0, T0)  # a daily USD allowance: no refill
     daily.take(5.0, T0)
     daily.spend(5.0, T0)
     assert daily.seconds_until(0.01, T0 + 1e6) == math.inf
@@ -75,7 +75,7 @@ def test_give_back_and_refund_become_grantable_again_within_capacity():
     b.give_back(40, T0)
     assert b.available(T0) == 40 and b.outstanding == 60
     b.spend(60, T0)
-    b.refund(1000, T0)                              # never above capacity - outstanding
+    b.refund(1000, T0)  # never above capacity - outstanding
     assert b.available(T0) == 100
 
 
@@ -85,16 +85,16 @@ def test_debit_is_a_debt_repaid_by_refill_first():
     b.spend(100, T0)
     b.debit(50, T0)
     assert b.available(T0) == 0
-    assert b.available(T0 + 5) == 0                 # -50 + 50
+    assert b.available(T0 + 5) == 0  # -50 + 50
     assert b.available(T0 + 6) == pytest.approx(10)
 
 
 def test_provider_clamp_trusts_a_lower_remaining():
     b = TokenBucket.full(1000.0, 10.0, T0)
-    b.take(300, T0)                                 # 700 free, 300 held (maybe in flight, charged)
-    assert b.clamp(500, T0) == pytest.approx(200)   # provider: 500 left -> never more than that free
+    b.take(300, T0)  # 700 free, 300 held (maybe in flight, charged)
+    assert b.clamp(500, T0) == pytest.approx(200)  # provider: 500 left -> never more than that free
     assert b.available(T0) == pytest.approx(500)
-    assert b.clamp(5000, T0) == 0                   # a higher remaining never adds tokens
+    assert b.clamp(5000, T0) == 0  # a higher remaining never adds tokens
 
 
 def test_block_on_429_grants_nothing_until_retry_after():
@@ -102,7 +102,7 @@ def test_block_on_429_grants_nothing_until_retry_after():
     b.block(2.0, T0)
     assert b.available(T0 + 1.9) == 0
     assert b.seconds_until(50, T0) == pytest.approx(2.0)
-    assert b.available(T0 + 2.0) == pytest.approx(200)   # level dropped to 0, refilled for 2 s
+    assert b.available(T0 + 2.0) == pytest.approx(200)  # level dropped to 0, refilled for 2 s
 
 
 def test_resize_lower_capacity_takes_effect_at_once():

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from engine.loading import workflow_from_dict
-from policies.budget_config import BudgetConfig, LimitSpec, redact_url, reserve_amount, settled_amount
+from tailrace.engine.loading import workflow_from_dict
+from tailrace.policies.budget_config import BudgetConfig, LimitSpec, redact_url, reserve_amount, settled_amount
 
 
 @dataclass
@@ -26,19 +26,32 @@ class Used:
     cancelled: bool = False
 
 
-WORKFLOW = workflow_from_dict({
-    "name": "w", "providers": {"oa": {"kind": "openai", "tpm": 6000, "rpm": 60},
-                               "an": {"kind": "anthropic", "input_tpm": 1000, "output_tpm": 500}},
-    "steps": [{"id": "s", "prompt": "p", "models": [{"provider": "oa", "model": "m1", "max_tokens": 10},
-                                                   {"provider": "an", "model": "m2", "max_tokens": 10}]}],
-})
+WORKFLOW = workflow_from_dict(
+    {
+        "name": "w",
+        "providers": {
+            "oa": {"kind": "openai", "tpm": 6000, "rpm": 60},
+            "an": {"kind": "anthropic", "input_tpm": 1000, "output_tpm": 500},
+        },
+        "steps": [
+            {
+                "id": "s",
+                "prompt": "p",
+                "models": [
+                    {"provider": "oa", "model": "m1", "max_tokens": 10},
+                    {"provider": "an", "model": "m2", "max_tokens": 10},
+                ],
+            }
+        ],
+    }
+)
 
 
 def test_limits_come_from_the_workflow_providers():
     config = BudgetConfig(window_s=6.0).for_workflow(WORKFLOW)
     keys = {b.key: b for b in config.buckets_for("oa", "m1")}
     assert set(keys) == {"tokens:oa:*", "requests:oa:*"}
-    assert keys["tokens:oa:*"].rate_per_s == pytest.approx(1000.0)   # 6000 per 6 s window
+    assert keys["tokens:oa:*"].rate_per_s == pytest.approx(1000.0)  # 6000 per 6 s window
     anth = {b.family for b in config.buckets_for("an", "m2")}
     assert anth == {"input_tokens", "output_tokens"}
     assert config.provider_kinds == {"oa": "openai", "an": "anthropic"}

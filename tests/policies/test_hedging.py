@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import pytest
 
-from engine.clock import FakeClock
-from engine.outcomes import AttemptOutcome, ErrorKind, FailureReason, ProviderError
-from engine.specs import HedgeConfig, ModelChoice
-from policies.attempts import AttemptState, GiveUp, Start
-from policies.breaker import BreakerBoard, BreakerConfig
-from policies.hedging import HedgingPolicy, TailState, effective_config
-from policies.latency import LatencyConfig, LatencyStats, model_key
-from policies.throttle import ExtraTokenBudget, RetryThrottle
+from tailrace.engine.clock import FakeClock
+from tailrace.engine.outcomes import AttemptOutcome, ErrorKind, FailureReason, ProviderError
+from tailrace.engine.specs import HedgeConfig, ModelChoice
+from tailrace.policies.attempts import AttemptState, GiveUp, Start
+from tailrace.policies.breaker import BreakerBoard, BreakerConfig
+from tailrace.policies.hedging import HedgingPolicy, TailState, effective_config
+from tailrace.policies.latency import LatencyConfig, LatencyStats, model_key
+from tailrace.policies.throttle import ExtraTokenBudget, RetryThrottle
 
 LADDER = [
     ModelChoice(provider="openai", model="strong", max_tokens=400, expected_ttft_s=2.0, expected_latency_s=6.0),
@@ -24,8 +24,9 @@ LADDER = [
 ]
 KEYS = [model_key(m.provider, m.model) for m in LADDER]
 WARM = {KEYS[0]: (1.0, 4.0), KEYS[1]: (0.8, 2.0), KEYS[2]: (0.5, 1.0)}
-CONFIG = HedgeConfig(ttft_quantile=0.9, latency_quantile=0.9, stall_gap_s=2.0, max_concurrent=2,
-                     max_duplicates=2, fit_quantile=0.9)
+CONFIG = HedgeConfig(
+    ttft_quantile=0.9, latency_quantile=0.9, stall_gap_s=2.0, max_concurrent=2, max_duplicates=2, fit_quantile=0.9
+)
 T0, DEADLINE = 100.0, 130.0
 TOKENS = [500, 500, 500]
 
@@ -52,8 +53,9 @@ def tail(warm: dict[str, tuple[float, float]] | None = WARM, clock: FakeClock | 
     for key, (ttft, latency) in (warm or {}).items():
         for _ in range(5):
             stats.observe(key, "ok", ttft, latency)
-    return TailState(stats, BreakerBoard(BreakerConfig(consecutive_failures=3, cooldown_s=5.0)), RetryThrottle(),
-                     Recorder())
+    return TailState(
+        stats, BreakerBoard(BreakerConfig(consecutive_failures=3, cooldown_s=5.0)), RetryThrottle(), Recorder()
+    )
 
 
 def policy(state: TailState | None = None, config: HedgeConfig = CONFIG, **kwargs) -> HedgingPolicy:
@@ -61,16 +63,29 @@ def policy(state: TailState | None = None, config: HedgeConfig = CONFIG, **kwarg
     return HedgingPolicy(LADDER, config, state or tail(), step_id="s", **kwargs)
 
 
-def running(tier: int = 0, started: float = T0, first: float | None = None, last: float | None = None,
-            role: str = "primary") -> AttemptState:
-    return AttemptState(tier=tier, started_at=started, role=role, first_token_at=first,
-                        last_token_at=last if last is not None else first)
+def running(
+    tier: int = 0, started: float = T0, first: float | None = None, last: float | None = None, role: str = "primary"
+) -> AttemptState:
+    return AttemptState(
+        tier=tier,
+        started_at=started,
+        role=role,
+        first_token_at=first,
+        last_token_at=last if last is not None else first,
+    )
 
 
-def ended(tier: int, outcome: AttemptOutcome, at: float = T0 + 0.3, error: ProviderError | None = None,
-          role: str = "primary", tokens: int = 300) -> AttemptState:
-    return AttemptState(tier=tier, started_at=T0, role=role, finished_at=at, outcome=outcome, error=error,
-                        tokens=tokens)
+def ended(
+    tier: int,
+    outcome: AttemptOutcome,
+    at: float = T0 + 0.3,
+    error: ProviderError | None = None,
+    role: str = "primary",
+    tokens: int = 300,
+) -> AttemptState:
+    return AttemptState(
+        tier=tier, started_at=T0, role=role, finished_at=at, outcome=outcome, error=error, tokens=tokens
+    )
 
 
 def err(kind: ErrorKind, retryable: bool = True, retry_after: float | None = None) -> ProviderError:
@@ -82,35 +97,74 @@ INVALID, ERROR = AttemptOutcome.INVALID, AttemptOutcome.ERROR
 # (name, attempts, now, expected decision)
 CASES = [
     ("first attempt: primary on the strongest rung at once", [], T0, Start(0, T0, "primary")),
-    ("primary slow: a duplicate is due at its TTFT quantile",
-     [running()], T0, Start(0, T0 + 1.0, "duplicate")),
-    ("primary slow: at the quantile the duplicate starts on the same model",
-     [running()], T0 + 1.0, Start(0, T0 + 1.0, "duplicate")),
-    ("first token in time: the next signal is a stall gap after the last token",
-     [running(first=T0 + 0.5, last=T0 + 0.9)], T0 + 1.0, Start(0, T0 + 2.9, "duplicate")),
-    ("stream stalled: a duplicate after the gap",
-     [running(first=T0 + 0.5, last=T0 + 0.9)], T0 + 2.9, Start(0, T0 + 2.9, "duplicate")),
-    ("tokens flowing but no answer by the latency quantile",
-     [running(first=T0 + 0.5, last=T0 + 3.9)], T0 + 4.0, Start(0, T0 + 4.0, "duplicate")),
-    ("two attempts in flight: the limit of concurrent attempts", [running(), running(started=T0 + 1.0,
-                                                                                      role="duplicate")],
-     T0 + 5.0, None),
-    ("failure: the next attempt at once", [ended(0, ERROR, error=err(ErrorKind.SERVER_ERROR))], T0 + 0.3,
-     Start(0, T0 + 0.3, "retry")),
-    ("failure with retry-after: the retry when the provider said",
-     [ended(0, ERROR, error=err(ErrorKind.SERVER_ERROR, retry_after=2.0))], T0 + 0.3,
-     Start(0, T0 + 2.3, "retry")),
-    ("overloaded: the next rung at once", [ended(0, ERROR, error=err(ErrorKind.OVERLOADED))], T0 + 0.3,
-     Start(1, T0 + 0.3, "retry")),
-    ("rate-limited on the last rung: that rung after its retry-after",
-     [ended(2, ERROR, error=err(ErrorKind.RATE_LIMITED, retry_after=1.0))], T0 + 0.3,
-     Start(2, T0 + 1.3, "retry")),
+    ("primary slow: a duplicate is due at its TTFT quantile", [running()], T0, Start(0, T0 + 1.0, "duplicate")),
+    (
+        "primary slow: at the quantile the duplicate starts on the same model",
+        [running()],
+        T0 + 1.0,
+        Start(0, T0 + 1.0, "duplicate"),
+    ),
+    (
+        "first token in time: the next signal is a stall gap after the last token",
+        [running(first=T0 + 0.5, last=T0 + 0.9)],
+        T0 + 1.0,
+        Start(0, T0 + 2.9, "duplicate"),
+    ),
+    (
+        "stream stalled: a duplicate after the gap",
+        [running(first=T0 + 0.5, last=T0 + 0.9)],
+        T0 + 2.9,
+        Start(0, T0 + 2.9, "duplicate"),
+    ),
+    (
+        "tokens flowing but no answer by the latency quantile",
+        [running(first=T0 + 0.5, last=T0 + 3.9)],
+        T0 + 4.0,
+        Start(0, T0 + 4.0, "duplicate"),
+    ),
+    (
+        "two attempts in flight: the limit of concurrent attempts",
+        [running(), running(started=T0 + 1.0, role="duplicate")],
+        T0 + 5.0,
+        None,
+    ),
+    (
+        "failure: the next attempt at once",
+        [ended(0, ERROR, error=err(ErrorKind.SERVER_ERROR))],
+        T0 + 0.3,
+        Start(0, T0 + 0.3, "retry"),
+    ),
+    (
+        "failure with retry-after: the retry when the provider said",
+        [ended(0, ERROR, error=err(ErrorKind.SERVER_ERROR, retry_after=2.0))],
+        T0 + 0.3,
+        Start(0, T0 + 2.3, "retry"),
+    ),
+    (
+        "overloaded: the next rung at once",
+        [ended(0, ERROR, error=err(ErrorKind.OVERLOADED))],
+        T0 + 0.3,
+        Start(1, T0 + 0.3, "retry"),
+    ),
+    (
+        "rate-limited on the last rung: that rung after its retry-after",
+        [ended(2, ERROR, error=err(ErrorKind.RATE_LIMITED, retry_after=1.0))],
+        T0 + 0.3,
+        Start(2, T0 + 1.3, "retry"),
+    ),
     ("invalid answer: the next rung at once", [ended(0, INVALID)], T0 + 0.3, Start(1, T0 + 0.3, "retry")),
-    ("non-retryable error: never the same model again",
-     [ended(0, ERROR, error=err(ErrorKind.CONTEXT_LENGTH, retryable=False))], T0 + 0.3,
-     Start(1, T0 + 0.3, "retry")),
-    ("retries exhausted", [ended(0, INVALID), ended(1, INVALID), ended(2, INVALID), ended(2, INVALID)],
-     T0 + 1.0, GiveUp(FailureReason.INVALID_OUTPUT, "gave up after 4 attempts")),
+    (
+        "non-retryable error: never the same model again",
+        [ended(0, ERROR, error=err(ErrorKind.CONTEXT_LENGTH, retryable=False))],
+        T0 + 0.3,
+        Start(1, T0 + 0.3, "retry"),
+    ),
+    (
+        "retries exhausted",
+        [ended(0, INVALID), ended(1, INVALID), ended(2, INVALID), ended(2, INVALID)],
+        T0 + 1.0,
+        GiveUp(FailureReason.INVALID_OUTPUT, "gave up after 4 attempts"),
+    ),
     ("no time left", [], DEADLINE, GiveUp(FailureReason.DEADLINE_EXCEEDED, "no time left")),
     ("a duplicate past the deadline is never planned", [running(started=DEADLINE - 0.5)], DEADLINE - 0.4, None),
 ]
@@ -164,7 +218,7 @@ def test_extra_token_budget_empty_means_no_duplicate_and_one_recorded_refusal():
     state = tail()
     p = policy(state, budget=ExtraTokenBudget(0))
     assert p.decide([running()], T0 + 1.0, DEADLINE) is None
-    assert p.decide([running()], T0 + 2.0, DEADLINE) is None    # it waits on the primary, asks no more
+    assert p.decide([running()], T0 + 2.0, DEADLINE) is None  # it waits on the primary, asks no more
     assert p.refusals == {"extra_tokens": 1}
     assert state.events.refusals == [("duplicate", "extra_tokens")]
 
@@ -172,18 +226,20 @@ def test_extra_token_budget_empty_means_no_duplicate_and_one_recorded_refusal():
 def test_extra_token_budget_counts_what_extra_attempts_spent():
     # A failed duplicate settled at 300 tokens and a running retry holds its expected 500: with 1,299
     # tokens of allowance another 500-token duplicate no longer fits, with 1,300 it does.
-    attempts = [ended(0, ERROR, error=err(ErrorKind.SERVER_ERROR), tokens=300),
-                ended(0, ERROR, error=err(ErrorKind.SERVER_ERROR), tokens=300, role="duplicate"),
-                running(started=T0 + 0.3, role="retry")]
+    attempts = [
+        ended(0, ERROR, error=err(ErrorKind.SERVER_ERROR), tokens=300),
+        ended(0, ERROR, error=err(ErrorKind.SERVER_ERROR), tokens=300, role="duplicate"),
+        running(started=T0 + 0.3, role="retry"),
+    ]
     assert policy(budget=ExtraTokenBudget(1299)).decide(attempts, T0 + 1.3, DEADLINE) is None
-    assert policy(budget=ExtraTokenBudget(1300)).decide(attempts, T0 + 1.3, DEADLINE) == Start(
-        0, T0 + 1.3, "duplicate")
+    assert policy(budget=ExtraTokenBudget(1300)).decide(attempts, T0 + 1.3, DEADLINE) == Start(0, T0 + 1.3, "duplicate")
 
 
 def test_extra_token_budget_spent_ends_retries():
     p = policy(budget=ExtraTokenBudget(0))
     assert p.decide([ended(0, INVALID)], T0 + 0.3, DEADLINE) == GiveUp(
-        FailureReason.BUDGET_EXHAUSTED, "the run's extra-token allowance is spent")
+        FailureReason.BUDGET_EXHAUSTED, "the run's extra-token allowance is spent"
+    )
 
 
 def test_refusal_by_the_spend_gate_is_remembered():
@@ -205,7 +261,8 @@ def test_side_effect_step_is_never_duplicated(side_effect):
         assert p.decide([running()], now, DEADLINE) is None
     # ... but it is retried after a failure (the runner sends the same idempotency key).
     assert p.decide([ended(0, ERROR, error=err(ErrorKind.SERVER_ERROR))], T0 + 0.3, DEADLINE) == Start(
-        0, T0 + 0.3, "retry")
+        0, T0 + 0.3, "retry"
+    )
 
 
 def test_hedging_disabled_in_config_never_duplicates():
@@ -246,7 +303,8 @@ def test_every_model_throttled_means_no_duplicate():
     assert p.refusals == {"throttle": 1}
     # and with nothing running, the retry is refused too: the step gives up instead of adding load.
     assert p.decide([ended(0, ERROR, error=err(ErrorKind.OVERLOADED))], T0 + 1.0, DEADLINE) == GiveUp(
-        FailureReason.PROVIDER_ERROR, "retries throttled: the models keep failing")
+        FailureReason.PROVIDER_ERROR, "retries throttled: the models keep failing"
+    )
 
 
 def test_open_circuit_skips_the_model_and_probes_after_the_cool_down():
@@ -273,8 +331,8 @@ def test_failing_model_sends_duplicates_to_the_alternative():
 def test_latency_shift_sends_duplicates_to_the_alternative():
     clock = FakeClock()
     state = tail(clock=clock)
-    clock.advance(120.0)            # the warm samples are no longer recent...
-    for _ in range(4):              # ... and the recent ones are 3x slower
+    clock.advance(120.0)  # the warm samples are no longer recent...
+    for _ in range(4):  # ... and the recent ones are 3x slower
         state.stats.observe(KEYS[0], "ok", 3.0, 12.0)
     assert state.stats.health(KEYS[0]).shifted
     # The TTFT quantile moved up with the slow samples (to 3.0 s); when it passes, the duplicate goes to mid.
@@ -297,13 +355,14 @@ def test_failing_model_still_gets_primaries_while_its_circuit_is_closed_but_retr
     assert state.stats.health(KEYS[0]).unhealthy
     assert policy(state).decide([], T0, DEADLINE) == Start(0, T0, "primary")
     assert policy(state).decide([ended(0, ERROR, error=err(ErrorKind.SERVER_ERROR))], T0 + 0.3, DEADLINE) == Start(
-        1, T0 + 0.3, "retry")
+        1, T0 + 0.3, "retry"
+    )
 
 
 def test_slow_stream_is_backed_up_once_it_falls_behind_the_models_decode_rate():
     state = tail()
     for _ in range(5):
-        state.stats.observe(KEYS[0], "ok", 1.0, 4.0, tokens_per_s=100.0)   # median decode rate 100 tokens/s
+        state.stats.observe(KEYS[0], "ok", 1.0, 4.0, tokens_per_s=100.0)  # median decode rate 100 tokens/s
     p = policy(state, config=CONFIG.model_copy(update={"slow_stream_factor": 0.4, "min_stream_s": 0.5}))
 
     def streaming(chars: int, last: float) -> AttemptState:

@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from policies.budget_config import BudgetConfig, LimitSpec
-from policies.leases import BucketOp, DemandBoard, ExchangeRequest, LeaseBook, ProviderFeedback, SpendDelta
+from tailrace.policies.budget_config import BudgetConfig, LimitSpec
+from tailrace.policies.leases import BucketOp, DemandBoard, ExchangeRequest, LeaseBook, ProviderFeedback, SpendDelta
 
 T0 = 1_000.0
 KEY = "tokens:acct:*"
@@ -21,10 +21,10 @@ def book(**kw) -> LeaseBook:
     return LeaseBook(CONFIG.bucket, **kw)
 
 
-def ex(b: LeaseBook, now: float, lease: str | None = None, executor: str = "e1", ttl: float = 2.0,
-       **ops: BucketOp):
-    req = ExchangeRequest(executor=executor, report_id=next(ids), lease_id=lease, ttl_s=ttl,
-                          ops={KEY: ops.get("tok", BucketOp())})
+def ex(b: LeaseBook, now: float, lease: str | None = None, executor: str = "e1", ttl: float = 2.0, **ops: BucketOp):
+    req = ExchangeRequest(
+        executor=executor, report_id=next(ids), lease_id=lease, ttl_s=ttl, ops={KEY: ops.get("tok", BucketOp())}
+    )
     return b.exchange(req, now, new_lease_id=f"L{next(ids)}")
 
 
@@ -89,11 +89,17 @@ def test_sum_of_outstanding_leases_never_exceeds_the_limit():
         e = rng.choice(list(leases))
         spent = rng.uniform(0, held[e])
         ret = rng.uniform(0, held[e] - spent) if rng.random() < 0.2 else 0.0
-        if rng.random() < 0.02:   # the executor dies: it never reports again
+        if rng.random() < 0.02:  # the executor dies: it never reports again
             leases[e], held[e] = None, 0.0
             continue
-        r = ex(b, now, leases[e], executor=e, ttl=rng.uniform(0.5, 3.0),
-               tok=BucketOp(want=rng.uniform(0, 3000), spent=spent, ret=ret, refund=rng.uniform(0, 20)))
+        r = ex(
+            b,
+            now,
+            leases[e],
+            executor=e,
+            ttl=rng.uniform(0.5, 3.0),
+            tok=BucketOp(want=rng.uniform(0, 3000), spent=spent, ret=ret, refund=rng.uniform(0, 20)),
+        )
         held[e] = (0.0 if r.lost else held[e] - spent - ret) + r.granted.get(KEY, 0.0)
         leases[e] = r.lease_id
         bucket = b.buckets[KEY]
@@ -106,22 +112,28 @@ def test_sum_of_outstanding_leases_never_exceeds_the_limit():
 def test_provider_feedback_clamps_and_blocks():
     b = book()
     ex(b, T0, tok=BucketOp(want=1000))
-    req = ExchangeRequest(executor="e1", report_id="fb", ops={KEY: BucketOp()},
-                          feedback={KEY: ProviderFeedback(remaining=1500)})
+    req = ExchangeRequest(
+        executor="e1", report_id="fb", ops={KEY: BucketOp()}, feedback={KEY: ProviderFeedback(remaining=1500)}
+    )
     reply = b.exchange(req, T0, "L")
     assert reply.buckets[KEY].level == pytest.approx(1500)  # free: never more than the provider has left
-    req = ExchangeRequest(executor="e1", report_id="429", ops={KEY: BucketOp(want=10)},
-                          feedback={KEY: ProviderFeedback(blocked_s=3.0)})
+    req = ExchangeRequest(
+        executor="e1", report_id="429", ops={KEY: BucketOp(want=10)}, feedback={KEY: ProviderFeedback(blocked_s=3.0)}
+    )
     reply = b.exchange(req, T0, "L")
     assert reply.granted == {} and reply.buckets[KEY].blocked_s == pytest.approx(3.0)
 
 
 def test_spend_is_recorded_per_tenant_and_day():
     b = book()
-    req = ExchangeRequest(executor="e1", report_id="s1", day="2026-01-02",
-                          spend={"acme": SpendDelta(usd=0.5, input_tokens=10, output_tokens=5, attempts=1)})
+    req = ExchangeRequest(
+        executor="e1",
+        report_id="s1",
+        day="2026-01-02",
+        spend={"acme": SpendDelta(usd=0.5, input_tokens=10, output_tokens=5, attempts=1)},
+    )
     b.exchange(req, T0, "L")
-    b.exchange(req, T0, "L")   # a retry of the same report does not double-count
+    b.exchange(req, T0, "L")  # a retry of the same report does not double-count
     assert b.spend[("2026-01-02", "acme")].usd == pytest.approx(0.5)
     assert b.spend[("2026-01-02", "acme")].attempts == 1
 
@@ -138,11 +150,11 @@ def test_demand_board_splits_a_scarce_bucket_by_demand():
     board.report("b", {KEY: 100}, {KEY: 400}, T0)
     board.granted("b", {KEY: 400}, T0)
     capped, targets = board.cap("a", {KEY: 300}, {KEY: 200}, T0)
-    assert targets[KEY] == pytest.approx(450)        # 3/4 of (200 free + 400 held)
-    assert capped[KEY] == pytest.approx(200)         # all that is free: it is behind its share
+    assert targets[KEY] == pytest.approx(450)  # 3/4 of (200 free + 400 held)
+    assert capped[KEY] == pytest.approx(200)  # all that is free: it is behind its share
     capped_b, targets_b = board.cap("b", {KEY: 100}, {KEY: 200}, T0)
-    assert targets_b[KEY] == pytest.approx(150)      # b holds 400: it should return 250
-    assert capped_b[KEY] == 0                        # and it already got more than its share
+    assert targets_b[KEY] == pytest.approx(150)  # b holds 400: it should return 250
+    assert capped_b[KEY] == 0  # and it already got more than its share
     # Plenty free: no cap at all.
     assert board.cap("a", {KEY: 300}, {KEY: 5000}, T0)[0][KEY] == 300
     # A silent executor's demand is forgotten after the TTL.
@@ -156,7 +168,7 @@ def test_rebalancing_follows_demand_over_time():
     3:1, whichever asks first."""
     b = book()
     board = DemandBoard(ttl_s=1.0)
-    rate = {"a": 600.0, "b": 200.0}           # tokens/s each could use; the bucket refills 100/s
+    rate = {"a": 600.0, "b": 200.0}  # tokens/s each could use; the bucket refills 100/s
     lease: dict[str, str | None] = {"a": None, "b": None}
     held = {"a": 0.0, "b": 0.0}
     used = {"a": 0.0, "b": 0.0}
@@ -164,7 +176,7 @@ def test_rebalancing_follows_demand_over_time():
     ex(b, now, tok=BucketOp(want=6000), executor="hog", ttl=0.5)  # drain the initial burst
     for step in range(600):
         now += 0.05
-        for e in (("a", "b") if step % 2 else ("b", "a")):
+        for e in ("a", "b") if step % 2 else ("b", "a"):
             spent = min(held[e], rate[e] * 0.05)
             held[e] -= spent
             if step > 200:
@@ -177,4 +189,4 @@ def test_rebalancing_follows_demand_over_time():
             lease[e] = r.lease_id
             held[e] += r.granted.get(KEY, 0.0)
     assert used["a"] / used["b"] == pytest.approx(3.0, rel=0.1)
-    assert used["a"] + used["b"] == pytest.approx(100 * 0.05 * 399, rel=0.05)   # nothing wasted
+    assert used["a"] + used["b"] == pytest.approx(100 * 0.05 * 399, rel=0.05)  # nothing wasted

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from policies.priority import FairQueue, Waiter, priority_class, speculative_allowed
+from tailrace.policies.priority import FairQueue, Waiter, priority_class, speculative_allowed
 
 KEY = "tokens:acct:*"
 
@@ -25,7 +25,7 @@ def test_fair_share_two_to_one_when_both_are_backlogged():
     q = FairQueue({"gold": 2.0, "std": 1.0}.__getitem__)
     for i in range(300):
         q.push(waiter("gold", 100.0 + i))
-        q.push(waiter("std", 1.0 + i))        # std's deadlines are all earlier: EDF does not override shares
+        q.push(waiter("std", 1.0 + i))  # std's deadlines are all earlier: EDF does not override shares
     served = {"gold": 0.0, "std": 0.0}
     for _ in range(300):
         w = q.pop()
@@ -51,7 +51,7 @@ def test_an_idle_tenant_earns_no_credit():
         q.push(waiter("a", float(i)))
     for _ in range(50):
         q.pop()
-    for i in range(20):   # b arrives late: it does not get 50 pops of catch-up
+    for i in range(20):  # b arrives late: it does not get 50 pops of catch-up
         q.push(waiter("a", 100.0 + i))
         q.push(waiter("b", 100.0 + i))
     first_ten = [q.pop().tenant for _ in range(10)]

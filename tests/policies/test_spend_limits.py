@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import pytest
 
-from engine.specs import StepSpec
-from policies.buckets import TokenBucket
-from policies.budget_config import BudgetConfig, TenantBudget, utc_day
-from policies.spend_limits import attempt_weight, split_cost
+from tailrace.engine.specs import StepSpec
+from tailrace.policies.buckets import TokenBucket
+from tailrace.policies.budget_config import BudgetConfig, TenantBudget, utc_day
+from tailrace.policies.spend_limits import attempt_weight, split_cost
 
 
 def step(model_usd: float, max_tokens: int = 100) -> StepSpec:
-    return StepSpec(id="s", prompt="p", models=[{"provider": "openai", "model": "m", "max_tokens": max_tokens,
-                                                 "input_usd_per_mtok": model_usd, "output_usd_per_mtok": model_usd}])
+    return StepSpec(
+        id="s",
+        prompt="p",
+        models=[
+            {
+                "provider": "openai",
+                "model": "m",
+                "max_tokens": max_tokens,
+                "input_usd_per_mtok": model_usd,
+                "output_usd_per_mtok": model_usd,
+            }
+        ],
+    )
 
 
 def test_parallel_steps_split_by_what_one_attempt_may_cost():
@@ -33,5 +44,5 @@ def test_daily_allowance_is_a_bucket_per_utc_day():
     b = TokenBucket.full(spec.capacity, spec.rate_per_s, 0.0)
     assert b.take_exactly(4.0, 0.0)
     b.spend(4.0, 0.0)
-    assert not b.take_exactly(1.5, 86_000.0)       # no refill, however long we wait
-    assert utc_day(1_700_000_000.0 + 86_400) != day   # the next day is a new, full bucket
+    assert not b.take_exactly(1.5, 86_000.0)  # no refill, however long we wait
+    assert utc_day(1_700_000_000.0 + 86_400) != day  # the next day is a new, full bucket

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from actors.spend import SpendAsk
-from engine.clock import SYSTEM_CLOCK, Clock
-from policies.budget_config import BucketSpec, BudgetConfig, Charges, reserve_amount, utc_day
-from policies.leases import ExchangeReply, ExchangeRequest
+from tailrace.engine.clock import SYSTEM_CLOCK, Clock
+from tailrace.policies.budget_config import BucketSpec, BudgetConfig, Charges, reserve_amount, utc_day
+from tailrace.policies.leases import ExchangeReply, ExchangeRequest
+from tailrace.policies.spend import SpendAsk
 
 
 class LedgerClient(Protocol):
@@ -45,7 +45,7 @@ class Held:
 
 @functools.lru_cache(maxsize=4096)
 def bucket_label(key: str) -> str:
-    return key.rsplit(":", 1)[0] if key.startswith("usd:") else key   # no day in metric labels
+    return key.rsplit(":", 1)[0] if key.startswith("usd:") else key  # no day in metric labels
 
 
 class Today:
@@ -62,9 +62,9 @@ class Today:
         return self._day
 
 
-def needs(config: BudgetConfig, ask: SpendAsk, day: str,
-           kinds: dict[tuple[str, str], tuple[tuple[BucketSpec, Charges], ...]]) -> tuple[
-               tuple[tuple[BucketSpec, Charges], ...], dict[str, float]]:
+def needs(
+    config: BudgetConfig, ask: SpendAsk, day: str, kinds: dict[tuple[str, str], tuple[tuple[BucketSpec, Charges], ...]]
+) -> tuple[tuple[tuple[BucketSpec, Charges], ...], dict[str, float]]:
     cache_key = (ask.provider, ask.model)
     specs = kinds.get(cache_key)
     if specs is None:
@@ -80,8 +80,8 @@ def too_large(specs: Sequence[tuple[BucketSpec, Charges]], need: dict[str, float
     for spec, _ in specs:
         if need[spec.key] > spec.capacity + 1e-9:
             what = "daily spend allowance" if spec.family == "usd" else "limit"
-            return (f"budget_exhausted: the attempt needs {need[spec.key]:,.4g} of {spec.key}, more than the whole "
-                    f"{what} ({spec.capacity:,.4g})")
+            return (
+                f"budget_exhausted: the attempt needs {need[spec.key]:,.4g} of {spec.key}, more than the whole "
+                f"{what} ({spec.capacity:,.4g})"
+            )
     return None
-
-

@@ -1,6 +1,6 @@
 """The budget ledger behind the budget actor: in memory (`MemoryLedger`) or in Redis (`RedisLedger`).
 
-Both run the same `exchange` (see `policies.leases`); the Redis one runs it as one Lua script, so
+Both run the same `exchange` (see `tailrace.policies.leases`); the Redis one runs it as one Lua script, so
 the update is atomic however many budget actors (clusters) share the account, and the state
 survives the actor: a restarted actor resumes without forgetting spend, and an exchange retried
 after a lost reply is answered from the stored reply (idempotent per report id), never applied
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from policies.budget_config import redact_url
-from policies.leases import (
+from tailrace.policies.budget_config import redact_url
+from tailrace.policies.leases import (
     BucketView,
     ExchangeReply,
     ExchangeRequest,
@@ -31,7 +31,7 @@ from policies.leases import (
     SpendTotals,
 )
 
-REPLY_TTL_S = 600           # how long a reply is kept for a retried exchange
+REPLY_TTL_S = 600  # how long a reply is kept for a retried exchange
 KEY_PREFIX = "tailrace:budget"
 _LUA = (Path(__file__).with_name("budget_exchange.lua")).read_text()
 
@@ -59,12 +59,12 @@ class BucketStatus:
 
 @dataclass(frozen=True)
 class LedgerStatus:
-    backend: str                                   # memory | redis | redis-degraded
+    backend: str  # memory | redis | redis-degraded
     day: str
     buckets: dict[str, BucketStatus] = field(default_factory=dict)
-    spend: dict[str, SpendTotals] = field(default_factory=dict)   # tenant -> today's recorded spend
+    spend: dict[str, SpendTotals] = field(default_factory=dict)  # tenant -> today's recorded spend
     leases: int = 0
-    redis: str | None = None                       # redacted URL
+    redis: str | None = None  # redacted URL
 
 
 class MemoryLedger:
@@ -86,8 +86,17 @@ class MemoryLedger:
             buckets = {}
             for key, b in self.book.buckets.items():
                 b.refill(now)
-                buckets[key] = BucketStatus(b.capacity, b.rate_per_s, b.level, b.outstanding, b.granted_total,
-                                            b.spent_total, b.returned_total, b.written_off_total, b.clamped_total)
+                buckets[key] = BucketStatus(
+                    b.capacity,
+                    b.rate_per_s,
+                    b.level,
+                    b.outstanding,
+                    b.granted_total,
+                    b.spent_total,
+                    b.returned_total,
+                    b.written_off_total,
+                    b.clamped_total,
+                )
             spend = {t: dataclasses.replace(s) for (d, t), s in self.book.spend.items() if d == day}
             return LedgerStatus(self.backend, day, buckets, spend, len(self.book.leases))
 
@@ -95,8 +104,9 @@ class MemoryLedger:
         return None
 
 
-def _request_json(req: ExchangeRequest, now: float, new_lease_id: str, prefix: str,
-                  resolve: Resolver, start_full: bool) -> str:
+def _request_json(
+    req: ExchangeRequest, now: float, new_lease_id: str, prefix: str, resolve: Resolver, start_full: bool
+) -> str:
     ops = {}
     for key, op in req.ops.items():
         spec = resolve(key)
@@ -107,24 +117,50 @@ def _request_json(req: ExchangeRequest, now: float, new_lease_id: str, prefix: s
     for key, fb in req.feedback.items():
         spec = resolve(key)
         if spec is not None:
-            feedback[key] = {"remaining": fb.remaining, "blocked_s": fb.blocked_s,
-                             "capacity": spec.capacity, "rate": spec.rate_per_s}
-    return json.dumps({
-        "prefix": prefix, "now": now, "new_lease_id": new_lease_id, "executor": req.executor,
-        "report_id": req.report_id, "lease_id": req.lease_id or "", "ttl": req.ttl_s, "close": req.close,
-        "exact": req.exact, "day": req.day, "ops": ops, "feedback": feedback, "reply_ttl": REPLY_TTL_S,
-        "start_full": start_full, "spend": {t: d.as_dict() for t, d in req.spend.items()},
-    })
+            feedback[key] = {
+                "remaining": fb.remaining,
+                "blocked_s": fb.blocked_s,
+                "capacity": spec.capacity,
+                "rate": spec.rate_per_s,
+            }
+    return json.dumps(
+        {
+            "prefix": prefix,
+            "now": now,
+            "new_lease_id": new_lease_id,
+            "executor": req.executor,
+            "report_id": req.report_id,
+            "lease_id": req.lease_id or "",
+            "ttl": req.ttl_s,
+            "close": req.close,
+            "exact": req.exact,
+            "day": req.day,
+            "ops": ops,
+            "feedback": feedback,
+            "reply_ttl": REPLY_TTL_S,
+            "start_full": start_full,
+            "spend": {t: d.as_dict() for t, d in req.spend.items()},
+        }
+    )
 
 
 def _reply(raw: Any) -> ExchangeReply:
     data = json.loads(raw)
     buckets = data.get("buckets") or {}
     return ExchangeReply(
-        lease_id=data["lease_id"], lost=bool(data["lost"]),
+        lease_id=data["lease_id"],
+        lost=bool(data["lost"]),
         granted={k: float(v) for k, v in (data.get("granted") or {}).items()},
-        buckets={k: BucketView(float(v["capacity"]), float(v["rate"]), float(v["level"]), float(v["outstanding"]),
-                               float(v["blocked_s"])) for k, v in buckets.items()},
+        buckets={
+            k: BucketView(
+                float(v["capacity"]),
+                float(v["rate"]),
+                float(v["level"]),
+                float(v["outstanding"]),
+                float(v["blocked_s"]),
+            )
+            for k, v in buckets.items()
+        },
         ttl_s=float(data["ttl"]),
     )
 
@@ -134,13 +170,19 @@ class RedisLedger:
 
     backend = "redis"
 
-    def __init__(self, url: str, namespace: str, resolve: Resolver, *, timeout_s: float = 0.5,
-                 start_full: bool = True) -> None:
+    def __init__(
+        self, url: str, namespace: str, resolve: Resolver, *, timeout_s: float = 0.5, start_full: bool = True
+    ) -> None:
         import redis.asyncio as aioredis
 
         self._redacted = redact_url(url)
-        self._client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                               retry_on_timeout=False, health_check_interval=0)
+        self._client = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry_on_timeout=False,
+            health_check_interval=0,
+        )
         self._script = self._client.register_script(_LUA)
         # A hash tag keeps every key of one namespace on one Redis Cluster slot.
         self.prefix = f"{KEY_PREFIX}:{{{namespace}}}:"
@@ -173,8 +215,9 @@ class RedisLedger:
         # Expire dead leases first, so `outstanding` is what live executors hold.
         await self.exchange(ExchangeRequest(executor="status", report_id="", close=True), now, "status")
         p = self.prefix
-        keys = sorted(k.decode() if isinstance(k, bytes) else k
-                      for k in await self._call(self._client.smembers(p + "buckets")))
+        keys = sorted(
+            k.decode() if isinstance(k, bytes) else k for k in await self._call(self._client.smembers(p + "buckets"))
+        )
         buckets = {}
         for key in keys:
             h = {_s(k): float(v) for k, v in (await self._call(self._client.hgetall(p + "b:" + key))).items()}
@@ -183,15 +226,28 @@ class RedisLedger:
             room, level = h["capacity"] - h["outstanding"], h["level"]
             if level < room:
                 level = min(room, level + max(0.0, now - h["last"]) * h["rate"])
-            buckets[key] = BucketStatus(h["capacity"], h["rate"], level, h["outstanding"], h.get("granted", 0.0),
-                                        h.get("spent", 0.0), h.get("returned", 0.0), h.get("written_off", 0.0),
-                                        h.get("clamped", 0.0))
+            buckets[key] = BucketStatus(
+                h["capacity"],
+                h["rate"],
+                level,
+                h["outstanding"],
+                h.get("granted", 0.0),
+                h.get("spent", 0.0),
+                h.get("returned", 0.0),
+                h.get("written_off", 0.0),
+                h.get("clamped", 0.0),
+            )
         spend = {}
         for tenant in await self._call(self._client.smembers(f"{p}tenants:{day}")):
             tenant = _s(tenant)
             h = {_s(k): float(v) for k, v in (await self._call(self._client.hgetall(f"{p}s:{day}:{tenant}"))).items()}
-            spend[tenant] = SpendTotals(h.get("usd", 0.0), *(int(h.get(f, 0)) for f in (
-                "input_tokens", "output_tokens", "attempts", "cancelled", "wasted_tokens")))
+            spend[tenant] = SpendTotals(
+                h.get("usd", 0.0),
+                *(
+                    int(h.get(f, 0))
+                    for f in ("input_tokens", "output_tokens", "attempts", "cancelled", "wasted_tokens")
+                ),
+            )
         leases = await self._call(self._client.zcard(p + "leases"))
         return LedgerStatus(self.backend, day, buckets, spend, int(leases), self._redacted)
 

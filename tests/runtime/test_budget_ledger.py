@@ -8,12 +8,13 @@ import time
 
 import pytest
 
-from actors.budget_ledger import LedgerUnavailable, MemoryLedger, RedisLedger
-from policies.budget_config import BudgetConfig, LimitSpec, TenantBudget
-from policies.leases import BucketOp, ExchangeRequest, ProviderFeedback, SpendDelta
+from tailrace.policies.budget_config import BudgetConfig, LimitSpec, TenantBudget
+from tailrace.policies.leases import BucketOp, ExchangeRequest, ProviderFeedback, SpendDelta
+from tailrace.runtime.budget_ledger import LedgerUnavailable, MemoryLedger, RedisLedger
 
-CONFIG = BudgetConfig(limits=[LimitSpec(account="acct", tpm=6000, rpm=60)],
-                      tenants={"acme": TenantBudget(daily_usd=2.0)})
+CONFIG = BudgetConfig(
+    limits=[LimitSpec(account="acct", tpm=6000, rpm=60)], tenants={"acme": TenantBudget(daily_usd=2.0)}
+)
 TOK, REQ, USD = "tokens:acct:*", "requests:acct:*", "usd:acme:2026-01-02"
 T0 = 1_700_000_000.0
 
@@ -30,16 +31,37 @@ def random_requests(seed: int, n: int):
     for i in range(n):
         now += rng.uniform(0, 0.4)
         e = rng.choice(list(leases))
-        ops = {k: BucketOp(want=rng.uniform(0, cap), spent=rng.uniform(0, cap / 4), ret=rng.uniform(0, cap / 8),
-                           refund=rng.uniform(0, cap / 50), debit=rng.uniform(0, cap / 100) if rng.random() < 0.1 else 0)
-               for k, cap in ((TOK, 3000), (REQ, 30), (USD, 0.5))}
+        ops = {
+            k: BucketOp(
+                want=rng.uniform(0, cap),
+                spent=rng.uniform(0, cap / 4),
+                ret=rng.uniform(0, cap / 8),
+                refund=rng.uniform(0, cap / 50),
+                debit=rng.uniform(0, cap / 100) if rng.random() < 0.1 else 0,
+            )
+            for k, cap in ((TOK, 3000), (REQ, 30), (USD, 0.5))
+        }
         feedback = {TOK: ProviderFeedback(remaining=rng.uniform(0, 6000))} if rng.random() < 0.05 else {}
         if rng.random() < 0.03:
             feedback[REQ] = ProviderFeedback(blocked_s=rng.uniform(0, 1))
-        yield now, e, ExchangeRequest(
-            executor=e, report_id=f"{seed}-{i}", lease_id=leases[e], ops=ops, feedback=feedback,
-            spend={"acme": SpendDelta(usd=0.01, input_tokens=10, output_tokens=3, attempts=1)}, day="2026-01-02",
-            ttl_s=rng.uniform(0.3, 2.0), close=rng.random() < 0.05, exact=rng.random() < 0.2), f"L{seed}-{i}", leases
+        yield (
+            now,
+            e,
+            ExchangeRequest(
+                executor=e,
+                report_id=f"{seed}-{i}",
+                lease_id=leases[e],
+                ops=ops,
+                feedback=feedback,
+                spend={"acme": SpendDelta(usd=0.01, input_tokens=10, output_tokens=3, attempts=1)},
+                day="2026-01-02",
+                ttl_s=rng.uniform(0.3, 2.0),
+                close=rng.random() < 0.05,
+                exact=rng.random() < 0.2,
+            ),
+            f"L{seed}-{i}",
+            leases,
+        )
 
 
 async def test_redis_lua_matches_the_in_memory_ledger_step_for_step(redis_server):
@@ -55,7 +77,8 @@ async def test_redis_lua_matches_the_in_memory_ledger_step_for_step(redis_server
             for key, view in a.buckets.items():
                 other = b.buckets[key]
                 assert (other.level, other.outstanding, other.blocked_s) == pytest.approx(
-                    (view.level, view.outstanding, view.blocked_s), rel=1e-9, abs=1e-6)
+                    (view.level, view.outstanding, view.blocked_s), rel=1e-9, abs=1e-6
+                )
                 assert other.level + other.outstanding <= other.capacity + 1e-6
             leases[executor] = None if req.close else a.lease_id
         ms, rs = await memory.status("2026-01-02", now), await shared.status("2026-01-02", now)
@@ -72,8 +95,13 @@ async def test_redis_lua_matches_the_in_memory_ledger_step_for_step(redis_server
 async def test_a_restarted_actor_resumes_and_a_retried_exchange_is_not_applied_twice(redis_server):
     server = redis_server()
     first = redis_ledger(server.url)
-    req = ExchangeRequest(executor="e1", report_id="e1-7", ops={TOK: BucketOp(want=1000)}, day="2026-01-02",
-                          spend={"acme": SpendDelta(usd=0.25, attempts=3)})
+    req = ExchangeRequest(
+        executor="e1",
+        report_id="e1-7",
+        ops={TOK: BucketOp(want=1000)},
+        day="2026-01-02",
+        spend={"acme": SpendDelta(usd=0.25, attempts=3)},
+    )
     reply = await first.exchange(req, T0, "L1")
     await first.aclose()
     # The actor died before the executor got the reply; the executor sends the same request again.
@@ -82,8 +110,8 @@ async def test_a_restarted_actor_resumes_and_a_retried_exchange_is_not_applied_t
         again = await restarted.exchange(req, T0 + 0.5, "L2")
         assert again == reply
         status = await restarted.status("2026-01-02", T0 + 0.5)
-        assert status.buckets[TOK].outstanding == pytest.approx(1000)   # granted once
-        assert status.spend["acme"].usd == pytest.approx(0.25)          # recorded once
+        assert status.buckets[TOK].outstanding == pytest.approx(1000)  # granted once
+        assert status.spend["acme"].usd == pytest.approx(0.25)  # recorded once
         assert status.spend["acme"].attempts == 3
         assert status.leases == 1
     finally:
@@ -101,10 +129,17 @@ async def test_two_actors_on_one_redis_share_one_limit(redis_server):
         for i in range(60):
             now += 0.1
             for name, ledger in (("a", a), ("b", b)):
-                r = await ledger.exchange(ExchangeRequest(executor=name, report_id=f"{name}{i}", ttl_s=60,
-                                                          lease_id=lease[name],
-                                                          ops={TOK: BucketOp(want=500, spent=held[name])}),
-                                          now, f"{name}L{i}")
+                r = await ledger.exchange(
+                    ExchangeRequest(
+                        executor=name,
+                        report_id=f"{name}{i}",
+                        ttl_s=60,
+                        lease_id=lease[name],
+                        ops={TOK: BucketOp(want=500, spent=held[name])},
+                    ),
+                    now,
+                    f"{name}L{i}",
+                )
                 lease[name], held[name] = r.lease_id, r.granted.get(TOK, 0.0)
                 granted += held[name]
         # 6000 of burst + 100/s for 6 s: one bucket, not two.

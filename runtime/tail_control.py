@@ -9,26 +9,27 @@ tested as is.
 
 from __future__ import annotations
 
-from actors import metrics
-from actors.step_runner import StepRequest, rendered_prompt
-from engine.clock import SYSTEM_CLOCK, Clock
-from engine.errors import TailraceError
-from engine.outcomes import RETRYABLE_KINDS, AttemptOutcome, AttemptRecord, CancelReason, StepResult
-from engine.specs import HedgeConfig, ModelChoice
-from engine.tokens import estimate_prompt_tokens
-from policies.attempts import AttemptPolicy
-from policies.breaker import STATE_VALUE, BreakerBoard, CircuitState
-from policies.hedging import HedgingPolicy, TailState, TailTuning, effective_config
-from policies.latency import LatencyStats, model_key
-from policies.retry import Rung, SequentialRetryPolicy
-from policies.throttle import ExtraTokenBudget, RetryThrottle, expected_attempt_tokens
+from tailrace.engine.clock import SYSTEM_CLOCK, Clock
+from tailrace.engine.errors import TailraceError
+from tailrace.engine.outcomes import RETRYABLE_KINDS, AttemptOutcome, AttemptRecord, CancelReason, StepResult
+from tailrace.engine.specs import HedgeConfig, ModelChoice
+from tailrace.engine.tokens import estimate_prompt_tokens
+from tailrace.policies.attempts import AttemptPolicy
+from tailrace.policies.breaker import STATE_VALUE, BreakerBoard, CircuitState
+from tailrace.policies.hedging import HedgingPolicy, TailState, TailTuning, effective_config
+from tailrace.policies.latency import LatencyStats, model_key
+from tailrace.policies.retry import Rung, SequentialRetryPolicy
+from tailrace.policies.throttle import ExtraTokenBudget, RetryThrottle, expected_attempt_tokens
+from tailrace.runtime import metrics
+from tailrace.runtime.step_runner import StepRequest, rendered_prompt
 
 HEDGE_DELAY_BUCKETS_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30]
 
 
 class TailControl:
-    def __init__(self, hedge: HedgeConfig | None = None, tuning: TailTuning | None = None,
-                 clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(
+        self, hedge: HedgeConfig | None = None, tuning: TailTuning | None = None, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         self.hedge = hedge or HedgeConfig()
         self.tuning = tuning or TailTuning()
         self._clock = clock
@@ -45,8 +46,13 @@ class TailControl:
         if not config.enabled:
             return SequentialRetryPolicy(Rung.ladder(step.models), max_attempts=request.max_attempts)
         return HedgingPolicy(
-            step.models, config, self.state, step_id=step.id, side_effect=step.side_effect,
-            max_attempts=request.max_attempts, time_share=request.time_share,
+            step.models,
+            config,
+            self.state,
+            step_id=step.id,
+            side_effect=step.side_effect,
+            max_attempts=request.max_attempts,
+            time_share=request.time_share,
             budget=ExtraTokenBudget(request.extra_tokens),
             expected_tokens=[_expected_tokens(request, choice) for choice in step.models],
         )
@@ -59,7 +65,7 @@ class TailControl:
     def attempt_ended(self, request: StepRequest, record: AttemptRecord) -> None:
         key = model_key(record.provider, record.model)
         now = self._clock.monotonic()
-        # Attempts and cancellations by outcome are counted once, in actors.run_metrics.
+        # Attempts and cancellations by outcome are counted once, in tailrace.runtime.run_metrics.
         if record.outcome in (AttemptOutcome.VALID, AttemptOutcome.INVALID):
             # An answer, valid or not: the provider is up, and how long it took is a latency sample.
             self.stats.observe(key, "ok", record.ttft_s, record.latency_s, _decode_rate(record))
@@ -80,8 +86,9 @@ class TailControl:
     def step_ended(self, request: StepRequest, result: StepResult) -> None:
         winner = next((a for a in result.attempts if a.outcome == AttemptOutcome.VALID), None)
         if winner is not None and winner.role == "duplicate":
-            metrics.count("tailrace_duplicates_won_total", "Steps answered by a duplicate attempt.",
-                          {"model": winner.model})
+            metrics.count(
+                "tailrace_duplicates_won_total", "Steps answered by a duplicate attempt.", {"model": winner.model}
+            )
         for a in result.attempts:
             if a.outcome == AttemptOutcome.CANCELLED and self._in_the_tail(a, winner):
                 # Censored: it ran at least this long without answering. Dropping these would bias the
@@ -103,25 +110,45 @@ class TailControl:
     # ---- the policies' events -----------------------------------------------------------------------
 
     def duplicate_sent(self, step_id: str, model: str, delay_s: float, trigger: str) -> None:
-        metrics.count("tailrace_duplicates_sent_total", "Duplicate attempts sent, by trigger.",
-                      {"model": model, "trigger": trigger})
-        metrics.observe("tailrace_hedge_delay_seconds", "Time from an attempt's start to its duplicate's.",
-                        {"trigger": trigger}, delay_s, HEDGE_DELAY_BUCKETS_S)
+        metrics.count(
+            "tailrace_duplicates_sent_total",
+            "Duplicate attempts sent, by trigger.",
+            {"model": model, "trigger": trigger},
+        )
+        metrics.observe(
+            "tailrace_hedge_delay_seconds",
+            "Time from an attempt's start to its duplicate's.",
+            {"trigger": trigger},
+            delay_s,
+            HEDGE_DELAY_BUCKETS_S,
+        )
 
     def refused(self, step_id: str, role: str, by: str) -> None:
-        metrics.count("tailrace_budget_exhausted_total",
-                      "Duplicates and retries a budget refused (the step waited on its running attempt).",
-                      {"role": role, "budget": by})
+        metrics.count(
+            "tailrace_budget_exhausted_total",
+            "Duplicates and retries a budget refused (the step waited on its running attempt).",
+            {"role": role, "budget": by},
+        )
 
     def degraded(self, step_id: str, model: str, tier: int, reason: str) -> None:
-        metrics.count("tailrace_degradations_total", "Attempts started below a step's first rung, by reason.",
-                      {"model": model, "reason": reason})
+        metrics.count(
+            "tailrace_degradations_total",
+            "Attempts started below a step's first rung, by reason.",
+            {"model": model, "reason": reason},
+        )
 
     def _circuit_changed(self, key: str, state: CircuitState) -> None:
-        metrics.gauge("tailrace_circuit_state", "Circuit per model: 0 closed, 1 half-open, 2 open.",
-                      {"model": key}, STATE_VALUE[state])
-        metrics.count("tailrace_circuit_transitions_total", "Circuit state changes per model.",
-                      {"model": key, "state": state.value})
+        metrics.gauge(
+            "tailrace_circuit_state",
+            "Circuit per model: 0 closed, 1 half-open, 2 open.",
+            {"model": key},
+            STATE_VALUE[state],
+        )
+        metrics.count(
+            "tailrace_circuit_transitions_total",
+            "Circuit state changes per model.",
+            {"model": key, "state": state.value},
+        )
 
 
 def _decode_rate(record: AttemptRecord) -> float | None:

@@ -8,29 +8,50 @@ import asyncio
 
 import pytest
 
-from actors.budget_ledger import MemoryLedger
-from actors.direct_gate import ComposedGate, DirectGate
-from actors.lease_gate import LeasePool, LocalLedgerClient
-from actors.spend import Grant, Refusal, RunCostGate, SpendAsk, Usage
-from engine.clock import FakeClock
-from policies.budget_config import BudgetConfig, LimitSpec, TenantBudget
+from tailrace.engine.clock import FakeClock
+from tailrace.policies.budget_config import BudgetConfig, LimitSpec, TenantBudget
+from tailrace.policies.spend import Grant, Refusal, RunCostGate, SpendAsk, Usage
+from tailrace.runtime.budget_ledger import MemoryLedger
+from tailrace.runtime.direct_gate import ComposedGate, DirectGate
+from tailrace.runtime.lease_gate import LeasePool, LocalLedgerClient
 
 KEY = "tokens:sim:*"
 RPM = "requests:sim:*"
 
 
 def config(**kw) -> BudgetConfig:
-    base = dict(limits=[LimitSpec(account="sim", tpm=6000, rpm=600)], accounts={"openai": "sim"},
-                provider_kinds={"openai": "openai"}, tenants={"gold": TenantBudget(weight=2.0)},
-                flush_interval_s=0.05, lease_ttl_s=1.0, idle_release_s=0.5)
+    base = dict(
+        limits=[LimitSpec(account="sim", tpm=6000, rpm=600)],
+        accounts={"openai": "sim"},
+        provider_kinds={"openai": "openai"},
+        tenants={"gold": TenantBudget(weight=2.0)},
+        flush_interval_s=0.05,
+        lease_ttl_s=1.0,
+        idle_release_s=0.5,
+    )
     return BudgetConfig(**{**base, **kw})
 
 
-def ask(clock: FakeClock, tokens: int = 100, role: str = "primary", tenant: str = "std",
-        deadline_in: float = 30.0, cost: float = 0.001) -> SpendAsk:
-    return SpendAsk(run_id="r", step_id="s", tenant=tenant, provider="openai", model="m", role=role,
-                    input_tokens=tokens // 2, max_output_tokens=tokens - tokens // 2, cost_usd=cost,
-                    deadline_epoch=clock.time() + deadline_in)
+def ask(
+    clock: FakeClock,
+    tokens: int = 100,
+    role: str = "primary",
+    tenant: str = "std",
+    deadline_in: float = 30.0,
+    cost: float = 0.001,
+) -> SpendAsk:
+    return SpendAsk(
+        run_id="r",
+        step_id="s",
+        tenant=tenant,
+        provider="openai",
+        model="m",
+        role=role,
+        input_tokens=tokens // 2,
+        max_output_tokens=tokens - tokens // 2,
+        cost_usd=cost,
+        deadline_epoch=clock.time() + deadline_in,
+    )
 
 
 async def settle_loop(n: int = 30) -> None:
@@ -67,7 +88,7 @@ async def reserve(pool, a: SpendAsk, clock: FakeClock, within: float = 2.0) -> G
 async def test_reservations_are_served_from_the_lease_not_one_ledger_call_each():
     _, clock, ledger, pool = setup(config(limits=[LimitSpec(account="sim", tpm=600_000, rpm=60_000)]))
     granted = 0
-    for i in range(400):          # 400 reservations over 2 s of fake time
+    for i in range(400):  # 400 reservations over 2 s of fake time
         g = await reserve(pool, ask(clock, tokens=20), clock)
         granted += isinstance(g, Grant)
         await pool.settle(g, Usage(10, 10, 0.0))
@@ -87,7 +108,7 @@ async def test_spend_is_reported_refunds_come_back_and_idle_lease_is_returned():
     await tick(clock, 0.2)
     bucket = ledger.book.buckets[KEY]
     assert bucket.spent_total == pytest.approx(350)
-    await tick(clock, 1.0)   # idle for longer than idle_release_s: the lease goes back
+    await tick(clock, 1.0)  # idle for longer than idle_release_s: the lease goes back
     assert pool.lease_id is None
     assert bucket.outstanding == 0 and not ledger.book.leases
     status = await ledger.status(next(iter(ledger.book.spend))[0], clock.time())
@@ -95,8 +116,8 @@ async def test_spend_is_reported_refunds_come_back_and_idle_lease_is_returned():
 
 
 async def test_never_grantable_before_the_deadline_is_refused_at_once():
-    _, clock, _ledger, pool = setup(start_full=False)   # dry bucket: 100 tokens/s
-    await reserve(pool, ask(clock, tokens=10), clock)   # get a lease and a view of the ledger
+    _, clock, _ledger, pool = setup(start_full=False)  # dry bucket: 100 tokens/s
+    await reserve(pool, ask(clock, tokens=10), clock)  # get a lease and a view of the ledger
     task = asyncio.ensure_future(pool.reserve(ask(clock, tokens=3000, deadline_in=5.0)))
     await settle_loop()
     assert task.done(), "refused without waiting"
@@ -125,7 +146,7 @@ async def test_waiting_primaries_are_served_edf_and_2_to_1_between_tenants():
     gold = sum(1 for t, _ in served if t == "gold")
     assert gold / (len(served) - gold) == pytest.approx(2.0, abs=0.35)
     std = [d for t, d in order if t == "std"]
-    assert std[:3] == [50.0, 51.0, 52.0] and std == sorted(std)   # EDF within the tenant
+    assert std[:3] == [50.0, 51.0, 52.0] and std == sorted(std)  # EDF within the tenant
     for t in tasks:
         t.cancel()
     await settle_loop()
@@ -156,7 +177,7 @@ async def test_a_dead_executors_lease_expires_and_the_limit_holds():
     await reserve(pool, ask(clock, tokens=3000), clock)
     held = ledger.book.outstanding(KEY)
     assert held >= 3000
-    pool._task.cancel()        # the executor dies: no more reports, no close
+    pool._task.cancel()  # the executor dies: no more reports, no close
     await settle_loop()
     bucket = ledger.book.buckets[KEY]
     assert bucket.level + bucket.outstanding <= bucket.capacity + 1e-6
@@ -192,7 +213,7 @@ async def test_rate_limit_headers_lower_the_ledger_when_the_provider_has_less():
     await pool.settle(g, Usage(50, 50, 0.0, rate_limit={"x-ratelimit-remaining-tokens": "1000"}))
     await tick(clock, 0.1)
     bucket = ledger.book.buckets[KEY]
-    assert bucket.available(clock.time()) < 1100      # 1000, aged by the refill since the attempt
+    assert bucket.available(clock.time()) < 1100  # 1000, aged by the refill since the attempt
     assert bucket.clamped_total > 3000
     await pool.aclose()
 
@@ -202,7 +223,7 @@ async def test_cancelled_attempt_without_usage_settles_the_full_reservation():
     g = await reserve(pool, ask(clock, tokens=400), clock)
     await pool.settle(g, Usage(200, 0, 0.0, reported=False, cancelled=True))
     g2 = await pool.reserve(ask(clock, tokens=400))
-    await pool.settle(g2, Usage(200, 30, 0.0, reported=False, cancelled=True))   # 30 tokens received
+    await pool.settle(g2, Usage(200, 30, 0.0, reported=False, cancelled=True))  # 30 tokens received
     await tick(clock, 0.2)
     assert ledger.book.buckets[KEY].spent_total == pytest.approx(400 + 230)
     day = next(iter(ledger.book.spend))[0]
@@ -220,7 +241,7 @@ async def test_daily_spend_allowance_refuses_when_spent():
         grants.append(g)
     refused = await reserve(pool, ask(clock, tenant="acme", cost=0.003), clock)
     assert isinstance(refused, Refusal) and refused.reason.startswith("budget_exhausted")
-    await pool.settle(grants[0], Usage(10, 10, 0.0001))    # cheaper than reserved: room again
+    await pool.settle(grants[0], Usage(10, 10, 0.0001))  # cheaper than reserved: room again
     await tick(clock, 0.2)
     assert isinstance(await reserve(pool, ask(clock, tenant="acme", cost=0.003), clock), Grant)
     await pool.aclose()

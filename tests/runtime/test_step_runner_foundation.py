@@ -7,27 +7,43 @@ import time
 
 import pytest
 
-from actors.step_runner import StepRequest, StepRunner
-from engine.clock import SYSTEM_CLOCK
-from engine.outcomes import AttemptOutcome, CancelReason, FailureReason
-from engine.providers.base import AdapterSettings, build_adapter
-from engine.sim import Fault
-from engine.specs import StepSpec
+from tailrace.engine.clock import SYSTEM_CLOCK
+from tailrace.engine.outcomes import AttemptOutcome, CancelReason, FailureReason
+from tailrace.engine.providers.base import AdapterSettings, build_adapter
+from tailrace.engine.sim import Fault
+from tailrace.engine.specs import StepSpec
+from tailrace.runtime.step_runner import StepRequest, StepRunner
 
 
 def step(**overrides) -> StepSpec:
     fields = {
-        "id": "note", "prompt": "Write a note about {{input.ticket_id}}.",
-        "models": [{"provider": "openai", "model": "gpt-4o-mini", "max_tokens": 200,
-                    "input_usd_per_mtok": 0.15, "output_usd_per_mtok": 0.6}],
+        "id": "note",
+        "prompt": "Write a note about {{input.ticket_id}}.",
+        "models": [
+            {
+                "provider": "openai",
+                "model": "gpt-4o-mini",
+                "max_tokens": 200,
+                "input_usd_per_mtok": 0.15,
+                "output_usd_per_mtok": 0.6,
+            }
+        ],
         "output": {"copy_ids": ["ticket_id"]},
     }
     return StepSpec.model_validate({**fields, **overrides})
 
 
 def request(spec: StepSpec, deadline_s: float = 5.0, **overrides) -> StepRequest:
-    return StepRequest(run_id="run-1", workflow="w", tenant="t", step=spec, inputs={"ticket_id": "TCK-7"},
-                       upstream={}, deadline_epoch=time.time() + deadline_s, **overrides)
+    return StepRequest(
+        run_id="run-1",
+        workflow="w",
+        tenant="t",
+        step=spec,
+        inputs={"ticket_id": "TCK-7"},
+        upstream={},
+        deadline_epoch=time.time() + deadline_s,
+        **overrides,
+    )
 
 
 def runner(sim) -> StepRunner:

@@ -21,7 +21,7 @@ Provider feedback travels back with the next report: a 429 blocks the bucket for
 (here at once, at the ledger for everyone), and rate-limit headers that show fewer tokens left than
 the ledger believes (another client on the key) lower the ledger to the provider's figure.
 
-`actors.direct_gate` has the one-actor-call-per-attempt alternative (`BudgetConfig.mode="direct"`)
+`tailrace.runtime.direct_gate` has the one-actor-call-per-attempt alternative (`BudgetConfig.mode="direct"`)
 and `ComposedGate`, which puts the run's cost cap in front of either.
 """
 
@@ -37,21 +37,21 @@ from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors import metrics
-from actors._budget_common import Held, LedgerClient, LocalLedgerClient, Today, bucket_label, needs, too_large
-from actors.budget_ledger import LedgerUnavailable
-from actors.spend import Grant, Refusal, SpendAsk, SpendGate, Usage
-from engine.clock import SYSTEM_CLOCK, Clock, Deadline
-from policies.budget_config import BucketSpec, BudgetConfig, Charges, settled_amount, usage_unknown
-from policies.leases import BucketOp, BucketView, ExchangeRequest, ProviderFeedback, SpendDelta, SpendTotals
-from policies.priority import SPECULATIVE, FairQueue, Waiter, priority_class, speculative_allowed
+from tailrace.engine.clock import SYSTEM_CLOCK, Clock, Deadline
+from tailrace.policies.budget_config import BucketSpec, BudgetConfig, Charges, settled_amount, usage_unknown
+from tailrace.policies.leases import BucketOp, BucketView, ExchangeRequest, ProviderFeedback, SpendDelta, SpendTotals
+from tailrace.policies.priority import SPECULATIVE, FairQueue, Waiter, priority_class, speculative_allowed
+from tailrace.policies.spend import Grant, Refusal, SpendAsk, SpendGate, Usage
+from tailrace.runtime import metrics
+from tailrace.runtime._budget_common import Held, LedgerClient, LocalLedgerClient, Today, bucket_label, needs, too_large
+from tailrace.runtime.budget_ledger import LedgerUnavailable
 
 __all__ = ["LeaseGate", "LeasePool", "LedgerClient", "LocalLedgerClient"]
 
 log = logging.getLogger("tailrace.budget")
 
-HORIZON_PERIODS = 4          # a lease aims to hold this many report periods of demand
-RETURN_ABOVE_TARGET = 1.5    # return what is held beyond this multiple of the fair holding
+HORIZON_PERIODS = 4  # a lease aims to hold this many report periods of demand
+RETURN_ABOVE_TARGET = 1.5  # return what is held beyond this multiple of the fair holding
 
 _REMAINING_HEADERS = {
     "tokens": ("x-ratelimit-remaining-tokens", "anthropic-ratelimit-tokens-remaining"),
@@ -96,8 +96,9 @@ class _Counters:
 class LeasePool:
     """One per executor process: holds its lease, serves reservations from it, reports to the ledger."""
 
-    def __init__(self, config: BudgetConfig, ledger: LedgerClient, executor_id: str,
-                 clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(
+        self, config: BudgetConfig, ledger: LedgerClient, executor_id: str, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         self.config = config
         self._ledger = ledger
         self._id = executor_id
@@ -116,16 +117,16 @@ class LeasePool:
         # but could not give back to a live lease. Plus debits, spend per tenant, provider feedback.
         self._spent: defaultdict[str, defaultdict[str, float]] = defaultdict(lambda: defaultdict(float))
         self._leftover: defaultdict[str, defaultdict[str, float]] = defaultdict(lambda: defaultdict(float))
-        self._dead: OrderedDict[str, None] = OrderedDict()   # leases the ledger wrote off (lost or closed)
+        self._dead: OrderedDict[str, None] = OrderedDict()  # leases the ledger wrote off (lost or closed)
         self._debits: defaultdict[str, float] = defaultdict(float)
         self._in_flight = 0
         self._spend: dict[tuple[str, str], SpendTotals] = {}
         self._today = Today()
         self._feedback: dict[str, ProviderFeedback] = {}
-        self._pending: ExchangeRequest | None = None    # sent, not acknowledged: resent as is
-        self._demand: defaultdict[str, float] = defaultdict(float)       # units/s, smoothed
+        self._pending: ExchangeRequest | None = None  # sent, not acknowledged: resent as is
+        self._demand: defaultdict[str, float] = defaultdict(float)  # units/s, smoothed
         self._reserved_since: defaultdict[str, float] = defaultdict(float)
-        self._largest: defaultdict[str, float] = defaultdict(float)      # largest recent single need
+        self._largest: defaultdict[str, float] = defaultdict(float)  # largest recent single need
         self._local_block: dict[str, float] = {}
         self._last_use = -math.inf
         self._last_exchange = -math.inf
@@ -148,8 +149,7 @@ class LeasePool:
         return self.lease_id is not None and now < self._expires
 
     def _fits(self, need: dict[str, float], now: float) -> bool:
-        return all(self.balances[k] + 1e-9 >= a and self._local_block.get(k, -math.inf) <= now
-                   for k, a in need.items())
+        return all(self.balances[k] + 1e-9 >= a and self._local_block.get(k, -math.inf) <= now for k, a in need.items())
 
     def _free_fraction(self, now: float) -> dict[str, float]:
         out = {}
@@ -158,8 +158,9 @@ class LeasePool:
             out[key] = min(max(0.0, refilled), view.capacity - view.outstanding) / view.capacity
         return out
 
-    def _take(self, ask: SpendAsk, specs: tuple[tuple[BucketSpec, Charges], ...], need: dict[str, float],
-              now: float) -> Grant:
+    def _take(
+        self, ask: SpendAsk, specs: tuple[tuple[BucketSpec, Charges], ...], need: dict[str, float], now: float
+    ) -> Grant:
         for key, amount in need.items():
             self.balances[key] -= amount
             self._reserved_since[key] += amount
@@ -185,9 +186,13 @@ class LeasePool:
             self._largest[key] = max(self._largest[key] * 0.99, amount)
         usable = self._usable(now)
         if priority_class(ask.role) == SPECULATIVE:
-            if usable and speculative_allowed(need, self.balances, self._free_fraction(now),
-                                              self.config.spare_fraction, len(self._queue) > 0) \
-                    and self._fits(need, now):
+            if (
+                usable
+                and speculative_allowed(
+                    need, self.balances, self._free_fraction(now), self.config.spare_fraction, len(self._queue) > 0
+                )
+                and self._fits(need, now)
+            ):
                 return self._take(ask, specs, need, now)
             self.counters.refusals["no_spare_capacity"] += 1
             self._poke()
@@ -199,12 +204,20 @@ class LeasePool:
         if now + eta > deadline:
             self.counters.refusals["never_in_time"] += 1
             worst = max(need, key=lambda k: need[k] / max(self._views[k].rate_per_s, 1e-9) if k in self._views else 0)
-            return Refusal(f"budget_exhausted: {need[worst]:,.4g} of {worst} cannot be granted before the run's "
-                           f"deadline (in {max(0.0, deadline - now):.2f} s; earliest in {eta:.2f} s)")
+            return Refusal(
+                f"budget_exhausted: {need[worst]:,.4g} of {worst} cannot be granted before the run's "
+                f"deadline (in {max(0.0, deadline - now):.2f} s; earliest in {eta:.2f} s)"
+            )
         return await self._wait(ask, specs, need, deadline, now)
 
-    async def _wait(self, ask: SpendAsk, specs: tuple[tuple[BucketSpec, Charges], ...], need: dict[str, float],
-                    deadline: float, now: float) -> Grant | Refusal:
+    async def _wait(
+        self,
+        ask: SpendAsk,
+        specs: tuple[tuple[BucketSpec, Charges], ...],
+        need: dict[str, float],
+        deadline: float,
+        now: float,
+    ) -> Grant | Refusal:
         future: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
         size = sum(a for k, a in need.items() if k.startswith(("tokens", "input_tokens", "output_tokens")))
         waiter = Waiter(ask.tenant, deadline, need, size or 1.0, (future, ask, specs))
@@ -264,7 +277,7 @@ class LeasePool:
         left = reserved - used
         if left > 1e-12:
             if held.lease_id == self.lease_id and self._usable(self._now()):
-                self.balances[key] += left       # it never left this lease
+                self.balances[key] += left  # it never left this lease
             else:
                 self._leftover[lease][key] += left
 
@@ -285,8 +298,11 @@ class LeasePool:
                 self.counters.refunded[label] += reserved - final
             self._end(spec.key, final, reserved, held)
         usd = ask.cost_usd if unknown else used.cost_usd
-        wasted = int(sum(held.amounts.get(s.key, 0.0) for s, _ in held.specs if s.family == "tokens")) \
-            if used.cancelled else 0
+        wasted = (
+            int(sum(held.amounts.get(s.key, 0.0) for s, _ in held.specs if s.family == "tokens"))
+            if used.cancelled
+            else 0
+        )
         key = (self._today(self._clock.time()), ask.tenant)
         totals = self._spend.get(key)
         if totals is None:
@@ -299,7 +315,7 @@ class LeasePool:
         totals.wasted_tokens += wasted
         self._provider_feedback(held, used)
         self._pump()
-        self._poke()   # there is spend to report now
+        self._poke()  # there is spend to report now
 
     def _provider_feedback(self, held: Held, used: Usage) -> None:
         if used.status != 429 and not used.rate_limit:
@@ -356,8 +372,13 @@ class LeasePool:
             self._wake.set()
 
     def _unreported(self) -> bool:
-        return bool(self._spend or self._feedback or any(any(v.values()) for v in self._spent.values())
-                    or any(any(v.values()) for v in self._leftover.values()) or any(self._debits.values()))
+        return bool(
+            self._spend
+            or self._feedback
+            or any(any(v.values()) for v in self._spent.values())
+            or any(any(v.values()) for v in self._leftover.values())
+            or any(self._debits.values())
+        )
 
     def _due(self, now: float) -> float:
         if self._pending is not None or self._feedback:
@@ -380,7 +401,7 @@ class LeasePool:
         while not self._closed:
             now = self._now()
             if self.lease_id is not None and not self._usable(now) and any(self.balances.values()):
-                self.balances.clear()   # expired here: the ledger writes it off; never spend it late
+                self.balances.clear()  # expired here: the ledger writes it off; never spend it late
             due = self._due(now)
             if due > now:
                 assert self._wake is not None
@@ -401,7 +422,7 @@ class LeasePool:
                 self._failures += 1
                 backoff = min(0.5, max(0.02, backoff * 2))
                 await self._clock.sleep(backoff)
-            except Exception:   # a bug must not silently stop this executor's budget: log, back off, go on
+            except Exception:  # a bug must not silently stop this executor's budget: log, back off, go on
                 log.exception("budget lease loop error")
                 self._failures += 1
                 backoff = min(0.5, max(0.02, backoff * 2))
@@ -430,29 +451,42 @@ class LeasePool:
         refunds: defaultdict[str, float] = defaultdict(float)
         for dead in [x for x in self._leftover if x in self._dead or x == ""]:
             for key, amount in self._leftover.pop(dead).items():
-                refunds[key] += amount      # that lease was written off: these tokens are free again
+                refunds[key] += amount  # that lease was written off: these tokens are free again
         for dead in [x for x in self._spent if x in self._dead or x == ""]:
-            del self._spent[dead]           # written off with its lease already
+            del self._spent[dead]  # written off with its lease already
         ops: dict[str, BucketOp] = {}
         keys = set(self.balances) | set(spent) | set(own_leftover) | set(refunds) | set(self._debits) | set(wants)
         for key in keys:
-            ret = own_leftover.get(key, 0.0)   # unused, under this lease, while it was not usable here
+            ret = own_leftover.get(key, 0.0)  # unused, under this lease, while it was not usable here
             if usable and close:
                 ret += self.balances[key]
                 self.balances[key] = 0.0
             elif usable and key in self._targets and self.balances[key] > self._targets[key] * RETURN_ABOVE_TARGET:
                 ret += self.balances[key] - self._targets[key]
                 self.balances[key] = self._targets[key]
-            ops[key] = BucketOp(want=wants.get(key, 0.0), ret=ret, spent=spent.get(key, 0.0),
-                                refund=refunds.get(key, 0.0), debit=self._debits.get(key, 0.0))
+            ops[key] = BucketOp(
+                want=wants.get(key, 0.0),
+                ret=ret,
+                spent=spent.get(key, 0.0),
+                refund=refunds.get(key, 0.0),
+                debit=self._debits.get(key, 0.0),
+            )
         # One day per report, the oldest first (spend is recorded per UTC day).
         days = sorted({d for d, _ in self._spend})
         day = days[0] if days else self._today(self._clock.time())
         spend = {t: SpendDelta(**vars(self._spend.pop((d, t)))) for d, t in list(self._spend) if d == day}
         req = ExchangeRequest(
-            executor=self._id, report_id=f"{self._id}-{self._boot}-{next(self._seq)}", lease_id=self.lease_id,
-            ops=ops, feedback=dict(self._feedback), spend=spend, day=day, ttl_s=self.config.lease_ttl_s,
-            close=close, balances={k: v for k, v in self.balances.items() if v > 0})
+            executor=self._id,
+            report_id=f"{self._id}-{self._boot}-{next(self._seq)}",
+            lease_id=self.lease_id,
+            ops=ops,
+            feedback=dict(self._feedback),
+            spend=spend,
+            day=day,
+            ttl_s=self.config.lease_ttl_s,
+            close=close,
+            balances={k: v for k, v in self.balances.items() if v > 0},
+        )
         self._debits.clear()
         self._feedback.clear()
         return req
@@ -471,7 +505,7 @@ class LeasePool:
         self.degraded = reply.degraded
         self._views, self._views_at, self._targets = dict(reply.buckets), self._now(), dict(reply.targets)
         if req.lease_id is not None and (reply.lost or req.close):
-            self._dead[req.lease_id] = None     # written off by the ledger
+            self._dead[req.lease_id] = None  # written off by the ledger
             while len(self._dead) > 256:
                 self._dead.popitem(last=False)
         if reply.lost and req.lease_id is not None:
@@ -489,10 +523,14 @@ class LeasePool:
             for key, amount in reply.granted.items():
                 self.balances[key] += amount
         self._pump()
-        with contextlib.suppress(Exception):   # metrics are never worth a lost report
+        with contextlib.suppress(Exception):  # metrics are never worth a lost report
             self.counters.flush()
-            metrics.gauge("tailrace_budget_waiting", "Reservations waiting for budget in this executor",
-                          {"executor": self._id}, len(self._queue))
+            metrics.gauge(
+                "tailrace_budget_waiting",
+                "Reservations waiting for budget in this executor",
+                {"executor": self._id},
+                len(self._queue),
+            )
 
     async def aclose(self) -> None:
         """Return the lease and report what is left (executor shutdown)."""
@@ -509,8 +547,13 @@ class LeasePool:
                     await self._exchange()
 
     def snapshot(self) -> dict[str, Any]:
-        return {"lease_id": self.lease_id, "balances": {k: v for k, v in self.balances.items() if v},
-                "waiting": len(self._queue), "degraded": self.degraded, "failures": self._failures}
+        return {
+            "lease_id": self.lease_id,
+            "balances": {k: v for k, v in self.balances.items() if v},
+            "waiting": len(self._queue),
+            "degraded": self.degraded,
+            "failures": self._failures,
+        }
 
 
 class LeaseGate:

@@ -15,21 +15,22 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from actors._budget_common import Held, LedgerClient, needs, too_large
-from actors.budget_ledger import LedgerUnavailable
-from actors.spend import Grant, Refusal, SpendAsk, SpendGate, Usage
-from engine.clock import SYSTEM_CLOCK, Clock, Deadline
-from policies.budget_config import BucketSpec, BudgetConfig, Charges, settled_amount, usage_unknown, utc_day
-from policies.leases import BucketOp, ExchangeReply, ExchangeRequest, SpendDelta
-from policies.priority import SPECULATIVE, priority_class
+from tailrace.engine.clock import SYSTEM_CLOCK, Clock, Deadline
+from tailrace.policies.budget_config import BucketSpec, BudgetConfig, Charges, settled_amount, usage_unknown, utc_day
+from tailrace.policies.leases import BucketOp, ExchangeReply, ExchangeRequest, SpendDelta
+from tailrace.policies.priority import SPECULATIVE, priority_class
+from tailrace.policies.spend import Grant, Refusal, SpendAsk, SpendGate, Usage
+from tailrace.runtime._budget_common import Held, LedgerClient, needs, too_large
+from tailrace.runtime.budget_ledger import LedgerUnavailable
 
 
 class DirectGate:
     """One ledger call per reservation and one per settlement: the baseline leases are measured
     against. Waits by polling the ledger's estimate; no local priority queue."""
 
-    def __init__(self, config: BudgetConfig, ledger: LedgerClient, executor_id: str,
-                 clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(
+        self, config: BudgetConfig, ledger: LedgerClient, executor_id: str, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         self.config = config
         self._ledger = ledger
         self._id = executor_id
@@ -50,7 +51,7 @@ class DirectGate:
             try:
                 return await self._ledger.exchange(req)
             except LedgerUnavailable:
-                await self._clock.sleep(min(0.5, 0.02 * 2 ** attempt))
+                await self._clock.sleep(min(0.5, 0.02 * 2**attempt))
         raise LedgerUnavailable("the budget ledger did not answer")
 
     async def reserve(self, ask: SpendAsk) -> Grant | Refusal:
@@ -65,9 +66,16 @@ class DirectGate:
         lease_id = None
         while True:
             try:
-                reply = await self._call(ExchangeRequest(
-                    executor=self._id, report_id=uuid.uuid4().hex, lease_id=lease_id, exact=True, ttl_s=ttl,
-                    ops={k: BucketOp(want=a) for k, a in need.items()}))
+                reply = await self._call(
+                    ExchangeRequest(
+                        executor=self._id,
+                        report_id=uuid.uuid4().hex,
+                        lease_id=lease_id,
+                        exact=True,
+                        ttl_s=ttl,
+                        ops={k: BucketOp(want=a) for k, a in need.items()},
+                    )
+                )
             except LedgerUnavailable:
                 return Refusal("budget_exhausted: the budget ledger is unreachable")
             lease_id = reply.lease_id
@@ -79,8 +87,9 @@ class DirectGate:
                 eta = math.inf
             if eta > deadline.remaining():
                 with contextlib.suppress(LedgerUnavailable):
-                    await self._call(ExchangeRequest(executor=self._id, report_id=uuid.uuid4().hex,
-                                                     lease_id=lease_id, close=True))
+                    await self._call(
+                        ExchangeRequest(executor=self._id, report_id=uuid.uuid4().hex, lease_id=lease_id, close=True)
+                    )
                 return Refusal("budget_exhausted: cannot be granted before the run's deadline")
             await self._clock.sleep(min(max(eta, 0.005), deadline.remaining()))
 
@@ -90,14 +99,31 @@ class DirectGate:
         ops = {}
         for spec, charges in held.specs:
             reserved, final = held.amounts[spec.key], settled_amount(spec, charges, ask, used)
-            ops[spec.key] = BucketOp(spent=min(reserved, final), ret=max(0.0, reserved - final),
-                                     debit=max(0.0, final - reserved))
+            ops[spec.key] = BucketOp(
+                spent=min(reserved, final), ret=max(0.0, reserved - final), debit=max(0.0, final - reserved)
+            )
         unknown = usage_unknown(used)
-        spend = {ask.tenant: SpendDelta(ask.cost_usd if unknown else used.cost_usd, used.input_tokens,
-                                        used.output_tokens, 1, int(used.cancelled))}
+        spend = {
+            ask.tenant: SpendDelta(
+                ask.cost_usd if unknown else used.cost_usd,
+                used.input_tokens,
+                used.output_tokens,
+                1,
+                int(used.cancelled),
+            )
+        }
         with contextlib.suppress(LedgerUnavailable):
-            await self._call(ExchangeRequest(executor=self._id, report_id=uuid.uuid4().hex, lease_id=held.lease_id,
-                                             ops=ops, spend=spend, day=utc_day(self._clock.time()), close=True))
+            await self._call(
+                ExchangeRequest(
+                    executor=self._id,
+                    report_id=uuid.uuid4().hex,
+                    lease_id=held.lease_id,
+                    ops=ops,
+                    spend=spend,
+                    day=utc_day(self._clock.time()),
+                    close=True,
+                )
+            )
 
 
 class ComposedGate:
@@ -116,7 +142,7 @@ class ComposedGate:
                     release = getattr(earlier, "release", None)
                     if release is not None:
                         release(grant)
-                    else:   # never sent: settles as free
+                    else:  # never sent: settles as free
                         await earlier.settle(grant, Usage(0, 0, 0.0))
                 return answer
             grants.append((gate, answer))

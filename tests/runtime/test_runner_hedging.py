@@ -7,16 +7,16 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from actors.spend import Grant, Refusal, SpendAsk, Usage
-from actors.step_runner import StepRequest, StepRunner
-from actors.tail_control import TailControl
-from engine.clock import FakeClock
-from engine.outcomes import AttemptOutcome, AttemptRecord, CancelReason, ErrorKind, ProviderError
-from engine.providers.base import AttemptProgress, ProviderCall, RawAttempt
-from engine.specs import HedgeConfig, ModelChoice, StepSpec
-from policies.attempts import Start
-from policies.hedging import TailTuning
-from policies.latency import LatencyConfig, model_key
+from tailrace.engine.clock import FakeClock
+from tailrace.engine.outcomes import AttemptOutcome, AttemptRecord, CancelReason, ErrorKind, ProviderError
+from tailrace.engine.providers.base import AttemptProgress, ProviderCall, RawAttempt
+from tailrace.engine.specs import HedgeConfig, ModelChoice, StepSpec
+from tailrace.policies.attempts import Start
+from tailrace.policies.hedging import TailTuning
+from tailrace.policies.latency import LatencyConfig, model_key
+from tailrace.policies.spend import Grant, Refusal, SpendAsk, Usage
+from tailrace.runtime.step_runner import StepRequest, StepRunner
+from tailrace.runtime.tail_control import TailControl
 
 
 @dataclass
@@ -71,8 +71,16 @@ STEP = StepSpec(id="s", prompt="Answer {{input.t}}.", models=[MODEL], output={"c
 
 
 def request(clock: FakeClock, step: StepSpec = STEP) -> StepRequest:
-    return StepRequest(run_id="r", workflow="w", tenant="t", step=step, inputs={"t": "T-1"}, upstream={},
-                       deadline_epoch=clock.time() + 30.0, extra_tokens=10_000)
+    return StepRequest(
+        run_id="r",
+        workflow="w",
+        tenant="t",
+        step=step,
+        inputs={"t": "T-1"},
+        upstream={},
+        deadline_epoch=clock.time() + 30.0,
+        extra_tokens=10_000,
+    )
 
 
 def control(clock: FakeClock) -> TailControl:
@@ -106,7 +114,7 @@ async def test_slow_primary_is_beaten_by_a_duplicate_started_at_the_quantile():
     primary, duplicate = result.attempts
     assert (primary.outcome, primary.cancel_reason) == (AttemptOutcome.CANCELLED, CancelReason.HEDGE_LOST)
     assert (duplicate.role, duplicate.outcome) == ("duplicate", AttemptOutcome.VALID)
-    assert abs((duplicate.started_at - t0) - 1.0) < 0.02            # at the TTFT quantile
+    assert abs((duplicate.started_at - t0) - 1.0) < 0.02  # at the TTFT quantile
     assert abs((duplicate.ended_at - t0) - 1.5) < 0.03
     assert provider.cancelled == 1
     # The overtaken primary is kept as a censored sample (at least 1.5 s), not dropped.
@@ -118,11 +126,12 @@ async def test_refused_duplicate_is_not_asked_again_and_the_step_waits_on_its_pr
     provider = ScriptedProvider(clock, [Plan(3.0, 4.0)])
     tail = control(clock)
     gate = RefuseDuplicates()
-    runner = StepRunner({"openai": provider}, clock, policy_factory=tail.policy_for, gate_factory=lambda r: gate,
-                        observer=tail)
+    runner = StepRunner(
+        {"openai": provider}, clock, policy_factory=tail.policy_for, gate_factory=lambda r: gate, observer=tail
+    )
     result = await run_on_fake_time(clock, runner.run(request(clock)))
     assert result.ok and [a.role for a in result.attempts] == ["primary"]
-    assert gate.asks == ["primary", "duplicate"]     # asked once, not on every loop turn
+    assert gate.asks == ["primary", "duplicate"]  # asked once, not on every loop turn
     assert provider.calls == 1
 
 
@@ -145,8 +154,9 @@ async def test_refusal_with_a_policy_that_cannot_hear_it_waits_for_an_attempt_to
     clock = FakeClock()
     provider = ScriptedProvider(clock, [Plan(1.0, 2.0)])
     policy = AlwaysDuplicate()
-    runner = StepRunner({"openai": provider}, clock, policy_factory=lambda r: policy,
-                        gate_factory=lambda r: RefuseDuplicates())
+    runner = StepRunner(
+        {"openai": provider}, clock, policy_factory=lambda r: policy, gate_factory=lambda r: RefuseDuplicates()
+    )
     result = await run_on_fake_time(clock, runner.run(request(clock)))
     assert result.ok and len(result.attempts) == 1
     assert policy.calls <= 4
@@ -176,12 +186,23 @@ async def test_failures_feed_the_breaker_and_the_throttle():
     clock = FakeClock()
     tail = control(clock)
     key = model_key("openai", "m")
+
     def failed() -> AttemptRecord:
-        return AttemptRecord(run_id="r", step_id="s", attempt=0, provider="openai", model="m", started_at=0,
-                             ended_at=0.1, latency_s=0.1, outcome=AttemptOutcome.ERROR,
-                             error=ProviderError(kind=ErrorKind.OVERLOADED, retryable=True))
+        return AttemptRecord(
+            run_id="r",
+            step_id="s",
+            attempt=0,
+            provider="openai",
+            model="m",
+            started_at=0,
+            ended_at=0.1,
+            latency_s=0.1,
+            outcome=AttemptOutcome.ERROR,
+            error=ProviderError(kind=ErrorKind.OVERLOADED, retryable=True),
+        )
+
     for _ in range(5):
         tail.attempt_ended(request(clock), failed())
     assert tail.breakers.state(key, clock.monotonic()).value == "open"
     assert tail.throttle.tokens(key) == 5.0 and not tail.throttle.allows(key)
-    assert tail.stats.health(key).failure_rate == 0.5 and tail.stats.health(key).unhealthy   # 5 answers, 5 failures
+    assert tail.stats.health(key).failure_rate == 0.5 and tail.stats.health(key).unhealthy  # 5 answers, 5 failures

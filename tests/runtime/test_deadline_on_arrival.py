@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
-from actors.step_runner import StepRequest, StepRunner
-from engine.clock import FakeClock
-from engine.outcomes import CancelReason, FailureReason
-from engine.providers.base import AttemptProgress, ProviderCall, RawAttempt
-from engine.specs import ModelChoice, StepSpec
+from tailrace.engine.clock import FakeClock
+from tailrace.engine.outcomes import CancelReason, FailureReason
+from tailrace.engine.providers.base import AttemptProgress, ProviderCall, RawAttempt
+from tailrace.engine.specs import ModelChoice, StepSpec
+from tailrace.runtime.step_runner import StepRequest, StepRunner
 
 STEP = StepSpec(id="s", prompt="hello", models=[ModelChoice(provider="p", model="m", max_tokens=10)])
 
@@ -31,8 +31,9 @@ class HangingAdapter:
 
 
 def request(deadline_epoch: float) -> StepRequest:
-    return StepRequest(run_id="r", workflow="w", tenant="t", step=STEP, inputs={}, upstream={},
-                       deadline_epoch=deadline_epoch)
+    return StepRequest(
+        run_id="r", workflow="w", tenant="t", step=STEP, inputs={}, upstream={}, deadline_epoch=deadline_epoch
+    )
 
 
 async def run_until_done(clock: FakeClock, task: asyncio.Task, step_s: float = 0.01, limit_s: float = 60.0) -> float:
@@ -48,14 +49,14 @@ async def run_until_done(clock: FakeClock, task: asyncio.Task, step_s: float = 0
 
 async def test_time_spent_queueing_before_arrival_is_counted():
     sender = FakeClock()
-    deadline = sender.time() + 2.0            # the driver sets it: 2 s from now
-    sender.advance(1.5)                       # the request waits 1.5 s before the executor takes it
+    deadline = sender.time() + 2.0  # the driver sets it: 2 s from now
+    sender.advance(1.5)  # the request waits 1.5 s before the executor takes it
     runner = StepRunner({"p": HangingAdapter(sender)}, clock=sender, return_margin_s=0.0)
     task = asyncio.ensure_future(runner.run(request(deadline)))
     took = await run_until_done(sender, task)
     result = task.result()
     assert result.failure == FailureReason.DEADLINE_EXCEEDED
-    assert 0.5 <= took < 0.6                  # only what was left of the 2 s
+    assert 0.5 <= took < 0.6  # only what was left of the 2 s
     assert [a.cancel_reason for a in result.attempts] == [CancelReason.DEADLINE]
 
 
@@ -64,7 +65,7 @@ async def test_a_wall_clock_step_after_arrival_does_not_stretch_the_deadline():
     runner = StepRunner({"p": HangingAdapter(clock)}, clock=clock, return_margin_s=0.0)
     task = asyncio.ensure_future(runner.run(request(clock.time() + 1.0)))
     await asyncio.sleep(0)
-    clock.step_wall_clock(+3600)              # NTP jumps the wall clock an hour ahead mid-step
+    clock.step_wall_clock(+3600)  # NTP jumps the wall clock an hour ahead mid-step
     took = await run_until_done(clock, task)
     assert task.result().failure == FailureReason.DEADLINE_EXCEEDED
     assert 1.0 <= took < 1.1
@@ -72,7 +73,7 @@ async def test_a_wall_clock_step_after_arrival_does_not_stretch_the_deadline():
 
 async def test_a_receiver_whose_wall_clock_is_ahead_ends_early_by_exactly_the_skew():
     driver = FakeClock(wall_offset=1_700_000_000.0)
-    executor = FakeClock(wall_offset=1_700_000_000.0 + 0.4)   # its wall clock runs 0.4 s ahead
+    executor = FakeClock(wall_offset=1_700_000_000.0 + 0.4)  # its wall clock runs 0.4 s ahead
     deadline = driver.time() + 1.0
     runner = StepRunner({"p": HangingAdapter(executor)}, clock=executor, return_margin_s=0.0)
     task = asyncio.ensure_future(runner.run(request(deadline)))
@@ -88,4 +89,4 @@ async def test_a_receiver_whose_wall_clock_is_ahead_ends_early_by_exactly_the_sk
 
     took = await advance_both()
     assert task.result().failure == FailureReason.DEADLINE_EXCEEDED
-    assert 0.6 <= took < 0.7                  # 1.0 s minus the 0.4 s skew: the documented assumption
+    assert 0.6 <= took < 0.7  # 1.0 s minus the 0.4 s skew: the documented assumption

@@ -49,8 +49,9 @@ def count(name: str, description: str, tags: dict[str, str], value: float = 1.0)
         metric.inc(value, tags=tags)
 
 
-def observe(name: str, description: str, tags: dict[str, str], value: float,
-            boundaries: Sequence[float] = LATENCY_BUCKETS_S) -> None:
+def observe(
+    name: str, description: str, tags: dict[str, str], value: float, boundaries: Sequence[float] = LATENCY_BUCKETS_S
+) -> None:
     metric = _get("histogram", name, description, sorted(tags), boundaries=list(boundaries))
     if metric is not None:
         metric.observe(value, tags=tags)

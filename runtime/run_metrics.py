@@ -3,14 +3,14 @@
 One function per event, called where the event happens: `attempt_finished` from the step runner's
 attempt record, `step_finished` when a step ends, `run_finished` from the driver, `pool_state` from
 the executor pool. Names follow Prometheus conventions and reach the dashboard with a `ray_` prefix
-(see `actors.metrics`). Labels stay low-cardinality (workflow, step, provider, model, outcome,
+(see `tailrace.runtime.metrics`). Labels stay low-cardinality (workflow, step, provider, model, outcome,
 reason), never run ids. Hedge-specific series (duplicates sent/won) live with the hedging code.
 """
 
 from __future__ import annotations
 
-from actors.metrics import count, gauge, observe
-from engine.outcomes import AttemptOutcome, AttemptRecord, ErrorKind, FailureReason, RunOutcome
+from tailrace.engine.outcomes import AttemptOutcome, AttemptRecord, ErrorKind, FailureReason, RunOutcome
+from tailrace.runtime.metrics import count, gauge, observe
 
 RUNS = "tailrace_runs_total"
 RUN_LATENCY = "tailrace_run_latency_seconds"
@@ -29,9 +29,24 @@ POOL_BACKLOG = "tailrace_pool_backlog"
 POOL_IN_FLIGHT = "tailrace_pool_in_flight_steps"
 POOL_SCALE_EVENTS = "tailrace_pool_scale_events_total"
 
-SERIES = (RUNS, RUN_LATENCY, DEADLINE_MISSES, STEPS, STEP_LATENCY, ATTEMPTS, ATTEMPT_TTFT, CANCELLATIONS,
-          TOKENS, TOKENS_WASTED, COST, PROVIDER_429, POOL_EXECUTORS, POOL_BACKLOG, POOL_IN_FLIGHT,
-          POOL_SCALE_EVENTS)
+SERIES = (
+    RUNS,
+    RUN_LATENCY,
+    DEADLINE_MISSES,
+    STEPS,
+    STEP_LATENCY,
+    ATTEMPTS,
+    ATTEMPT_TTFT,
+    CANCELLATIONS,
+    TOKENS,
+    TOKENS_WASTED,
+    COST,
+    PROVIDER_429,
+    POOL_EXECUTORS,
+    POOL_BACKLOG,
+    POOL_IN_FLIGHT,
+    POOL_SCALE_EVENTS,
+)
 
 _429_KINDS = frozenset({ErrorKind.RATE_LIMITED, ErrorKind.QUOTA_EXHAUSTED})
 
@@ -39,14 +54,27 @@ _429_KINDS = frozenset({ErrorKind.RATE_LIMITED, ErrorKind.QUOTA_EXHAUSTED})
 def attempt_finished(workflow: str, record: AttemptRecord) -> None:
     """One attempt ended, whatever became of it: its outcome, tokens, cost, cancel reason, 429."""
     model = {"provider": record.provider, "model": record.model}
-    count(ATTEMPTS, "Attempts by outcome, model and role",
-          {**model, "outcome": record.outcome.value, "role": record.role})
-    count(TOKENS, "Tokens charged (reported, or conservatively estimated when cancelled)",
-          {**model, "kind": "input"}, record.input_tokens)
-    count(TOKENS, "Tokens charged (reported, or conservatively estimated when cancelled)",
-          {**model, "kind": "output"}, record.output_tokens)
-    count(COST, "Cost in USD (exact total; histogram sums are approximate)", {**model, "workflow": workflow},
-          record.cost_usd)
+    count(
+        ATTEMPTS, "Attempts by outcome, model and role", {**model, "outcome": record.outcome.value, "role": record.role}
+    )
+    count(
+        TOKENS,
+        "Tokens charged (reported, or conservatively estimated when cancelled)",
+        {**model, "kind": "input"},
+        record.input_tokens,
+    )
+    count(
+        TOKENS,
+        "Tokens charged (reported, or conservatively estimated when cancelled)",
+        {**model, "kind": "output"},
+        record.output_tokens,
+    )
+    count(
+        COST,
+        "Cost in USD (exact total; histogram sums are approximate)",
+        {**model, "workflow": workflow},
+        record.cost_usd,
+    )
     if record.ttft_s is not None:
         observe(ATTEMPT_TTFT, "Time to first token per attempt", model, record.ttft_s)
     if record.outcome == AttemptOutcome.CANCELLED and record.cancel_reason is not None:
@@ -55,18 +83,26 @@ def attempt_finished(workflow: str, record: AttemptRecord) -> None:
         count(PROVIDER_429, "Provider 429 answers (rate limit or quota)", {**model, "kind": record.error.kind.value})
 
 
-def step_finished(workflow: str, step: str, ok: bool, latency_s: float, attempts: list[AttemptRecord],
-                  winner: int | None) -> None:
+def step_finished(
+    workflow: str, step: str, ok: bool, latency_s: float, attempts: list[AttemptRecord], winner: int | None
+) -> None:
     """A step ended: its latency and outcome, and the tokens of every attempt that did not win."""
     outcome = "ok" if ok else "failed"
     count(STEPS, "Steps by outcome", {"workflow": workflow, "step": step, "outcome": outcome})
-    observe(STEP_LATENCY, "Step latency, from arrival at the executor to its end",
-            {"workflow": workflow, "step": step, "outcome": outcome}, latency_s)
+    observe(
+        STEP_LATENCY,
+        "Step latency, from arrival at the executor to its end",
+        {"workflow": workflow, "step": step, "outcome": outcome},
+        latency_s,
+    )
     for record in attempts:
         if record.attempt != winner:
-            count(TOKENS_WASTED, "Tokens of attempts that did not deliver (lost, invalid, failed, cancelled)",
-                  {"provider": record.provider, "model": record.model},
-                  record.input_tokens + record.output_tokens)
+            count(
+                TOKENS_WASTED,
+                "Tokens of attempts that did not deliver (lost, invalid, failed, cancelled)",
+                {"provider": record.provider, "model": record.model},
+                record.input_tokens + record.output_tokens,
+            )
 
 
 def run_finished(outcome: RunOutcome) -> None:

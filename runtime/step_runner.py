@@ -17,11 +17,9 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
-from actors import run_metrics
-from actors.spend import Grant, Refusal, RunCostGate, SpendAsk, SpendGate, Usage
-from engine.clock import SYSTEM_CLOCK, Clock, Deadline
-from engine.errors import TailraceError
-from engine.outcomes import (
+from tailrace.engine.clock import SYSTEM_CLOCK, Clock, Deadline
+from tailrace.engine.errors import TailraceError
+from tailrace.engine.outcomes import (
     AttemptOutcome,
     AttemptRecord,
     AttemptRequest,
@@ -29,13 +27,15 @@ from engine.outcomes import (
     FailureReason,
     StepResult,
 )
-from engine.prompts import render_messages
-from engine.providers.base import AttemptProgress, ProviderAdapter, ProviderCall, RawAttempt
-from engine.specs import ModelChoice, StepSpec
-from engine.tokens import estimate_prompt_tokens, estimate_tokens
-from engine.validation import Verdict, validate
-from policies.attempts import AttemptFeedback, AttemptPolicy, AttemptState, GiveUp, Start
-from policies.retry import Rung, SequentialRetryPolicy
+from tailrace.engine.prompts import render_messages
+from tailrace.engine.providers.base import AttemptProgress, ProviderAdapter, ProviderCall, RawAttempt
+from tailrace.engine.specs import ModelChoice, StepSpec
+from tailrace.engine.tokens import estimate_prompt_tokens, estimate_tokens
+from tailrace.engine.validation import Verdict, validate
+from tailrace.policies.attempts import AttemptFeedback, AttemptPolicy, AttemptState, GiveUp, Start
+from tailrace.policies.retry import Rung, SequentialRetryPolicy
+from tailrace.policies.spend import Grant, Refusal, RunCostGate, SpendAsk, SpendGate, Usage
+from tailrace.runtime import run_metrics
 
 
 class StepRequest(BaseModel):
@@ -49,7 +49,7 @@ class StepRequest(BaseModel):
     step: StepSpec
     inputs: dict[str, Any]
     upstream: dict[str, Any]
-    deadline_epoch: float          # absolute; converted to the receiver's monotonic clock on arrival
+    deadline_epoch: float  # absolute; converted to the receiver's monotonic clock on arrival
     cost_remaining_usd: float | None = None
     max_attempts: int = 4
     # The fraction of the run's remaining time this step may plan to use (see policies.allocation);
@@ -104,10 +104,14 @@ class _Attempt:
     def state(self) -> AttemptState:
         r = self.record
         return AttemptState(
-            tier=self.tier, started_at=self.progress.started_mono, role=self.role,
-            first_token_at=self.progress.first_token_mono, last_token_at=self.progress.last_token_mono,
+            tier=self.tier,
+            started_at=self.progress.started_mono,
+            role=self.role,
+            first_token_at=self.progress.first_token_mono,
+            last_token_at=self.progress.last_token_mono,
             finished_at=None if r is None else self.progress.started_mono + r.latency_s,
-            outcome=None if r is None else r.outcome, error=None if r is None else r.error,
+            outcome=None if r is None else r.outcome,
+            error=None if r is None else r.error,
             tokens=None if r is None else r.input_tokens + r.output_tokens,
             received_chars=self.progress.received_chars,
         )
@@ -139,7 +143,7 @@ class StepRunner:
         self._clock = clock
         self._policy_factory = policy_factory
         self._gate_factory = gate_factory or (lambda req: RunCostGate(req.cost_remaining_usd))
-        self.attempts_in_flight = 0   # across every step running here; the executor pool reads it
+        self.attempts_in_flight = 0  # across every step running here; the executor pool reads it
         self._observer = observer
 
     async def run(self, request: StepRequest, stop: asyncio.Event | None = None) -> StepResult:
@@ -154,8 +158,14 @@ class StepRunner:
         result: StepResult | None = None
         try:
             result = await self._race(state, self._policy_factory(request))
-            run_metrics.step_finished(request.workflow, request.step.id, result.ok,
-                                      self._clock.monotonic() - arrived, result.attempts, state.winner)
+            run_metrics.step_finished(
+                request.workflow,
+                request.step.id,
+                result.ok,
+                self._clock.monotonic() - arrived,
+                result.attempts,
+                state.winner,
+            )
             return result
         finally:
             # Cancelled from outside (driver gave up, shutdown): close every HTTP stream.
@@ -165,7 +175,7 @@ class StepRunner:
 
     async def _race(self, run: _StepRun, policy: AttemptPolicy) -> StepResult:
         feedback = policy if isinstance(policy, AttemptFeedback) else None
-        blocked = False   # a refusal a policy without feedback cannot know of: wait for an attempt to end
+        blocked = False  # a refusal a policy without feedback cannot know of: wait for an attempt to end
         while True:
             now = self._clock.monotonic()
             decision = policy.decide([a.state() for a in run.attempts], now, run.deadline.at_monotonic)
@@ -232,19 +242,30 @@ class StepRunner:
             return str(exc)
         input_estimate = estimate_prompt_tokens(call.system, call.prompt)
         ask = SpendAsk(
-            run_id=req.run_id, step_id=req.step.id, tenant=req.tenant, provider=choice.provider,
-            model=choice.model, role=decision.role, input_tokens=input_estimate,
+            run_id=req.run_id,
+            step_id=req.step.id,
+            tenant=req.tenant,
+            provider=choice.provider,
+            model=choice.model,
+            role=decision.role,
+            input_tokens=input_estimate,
             max_output_tokens=choice.max_tokens,
-            cost_usd=choice.cost_usd(input_estimate, choice.max_tokens), deadline_epoch=req.deadline_epoch,
+            cost_usd=choice.cost_usd(input_estimate, choice.max_tokens),
+            deadline_epoch=req.deadline_epoch,
         )
         grant = await self._reserve(run, ask)
         if isinstance(grant, Refusal):
             run.refusals.append(grant.reason)
             return grant.reason
         attempt = _Attempt(
-            number=len(run.attempts), tier=decision.tier, role=decision.role, choice=choice,
-            started_at_epoch=self._clock.time(), progress=AttemptProgress(self._clock.monotonic()),
-            grant=grant, call=call,
+            number=len(run.attempts),
+            tier=decision.tier,
+            role=decision.role,
+            choice=choice,
+            started_at_epoch=self._clock.time(),
+            progress=AttemptProgress(self._clock.monotonic()),
+            grant=grant,
+            call=call,
         )
         attempt.task = asyncio.create_task(self._attempt(req, call, attempt))
         self.attempts_in_flight += 1
@@ -256,7 +277,7 @@ class StepRunner:
     async def _reserve(self, run: _StepRun, ask: SpendAsk) -> Grant | Refusal:
         """Ask the gate; a gate may make an attempt wait for budget, but never past the step's deadline
         or after its run was stopped."""
-        if isinstance(run.gate, RunCostGate):   # never waits: no race to set up
+        if isinstance(run.gate, RunCostGate):  # never waits: no race to set up
             return await run.gate.reserve(ask)
         reserve = asyncio.ensure_future(run.gate.reserve(ask))
         stopped = asyncio.ensure_future(run.stop.wait())
@@ -272,16 +293,25 @@ class StepRunner:
                     await reserve
         if reserve.done() and not reserve.cancelled():
             return reserve.result()
-        return Refusal("stopped while waiting for budget" if run.stop.is_set()
-                       else "budget_exhausted: the step's deadline came while waiting for budget")
+        return Refusal(
+            "stopped while waiting for budget"
+            if run.stop.is_set()
+            else "budget_exhausted: the step's deadline came while waiting for budget"
+        )
 
     def _call(self, req: StepRequest, choice: ModelChoice, remaining_s: float) -> ProviderCall:
         system, prompt = rendered_prompt(req, choice)
         headers = {"Idempotency-Key": req.idempotency_key} if req.step.side_effect else {}
         return ProviderCall(
-            provider=choice.provider, kind=self._adapters[choice.provider].kind, model=choice.model,
-            prompt=prompt, system=system, max_tokens=choice.max_tokens,
-            temperature=choice.temperature, top_p=choice.top_p, timeout_s=max(0.05, remaining_s) + 1.0,
+            provider=choice.provider,
+            kind=self._adapters[choice.provider].kind,
+            model=choice.model,
+            prompt=prompt,
+            system=system,
+            max_tokens=choice.max_tokens,
+            temperature=choice.temperature,
+            top_p=choice.top_p,
+            timeout_s=max(0.05, remaining_s) + 1.0,
             headers=headers,
         )
 
@@ -293,8 +323,9 @@ class StepRunner:
             return raw, None
         return raw, validate(req.step.output, raw.text, raw.stop_kind, req.inputs)
 
-    async def _finish(self, run: _StepRun, attempt: _Attempt,
-                      task: asyncio.Task[tuple[RawAttempt, Verdict | None]]) -> None:
+    async def _finish(
+        self, run: _StepRun, attempt: _Attempt, task: asyncio.Task[tuple[RawAttempt, Verdict | None]]
+    ) -> None:
         raw, verdict = task.result()
         if raw.error is not None:
             outcome = AttemptOutcome.ERROR
@@ -304,8 +335,12 @@ class StepRunner:
         else:
             outcome = AttemptOutcome.INVALID
         attempt.record = await self._record(
-            run, attempt, outcome, latency_s=raw.latency_s,
-            invalid_reason=None if verdict is None else verdict.reason, error=raw.error,
+            run,
+            attempt,
+            outcome,
+            latency_s=raw.latency_s,
+            invalid_reason=None if verdict is None else verdict.reason,
+            error=raw.error,
             stop_kind=raw.stop_kind,
         )
 
@@ -324,12 +359,16 @@ class StepRunner:
                 await self._finish(run, a, a.task)  # it finished in the same instant; keep what it said
                 continue
             a.record = await self._record(
-                run, a, AttemptOutcome.CANCELLED, cancel_reason=reason,
+                run,
+                a,
+                AttemptOutcome.CANCELLED,
+                cancel_reason=reason,
                 latency_s=self._clock.monotonic() - a.progress.started_mono,
             )
 
-    async def _record(self, run: _StepRun, attempt: _Attempt, outcome: AttemptOutcome, *,
-                      latency_s: float, **fields: Any) -> AttemptRecord:
+    async def _record(
+        self, run: _StepRun, attempt: _Attempt, outcome: AttemptOutcome, *, latency_s: float, **fields: Any
+    ) -> AttemptRecord:
         p = attempt.progress
         reported = p.input_tokens is not None and p.output_tokens is not None
         # Without reported usage, settle conservatively: the prompt estimate plus what was received.
@@ -337,23 +376,43 @@ class StepRunner:
         output_tokens = p.output_tokens if p.output_tokens is not None else estimate_tokens(p.text)
         cost = attempt.choice.cost_usd(input_tokens, output_tokens)
         error = fields.get("error")
-        await run.gate.settle(attempt.grant, Usage(
-            input_tokens, output_tokens, cost, reported=reported, cancelled=outcome == AttemptOutcome.CANCELLED,
-            rate_limit=dict(p.rate_limit), status=None if error is None else error.status,
-            retry_after_s=None if error is None else error.retry_after_s,
-        ))
+        await run.gate.settle(
+            attempt.grant,
+            Usage(
+                input_tokens,
+                output_tokens,
+                cost,
+                reported=reported,
+                cancelled=outcome == AttemptOutcome.CANCELLED,
+                rate_limit=dict(p.rate_limit),
+                status=None if error is None else error.status,
+                retry_after_s=None if error is None else error.retry_after_s,
+            ),
+        )
         first = p.first_token_mono
         self.attempts_in_flight -= 1
         record = AttemptRecord(
-            run_id=run.request.run_id, step_id=run.request.step.id, attempt=attempt.number,
-            provider=attempt.choice.provider, model=attempt.choice.model, tier=attempt.tier,
-            role=attempt.role, started_at=attempt.started_at_epoch,
+            run_id=run.request.run_id,
+            step_id=run.request.step.id,
+            attempt=attempt.number,
+            provider=attempt.choice.provider,
+            model=attempt.choice.model,
+            tier=attempt.tier,
+            role=attempt.role,
+            started_at=attempt.started_at_epoch,
             ended_at=attempt.started_at_epoch + latency_s,
-            ttft_s=None if first is None else first - p.started_mono, latency_s=latency_s,
-            input_tokens=input_tokens, output_tokens=output_tokens, usage_reported=reported,
-            cost_usd=cost, outcome=outcome, request_id=p.request_id, rate_limit=dict(p.rate_limit),
+            ttft_s=None if first is None else first - p.started_mono,
+            latency_s=latency_s,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            usage_reported=reported,
+            cost_usd=cost,
+            outcome=outcome,
+            request_id=p.request_id,
+            rate_limit=dict(p.rate_limit),
             idempotency_key=run.request.idempotency_key if run.request.step.side_effect else None,
-            request=_request_of(attempt.call), **fields,
+            request=_request_of(attempt.call),
+            **fields,
         )
         run_metrics.attempt_finished(run.request.workflow, record)
         if self._observer is not None:
@@ -367,8 +426,13 @@ class StepRunner:
     def _delivered(self, run: _StepRun, winner: _Attempt) -> StepResult:
         run.winner = winner.number
         return StepResult(
-            step_id=run.request.step.id, ok=True, output=winner.value, text=winner.text,
-            tier=winner.tier, model=winner.choice.model, attempts=self._records(run),
+            step_id=run.request.step.id,
+            ok=True,
+            output=winner.value,
+            text=winner.text,
+            tier=winner.tier,
+            model=winner.choice.model,
+            attempts=self._records(run),
         )
 
     def _failed(self, run: _StepRun, reason: FailureReason, detail: str) -> StepResult:
@@ -378,8 +442,9 @@ class StepRunner:
             detail += f"; last attempt: {last.model} {last.outcome.value}" + (f" ({why})" if why else "")
         if run.refusals:
             detail += f"; refused: {run.refusals[-1]}"
-        return StepResult(step_id=run.request.step.id, ok=False, failure=reason, detail=detail,
-                          attempts=self._records(run))
+        return StepResult(
+            step_id=run.request.step.id, ok=False, failure=reason, detail=detail, attempts=self._records(run)
+        )
 
     @staticmethod
     def _records(run: _StepRun) -> list[AttemptRecord]:
@@ -389,6 +454,13 @@ class StepRunner:
 def _request_of(call: ProviderCall | None) -> AttemptRequest | None:
     if call is None:
         return None
-    return AttemptRequest(provider=call.provider, kind=call.kind, model=call.model, prompt=call.prompt,
-                          system=call.system, max_tokens=call.max_tokens, temperature=call.temperature,
-                          top_p=call.top_p)
+    return AttemptRequest(
+        provider=call.provider,
+        kind=call.kind,
+        model=call.model,
+        prompt=call.prompt,
+        system=call.system,
+        max_tokens=call.max_tokens,
+        temperature=call.temperature,
+        top_p=call.top_p,
+    )
