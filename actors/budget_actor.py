@@ -15,11 +15,9 @@ is in memory; a restarted actor then starts every bucket empty, since it forgot 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
-import time
 import uuid
 from dataclasses import dataclass, replace
 from typing import Any
@@ -27,6 +25,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
+from tailrace.engine.clock import SYSTEM_CLOCK, Clock, Deadline, wait_for
 from tailrace.policies.budget_config import BucketSpec, BudgetConfig, utc_day
 from tailrace.policies.leases import BucketOp, DemandBoard, ExchangeReply, ExchangeRequest, SpendDelta
 from tailrace.runtime import metrics
@@ -43,8 +42,9 @@ METRICS_INTERVAL_S = 1.0
 
 @ray.remote(concurrency_groups={"admin": 1}, max_restarts=-1, max_task_retries=0)
 class BudgetActor:
-    def __init__(self, config: BudgetConfig) -> None:
+    def __init__(self, config: BudgetConfig, clock: Clock = SYSTEM_CLOCK) -> None:
         self._config = config
+        self._clock = clock
         restarted = ray.get_runtime_context().was_current_actor_reconstructed
         self.restarts_seen = int(restarted)
         self._board = DemandBoard(ttl_s=config.lease_ttl_s)
@@ -71,7 +71,7 @@ class BudgetActor:
     # ---- the hot-ish path: executors' reports and top-ups ---------------------------------------------
 
     async def exchange(self, req: ExchangeRequest) -> ExchangeReply:
-        now = time.time()
+        now = self._clock.time()
         targets: dict[str, float] = {}
         wants = {k: op.want for k, op in req.ops.items() if op.want > 0}
         if req.close:
@@ -181,7 +181,7 @@ class BudgetActor:
     @ray.method(concurrency_group="admin")
     async def status(self, day: str | None = None) -> LedgerStatus:
         """Buckets, live leases and tenants' recorded spend for one UTC day (today by default)."""
-        now = time.time()
+        now = self._clock.time()
         day = day or utc_day(now)
         if self._redis is None:
             assert self._memory is not None
@@ -224,7 +224,7 @@ class ActorLedgerClient:
 
     async def exchange(self, req: ExchangeRequest) -> ExchangeReply:
         try:
-            return await asyncio.wait_for(self._actor.exchange.remote(req), self._timeout_s)
+            return await wait_for(self._actor.exchange.remote(req), Deadline.after(self._timeout_s, SYSTEM_CLOCK))
         except (RayActorError, GetTimeoutError, TimeoutError, RayError) as exc:
             raise LedgerUnavailable(f"budget actor unavailable ({type(exc).__name__})") from None
 

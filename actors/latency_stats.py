@@ -15,12 +15,12 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import time
 from collections import deque
 from typing import Any
 
 import ray
 
+from tailrace.engine.clock import SYSTEM_CLOCK, Clock
 from tailrace.policies.latency import LatencyConfig, LatencyStats, Sample, Snapshot
 
 log = logging.getLogger("tailrace")
@@ -31,8 +31,9 @@ NAMESPACE = "tailrace"
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
 class LatencyStatsActor:
-    def __init__(self, config: LatencyConfig | None = None) -> None:
+    def __init__(self, config: LatencyConfig | None = None, clock: Clock = SYSTEM_CLOCK) -> None:
         self._config = config or LatencyConfig()
+        self._clock = clock
         self._seq = itertools.count(1)
         self._last = 0
         # model -> (seq, source, sample), oldest first
@@ -40,7 +41,7 @@ class LatencyStatsActor:
 
     def exchange(self, source: str, new: Snapshot, since: int) -> tuple[Snapshot, int]:
         """Store `source`'s new samples; return the others' samples after cursor `since`, and the new cursor."""
-        horizon = time.time() - self._config.window_s
+        horizon = self._clock.time() - self._config.window_s
         for model, samples in new.items():
             window = self._samples.setdefault(model, deque(maxlen=self._config.max_samples))
             for s in samples:

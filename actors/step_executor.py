@@ -18,12 +18,12 @@ import ray
 
 from tailrace.actors.latency_stats import StatsSync
 from tailrace.engine.clock import SYSTEM_CLOCK, Clock
-from tailrace.engine.outcomes import StepResult
+from tailrace.engine.outcomes import CancelReason, StepResult
 from tailrace.engine.providers.base import AdapterSettings, ProviderAdapter, build_adapter
 from tailrace.engine.specs import HedgeConfig
 from tailrace.policies.hedging import TailTuning
 from tailrace.policies.spend import RunCostGate, SpendGate
-from tailrace.runtime.step_runner import StepRequest, StepRunner
+from tailrace.runtime.step_runner import RunStop, StepRequest, StepRunner
 from tailrace.runtime.tail_control import TailControl
 
 
@@ -61,7 +61,8 @@ class StepExecutor:
         if stats_name is not None:
             source = f"{name}-{os.getpid()}-{id(self):x}"
             self._sync = StatsSync(self.tail.stats, stats_name, source, self.tail.tuning.sync_interval_s)
-        self._stops: dict[str, asyncio.Event] = {}  # run id -> stop signal for its steps here
+        self._clock = clock
+        self._stops: dict[str, RunStop] = {}  # run id -> stop signal for its steps here
         self._steps_per_run: Counter[str] = Counter()
         self._in_flight = 0
 
@@ -75,7 +76,7 @@ class StepExecutor:
         if self._sync is not None:
             self._sync.start()  # in this actor's event loop; the first sync warms the windows
         run_id = request.run_id
-        stop = self._stops.setdefault(run_id, asyncio.Event())
+        stop = self._stops.setdefault(run_id, RunStop())
         self._steps_per_run[run_id] += 1
         self._in_flight += 1
         try:
@@ -87,11 +88,11 @@ class StepExecutor:
                 del self._steps_per_run[run_id]
                 self._stops.pop(run_id, None)
 
-    async def cancel_run(self, run_id: str) -> None:
-        """Stop every step of `run_id` running here; each returns `cancelled` with its attempts."""
+    async def cancel_run(self, run_id: str, reason: CancelReason = CancelReason.RUN_FAILED) -> None:
+        """Stop every step of `run_id` running here; each returns with its attempts cancelled for `reason`."""
         stop = self._stops.get(run_id)
         if stop is not None:
-            stop.set()
+            stop.set(CancelReason(reason))
 
     @ray.method(concurrency_group="admin")
     async def health(self) -> dict[str, object]:
@@ -106,7 +107,7 @@ class StepExecutor:
 
     async def tail_snapshot(self) -> dict[str, object]:
         """What tail control sees now: sample counts, circuit states, retry tokens, syncs done."""
-        now = SYSTEM_CLOCK.monotonic()
+        now = self._clock.monotonic()
         counts = {key: self.tail.stats.count(key) for key in self.tail.stats.snapshot()}
         return {
             "samples": counts,

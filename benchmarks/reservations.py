@@ -24,6 +24,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")  # read when ray is imported
 
 import ray
 
+from tailrace.engine.clock import SYSTEM_CLOCK
 from tailrace.policies.budget_config import BudgetConfig, LimitSpec
 from tailrace.policies.spend import Grant, SpendAsk, Usage
 
@@ -53,7 +54,7 @@ class Client:
                 input_tokens=100,
                 max_output_tokens=200,
                 cost_usd=0.0001,
-                deadline_epoch=time.time() + 3600,
+                deadline_at=SYSTEM_CLOCK.monotonic() + 3600,
             )
             used = Usage(90, 50, 0.00005)
             while time.monotonic() < stop_at:

@@ -114,7 +114,7 @@ class _LocalBucketGate:
 
     async def reserve(self, ask: SpendAsk) -> Grant | Refusal:
         now = SYSTEM_CLOCK.monotonic()
-        deadline = Deadline.from_epoch(ask.deadline_epoch, SYSTEM_CLOCK)
+        deadline = Deadline(ask.deadline_at, SYSTEM_CLOCK)
         specs = self._config.buckets_for(ask.provider, ask.model)
         if self._lock is None:
             self._lock = asyncio.Lock()

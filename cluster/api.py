@@ -24,12 +24,12 @@ from tailrace.actors.budget_actor import BudgetHandle
 from tailrace.actors.latency_stats import stats_actor
 from tailrace.actors.step_executor import StepExecutor
 from tailrace.cluster.budget import BudgetAdmission, budget_status, ensure_budget
-from tailrace.cluster.driver import DEFAULT_GRACE_S, WorkflowDriver, run_records
+from tailrace.cluster.driver import WorkflowDriver, run_records
 from tailrace.cluster.pool import ExecutorPool, PoolConfig
 from tailrace.cluster.providers import SimulatorEndpoints, needs_simulator, resolve_providers
 from tailrace.cluster.results import BatchSummary, ResultWriter, finished_run_ids
 from tailrace.cluster.trace import TraceConfig, TraceWriter, default_trace_path
-from tailrace.engine.clock import Clock
+from tailrace.engine.clock import DEFAULT_GRACE_S, SYSTEM_CLOCK, Clock, Deadline, wait_for
 from tailrace.engine.loading import check_inputs, load_inputs, load_workflow
 from tailrace.engine.outcomes import RunOutcome
 from tailrace.engine.providers.base import AdapterSettings
@@ -69,6 +69,16 @@ def start_executors(
     ]
     ray.get([e.health.remote() for e in executors])
     return executors
+
+
+async def _on_every_executor(pool: ExecutorPool, method: str, within_s: float = 10.0) -> None:
+    calls = asyncio.gather(*(getattr(h, method).remote() for h in pool.handles()), return_exceptions=True)
+    try:
+        for error in await wait_for(calls, Deadline.after(within_s, SYSTEM_CLOCK)):
+            if isinstance(error, BaseException):
+                log.warning("an executor failed %s: %s", method, type(error).__name__)
+    except TimeoutError:
+        log.warning("executors did not finish %s within %.0f s", method, within_s)
 
 
 def _numbered(workflow: WorkflowSpec, records: Records, skip: set[str]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -165,15 +175,9 @@ def run_batch(
             driver = WorkflowDriver(spec, options, executors, grace_s=grace_s, hedge=hedge, admission=admission)
             await run_records(driver, remembered(), writer, summary, max_in_flight, finished)
             if handle is not None:  # executors return their leases and report their last spend
-                await asyncio.wait_for(
-                    asyncio.gather(*(h.shutdown.remote() for h in executors.handles()), return_exceptions=True),
-                    timeout=10,
-                )
+                await _on_every_executor(executors, "shutdown")
             if not batch_stats:  # a shared stats actor outlives the batch: hand it the last samples
-                await asyncio.wait_for(
-                    asyncio.gather(*(h.sync_stats.remote() for h in executors.handles()), return_exceptions=True),
-                    timeout=10,
-                )
+                await _on_every_executor(executors, "sync_stats")
 
     try:
         asyncio.run(drive())

@@ -20,7 +20,7 @@ from collections import deque
 from typing import Any
 
 from tailrace.actors.budget_actor import BudgetHandle, budget_actor, find_budget_actor
-from tailrace.engine.clock import SYSTEM_CLOCK, Clock, Deadline
+from tailrace.engine.clock import SYSTEM_CLOCK, Clock, Deadline, RunDeadline, wait_for
 from tailrace.engine.dag import Dag
 from tailrace.engine.outcomes import AttemptOutcome, FailureReason, RunOutcome
 from tailrace.engine.specs import RunOptions, StepSpec, WorkflowSpec
@@ -106,11 +106,11 @@ class BudgetAdmission:
         return total
 
     async def admit(
-        self, run_id: str, workflow: WorkflowSpec, options: RunOptions, deadline_epoch: float
+        self, run_id: str, workflow: WorkflowSpec, options: RunOptions, deadline: RunDeadline
     ) -> str | None:
         self._ensure_sync()
         now = self._clock.monotonic()
-        latest = Deadline.from_epoch(deadline_epoch, self._clock).at_monotonic - self.critical_path_s
+        latest = now + deadline.remaining() - self.critical_path_s
         refusal = self._planner.admit(run_id, options.tenant, self.run_need(), latest, now)
         if refusal is None:
             self.admitted += 1
@@ -174,7 +174,7 @@ class BudgetAdmission:
     async def _sync_forever(self) -> None:
         while True:
             with contextlib.suppress(Exception):  # a slow or restarting actor: plan on, sync later
-                status: LedgerStatus = await asyncio.wait_for(self._actor.status.remote(), 2.0)
+                status: LedgerStatus = await wait_for(self._actor.status.remote(), Deadline.after(2.0, self._clock))
                 now = self._clock.monotonic()
                 for key, b in status.buckets.items():
                     self._planner.sync(key, max(0.0, b.level) + b.outstanding, now)
@@ -198,16 +198,14 @@ def budget_status(
 ) -> LedgerStatus:
     """Buckets and tenants' recorded spend for a UTC day (today by default): from Redis directly when
     `redis_url` is given (no cluster needed), else from the running cluster's budget actor."""
-    import time
-
-    day = day or utc_day(time.time())
+    day = day or utc_day(SYSTEM_CLOCK.time())
     if redis_url is not None:
         config = BudgetConfig(redis_url=redis_url, namespace=namespace)
 
         async def read() -> LedgerStatus:
             ledger = RedisLedger(redis_url, namespace, config.bucket)
             try:
-                return await ledger.status(day, time.time())
+                return await ledger.status(day, SYSTEM_CLOCK.time())
             finally:
                 await ledger.aclose()
 

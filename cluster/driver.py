@@ -24,9 +24,9 @@ from ray.exceptions import RayActorError, RayError, RayTaskError, TaskCancelledE
 
 from tailrace.cluster.pool import ExecutorSource, Lease, NoExecutorError
 from tailrace.cluster.results import BatchSummary, ResultWriter
-from tailrace.engine.clock import SYSTEM_CLOCK, Clock, Deadline
+from tailrace.engine.clock import DEFAULT_GRACE_S, SYSTEM_CLOCK, Clock, Deadline, RunDeadline, wait_all, wait_first
 from tailrace.engine.dag import Dag
-from tailrace.engine.outcomes import AttemptRecord, FailureReason, RunOutcome, StepResult
+from tailrace.engine.outcomes import AttemptRecord, CancelReason, FailureReason, RunOutcome, StepResult
 from tailrace.engine.specs import HedgeConfig, RunOptions, WorkflowSpec
 from tailrace.policies.allocation import split_extra_tokens, step_extra_tokens, step_weights, time_shares
 from tailrace.policies.hedging import effective_config
@@ -34,17 +34,14 @@ from tailrace.policies.spend_limits import attempt_weight, split_cost
 from tailrace.runtime import run_metrics
 from tailrace.runtime.step_runner import StepRequest
 
-DEFAULT_GRACE_S = 0.25
-
 
 @dataclass
 class _RunState:
     run_id: str
     inputs: dict[str, Any]
-    deadline: Deadline
-    started_at: float
-    deadline_epoch: float  # computed once: every step request carries this same value
-    started_mono: float = 0.0  # latency is measured on the monotonic clock (immune to NTP steps)
+    deadline: RunDeadline  # set once: every step request carries this same deadline
+    started_at: float  # wall clock, for the record
+    started_mono: float  # latency is measured on the monotonic clock (immune to NTP steps)
     outputs: dict[str, Any] = field(default_factory=dict)
     attempts: list[AttemptRecord] = field(default_factory=list)
     degraded: dict[str, str] = field(default_factory=dict)
@@ -113,7 +110,7 @@ class RunAdmission(Protocol):
     An admission may also define `finished(run_id, outcome)`, called when an admitted run ends."""
 
     async def admit(
-        self, run_id: str, workflow: WorkflowSpec, options: RunOptions, deadline_epoch: float
+        self, run_id: str, workflow: WorkflowSpec, options: RunOptions, deadline: RunDeadline
     ) -> str | None:
         """None to admit the run, else the reason it cannot be served before its deadline."""
         ...
@@ -142,20 +139,20 @@ class WorkflowDriver:
         self.grace_s = grace_s
 
     async def run(self, run_id: str, inputs: dict[str, Any]) -> RunOutcome:
-        deadline = Deadline.after(self.options.deadline_s, self.clock)
+        started_mono = self.clock.monotonic()
+        deadline = RunDeadline.start(self.options.deadline_s, self.clock, grace_s=self.grace_s)
         state = _RunState(
             run_id,
             inputs,
             deadline,
-            self.clock.time(),
-            deadline.to_epoch(),
-            self.clock.monotonic(),
+            deadline.epoch_s - self.options.deadline_s,
+            started_mono,
             extra_allowance=self._extra_allowance(inputs),
         )
         pending: _Pending = {}
         started: set[str] = set()
         if self.admission is not None:
-            refusal = await self.admission.admit(run_id, self.workflow, self.options, state.deadline_epoch)
+            refusal = await self.admission.admit(run_id, self.workflow, self.options, state.deadline)
             if refusal is not None:
                 state.failure, state.detail = FailureReason.BUDGET_EXHAUSTED, refusal
                 return self._outcome(state)
@@ -170,9 +167,7 @@ class WorkflowDriver:
                     call = _StepCall(step_id)
                     pending[asyncio.ensure_future(self._run_step(state, call, shares.get(step_id)))] = call
                 # The backstop fires halfway into the grace, leaving the rest to collect the stragglers' records.
-                done, _ = await asyncio.wait(
-                    pending, timeout=state.deadline.remaining() + self.grace_s / 2, return_when=asyncio.FIRST_COMPLETED
-                )
+                done = await wait_first(pending, state.deadline.backstop)
                 if not done:
                     state.failure, state.detail = FailureReason.DEADLINE_EXCEEDED, "run deadline reached"
                     break
@@ -222,13 +217,13 @@ class WorkflowDriver:
                 step=step,
                 inputs=state.inputs,
                 upstream={d: state.outputs[d] for d in self.dag.ancestors(step.id)},
-                deadline_epoch=state.deadline_epoch,
+                deadline=state.deadline,
                 cost_remaining_usd=remaining_cost,
                 max_attempts=self.options.max_attempts_per_step,
                 time_share=self.time_shares[step.id],
                 extra_tokens=state.extra_held.get(step.id),
             )
-            lease = await self.pool.lease(state.deadline, avoid)
+            lease = await self.pool.lease(state.deadline.deadline, avoid)
             call.index, call.executor = lease.key, lease.executor
             call.ref = call.executor.run_step.remote(request)
             try:
@@ -271,14 +266,15 @@ class WorkflowDriver:
             return
         if state.failed_step is None:
             state.failed_step = next(iter(pending.values())).step_id  # still running when the deadline hit
+        # Past the deadline it is the deadline that stops them; before it, the run failed elsewhere.
+        reason = CancelReason.DEADLINE if state.deadline.expired() else CancelReason.RUN_FAILED
         for call in pending.values():
             if call.executor is not None:
-                call.executor.cancel_run.remote(state.run_id)
-        wait_s = max(0.0, min(self.grace_s, state.deadline.remaining() + self.grace_s))
-        done, still = await asyncio.wait(pending, timeout=wait_s) if wait_s > 0 else (set(), set(pending))
-        for task in still:
+                call.executor.cancel_run.remote(state.run_id, reason)
+        done = await wait_all(pending, state.deadline.end.earlier(state.deadline.grace_s))
+        for task in set(pending) - done:
             ref = pending[task].ref
-            if ref is not None:
+            if isinstance(ref, ray.ObjectRef):
                 ray.cancel(ref)
             task.cancel()
         for task in done:
@@ -302,7 +298,7 @@ class WorkflowDriver:
             outputs={s: state.outputs[s] for s in self.dag.sinks()} if delivered else {},
             started_at=state.started_at,
             ended_at=ended,
-            deadline_at=state.deadline_epoch,
+            deadline_at=state.deadline.epoch_s,
             latency_s=latency,
             cost_usd=state.cost_usd,
             input_tokens=sum(a.input_tokens for a in state.attempts),

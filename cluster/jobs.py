@@ -42,6 +42,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from tailrace.engine.clock import SYSTEM_CLOCK
 from tailrace.engine.errors import InputError, TailraceError
 
 DEFAULT_RESULTS_DIR = "~/.tailrace/jobs"
@@ -284,13 +285,13 @@ def submit(
 
 def _submit_job(jobs: Any, *, patience_s: float = 60.0, **kwargs: Any) -> None:
     """Submit, waiting (bounded) while a freshly started head has no job agent registered yet."""
-    end = time.monotonic() + patience_s
+    end = SYSTEM_CLOCK.monotonic() + patience_s
     while True:
         try:
             jobs.submit_job(**kwargs)
             return
         except RuntimeError as exc:
-            if "No available agent" not in str(exc) or time.monotonic() >= end:
+            if "No available agent" not in str(exc) or SYSTEM_CLOCK.monotonic() >= end:
                 raise
             time.sleep(0.5)
 
@@ -383,10 +384,10 @@ def wait(submission_id: str, address: str | None = None, timeout_s: float = 3600
     """Block until the batch's latest job is terminal (or the timeout passes); its status."""
     jobs = client(address)
     job_id = latest_job(jobs, submission_id)
-    end = time.monotonic() + timeout_s
+    end = SYSTEM_CLOCK.monotonic() + timeout_s
     while True:
         current = _job_status(jobs, job_id) or "UNKNOWN"
-        if current in _TERMINAL or time.monotonic() >= end:
+        if current in _TERMINAL or SYSTEM_CLOCK.monotonic() >= end:
             return current
         time.sleep(poll_s)
 
@@ -533,7 +534,7 @@ def _run_job(args: argparse.Namespace) -> int:
         if outcome is not None:
             counts["finished"] += 1
             counts["delivered"] += outcome.delivered
-        now = time.monotonic()
+        now = SYSTEM_CLOCK.monotonic()
         if force or now - last[0] >= 2.0:
             last[0] = now
             done = skipped + counts["finished"]

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tailrace.engine.clock import SYSTEM_CLOCK, Clock, Deadline
+from tailrace.engine.clock import SYSTEM_CLOCK, Clock, Deadline, wait_first
 from tailrace.engine.errors import TailraceError
 from tailrace.runtime import run_metrics
 
@@ -250,8 +250,11 @@ class ExecutorPool:
                 if remaining <= 0:
                     raise NoExecutorError("no step executor was available before the deadline")
                 self._changed.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, self.config.scale_interval_s))
+                changed = asyncio.ensure_future(self._changed.wait())
+                try:
+                    await wait_first([changed], deadline.earlier(self.config.scale_interval_s))
+                finally:
+                    changed.cancel()
         finally:
             self._waiting -= 1
 

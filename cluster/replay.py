@@ -19,7 +19,7 @@ from typing import Any
 
 from tailrace.cluster.results import quantile
 from tailrace.cluster.trace import read_trace
-from tailrace.engine.clock import SYSTEM_CLOCK, Clock
+from tailrace.engine.clock import SYSTEM_CLOCK, Clock, Deadline, wait_for
 from tailrace.engine.errors import InputError
 from tailrace.engine.outcomes import AttemptRequest
 from tailrace.engine.providers.base import (
@@ -174,7 +174,7 @@ async def replay(
         async with gate:
             progress = AttemptProgress(clock.monotonic())
             try:
-                raw = await asyncio.wait_for(adapter.attempt(call, progress), timeout_s)
+                raw = await wait_for(adapter.attempt(call, progress), Deadline.after(timeout_s, clock))
             except TimeoutError:
                 result.outcomes["error: timeout"] += 1
                 return

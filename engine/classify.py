@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import email.utils
 import re
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -39,10 +38,11 @@ class FailureFacts:
     transport: Transport | None = None
 
 
-def classify(provider: str, facts: FailureFacts) -> ProviderError:
-    """Classify one failure of an OpenAI-format or Anthropic-format provider."""
+def classify(provider: str, facts: FailureFacts, now_epoch: float | None = None) -> ProviderError:
+    """Classify one failure of an OpenAI-format or Anthropic-format provider. `now_epoch` (the caller's
+    clock) turns a Retry-After given as an HTTP date into seconds; without it such a hint is ignored."""
     kind = _kind(provider, facts)
-    retry_after = retry_after_s(facts.headers) if kind in RETRYABLE_KINDS else None
+    retry_after = retry_after_s(facts.headers, now_epoch) if kind in RETRYABLE_KINDS else None
     return ProviderError(
         kind=kind,
         retryable=kind in RETRYABLE_KINDS,
@@ -114,8 +114,8 @@ def retry_after_s(headers: Mapping[str, str], now: float | None = None) -> float
             return max(0.0, float(ra))
         except ValueError:
             parsed = email.utils.parsedate_to_datetime(ra) if ra else None
-            if parsed is not None:
-                return max(0.0, parsed.timestamp() - (now if now is not None else time.time()))
+            if parsed is not None and now is not None:
+                return max(0.0, parsed.timestamp() - now)
     resets = [
         parse_duration_s(v)
         for k, v in headers.items()

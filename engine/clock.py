@@ -1,4 +1,8 @@
-"""Time for every component: a `Clock` protocol, the real clock, a fake one for tests, and `Deadline`.
+"""Time for every component: a `Clock` protocol, the real clock, a fake one for tests, `Deadline`, and
+`RunDeadline`, the one object that owns a run's time.
+
+This is the only module that reads the real clock: everything else takes a `Clock` (and waits with
+`wait_first` / `wait_all` below, never with `asyncio.wait(timeout=...)`, which reads the loop's clock).
 
 Deadlines are absolute. A run's deadline is a wall-clock epoch set once by the driver; each receiver
 converts it to its own monotonic clock on arrival (`Deadline.from_epoch`) and never reads the wall
@@ -10,12 +14,16 @@ between sender and receiver shifts the deadline by exactly that skew.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import math
 import time
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
+
+T = TypeVar("T")
 
 
 class Clock(Protocol):
@@ -130,3 +138,116 @@ class Deadline:
     def earlier(self, seconds: float) -> Deadline:
         """The deadline no later than `seconds` from now."""
         return Deadline(min(self.at_monotonic, self.clock.monotonic() + seconds), self.clock)
+
+
+DEFAULT_RETURN_MARGIN_S = 0.05  # executors end their work this much early, so results travel back in time
+DEFAULT_GRACE_S = 0.25  # nothing of a run outlives its deadline by more than this
+
+
+@dataclass(frozen=True)
+class RunDeadline:
+    """A run's time, owned by one object: the absolute deadline, what remains of it, the margin an
+    executor keeps to send its result back, and the grace the driver's backstop allows.
+
+    The driver sets it once (`start`). It travels with every step request as its epoch alone (pickling
+    drops the local part), and each receiver binds it to its own clock on arrival (`arrive`): the one
+    conversion of the wall-clock epoch to that process's monotonic clock, after which the wall clock is
+    never read again for the run, so queueing on the way counts and an NTP step cannot stretch it.
+    """
+
+    epoch_s: float
+    return_margin_s: float = DEFAULT_RETURN_MARGIN_S
+    grace_s: float = DEFAULT_GRACE_S
+    at: float | None = None  # the deadline on `clock`'s monotonic time, once bound
+    clock: Clock | None = None
+
+    @classmethod
+    def start(
+        cls,
+        seconds: float,
+        clock: Clock,
+        *,
+        return_margin_s: float = DEFAULT_RETURN_MARGIN_S,
+        grace_s: float = DEFAULT_GRACE_S,
+    ) -> RunDeadline:
+        """A new run's deadline, `seconds` from now (the driver, once per run)."""
+        now = clock.monotonic()
+        return cls(clock.time() + seconds, return_margin_s, grace_s, now + seconds, clock)
+
+    def arrive(self, clock: Clock) -> RunDeadline:
+        """This deadline on the receiver's clock: converted once, on arrival."""
+        return RunDeadline(
+            self.epoch_s, self.return_margin_s, self.grace_s, clock.monotonic() + (self.epoch_s - clock.time()), clock
+        )
+
+    def __reduce__(self) -> tuple[type[RunDeadline], tuple[float, float, float]]:
+        # What travels is the absolute epoch; a monotonic time means nothing in another process.
+        return (RunDeadline, (self.epoch_s, self.return_margin_s, self.grace_s))
+
+    def _bound(self) -> tuple[float, Clock]:
+        if self.at is None or self.clock is None:
+            raise RuntimeError("RunDeadline used before arrive(clock) bound it to this process's clock")
+        return self.at, self.clock
+
+    @property
+    def deadline(self) -> Deadline:
+        """The run's deadline itself."""
+        at, clock = self._bound()
+        return Deadline(at, clock)
+
+    @property
+    def work_deadline(self) -> Deadline:
+        """Where an executor stops working on the run: the return margin before the deadline."""
+        at, clock = self._bound()
+        return Deadline(at - self.return_margin_s, clock)
+
+    @property
+    def backstop(self) -> Deadline:
+        """When the driver stops a run whose executors have not answered: half the grace after it."""
+        at, clock = self._bound()
+        return Deadline(at + self.grace_s / 2, clock)
+
+    @property
+    def end(self) -> Deadline:
+        """Nothing of the run outlives this: deadline + grace."""
+        at, clock = self._bound()
+        return Deadline(at + self.grace_s, clock)
+
+    def remaining(self) -> float:
+        return self.deadline.remaining()
+
+    def expired(self) -> bool:
+        return self.remaining() <= 0
+
+
+async def wait_first(aws: Iterable[asyncio.Future[Any]], until: Deadline) -> set[asyncio.Future[Any]]:
+    """Wait until one of `aws` is done or `until` comes, on `until`'s clock; the futures that are done."""
+    aws = list(aws)
+    timer = asyncio.ensure_future(until.clock.sleep(until.remaining()))
+    try:
+        await asyncio.wait([*aws, timer], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        timer.cancel()
+    return {a for a in aws if a.done()}
+
+
+async def wait_all(aws: Iterable[asyncio.Future[Any]], until: Deadline) -> set[asyncio.Future[Any]]:
+    """Wait until all of `aws` are done or `until` comes, on `until`'s clock; the futures that are done."""
+    aws = list(aws)
+    pending = {a for a in aws if not a.done()}
+    done = {a for a in aws if a.done()}
+    while pending and not until.expired():
+        done |= await wait_first(pending, until)
+        pending -= done
+    return done
+
+
+async def wait_for(aw: Awaitable[T], until: Deadline) -> T:
+    """`aw`'s result, or `TimeoutError` (with `aw` cancelled) if `until` comes first, on `until`'s clock."""
+    task = asyncio.ensure_future(aw)
+    if not await wait_first([task], until):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise TimeoutError(f"not done within the deadline ({until.remaining():.3f} s left)")
+    return task.result()

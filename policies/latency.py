@@ -147,11 +147,9 @@ class ModelWindow:
 class LatencyStats:
     """Every model's window in one process. Time is read from the injected clock (fake in tests)."""
 
-    def __init__(self, config: LatencyConfig | None = None, clock: Clock | None = None) -> None:
-        from tailrace.engine.clock import SYSTEM_CLOCK
-
+    def __init__(self, config: LatencyConfig | None, clock: Clock) -> None:
         self.config = config or LatencyConfig()
-        self._clock = clock or SYSTEM_CLOCK
+        self._clock = clock
         self._windows: dict[str, ModelWindow] = {}
         self._new: Snapshot = {}  # observed here, not yet handed to the stats actor
 

@@ -4,7 +4,7 @@ A `SpendGate` is asked once per attempt (primary, retry or duplicate) with what 
 at most (prompt estimate + max_tokens, as providers charge at admission). It answers with a grant or
 a refusal; after the attempt the grant is settled with what was actually used. The run's cost cap
 is the gate built here; the cluster-wide budget (`tailrace.runtime.lease_gate`) plugs in behind the
-same protocol and can use `role` and `deadline_epoch` to rank duplicates below primaries and urgent runs first.
+same protocol and can use `role` and `deadline_at` to rank duplicates below primaries and urgent runs first.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class SpendAsk:
     provider: str = ""
     model: str = ""
     role: str = "primary"  # primary | retry | duplicate
-    deadline_epoch: float = math.inf
+    deadline_at: float = math.inf  # the step's deadline on the executor's monotonic clock (converted once)
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ class DirectGate:
         refusal = too_large(specs, need)
         if refusal:
             return Refusal(refusal)
-        deadline = Deadline.from_epoch(ask.deadline_epoch, self._clock)
+        deadline = Deadline(ask.deadline_at, self._clock)
         ttl = max(self.config.lease_ttl_s, deadline.remaining() + 5.0)
         lease_id = None
         while True:

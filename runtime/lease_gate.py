@@ -37,7 +37,7 @@ from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from tailrace.engine.clock import SYSTEM_CLOCK, Clock, Deadline
+from tailrace.engine.clock import SYSTEM_CLOCK, Clock
 from tailrace.policies.budget_config import BucketSpec, BudgetConfig, Charges, settled_amount, usage_unknown
 from tailrace.policies.leases import BucketOp, BucketView, ExchangeRequest, ProviderFeedback, SpendDelta, SpendTotals
 from tailrace.policies.priority import SPECULATIVE, FairQueue, Waiter, priority_class, speculative_allowed
@@ -199,7 +199,7 @@ class LeasePool:
             return Refusal("no spare capacity for a duplicate near the rate limit")
         if usable and not self._queue and self._fits(need, now):
             return self._take(ask, specs, need, now)
-        deadline = Deadline.from_epoch(ask.deadline_epoch, self._clock).at_monotonic
+        deadline = ask.deadline_at
         eta = self._eta(need, deadline, now)
         if now + eta > deadline:
             self.counters.refusals["never_in_time"] += 1

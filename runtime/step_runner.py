@@ -15,9 +15,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, InstanceOf
 
-from tailrace.engine.clock import SYSTEM_CLOCK, Clock, Deadline
+from tailrace.engine.clock import SYSTEM_CLOCK, Clock, Deadline, RunDeadline, wait_first
 from tailrace.engine.errors import TailraceError
 from tailrace.engine.outcomes import (
     AttemptOutcome,
@@ -49,7 +49,7 @@ class StepRequest(BaseModel):
     step: StepSpec
     inputs: dict[str, Any]
     upstream: dict[str, Any]
-    deadline_epoch: float  # absolute; converted to the receiver's monotonic clock on arrival
+    deadline: InstanceOf[RunDeadline]  # the run's one deadline; bound to the receiver's clock on arrival
     cost_remaining_usd: float | None = None
     max_attempts: int = 4
     # The fraction of the run's remaining time this step may plan to use (see policies.allocation);
@@ -65,6 +65,26 @@ class StepRequest(BaseModel):
 
 
 PolicyFactory = Callable[[StepRequest], AttemptPolicy]
+
+
+class RunStop:
+    """Tells a run's steps in one executor to stop, and why: the run failed elsewhere (`run_failed`) or
+    its deadline passed while the driver had no answer (`deadline`, the driver's backstop)."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self.reason = CancelReason.RUN_FAILED
+
+    def set(self, reason: CancelReason = CancelReason.RUN_FAILED) -> None:
+        if not self._event.is_set():
+            self.reason = reason
+            self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
 
 
 class AttemptObserver(Protocol):
@@ -122,7 +142,7 @@ class _StepRun:
     request: StepRequest
     deadline: Deadline
     gate: SpendGate
-    stop: asyncio.Event
+    stop: RunStop
     attempts: list[_Attempt] = field(default_factory=list)
     refusals: list[str] = field(default_factory=list)
     winner: int | None = None
@@ -135,10 +155,8 @@ class StepRunner:
         clock: Clock = SYSTEM_CLOCK,
         policy_factory: PolicyFactory = sequential_policy,
         gate_factory: Callable[[StepRequest], SpendGate] | None = None,
-        return_margin_s: float = 0.05,
         observer: AttemptObserver | None = None,
     ) -> None:
-        self._return_margin_s = return_margin_s
         self._adapters = adapters
         self._clock = clock
         self._policy_factory = policy_factory
@@ -146,15 +164,15 @@ class StepRunner:
         self.attempts_in_flight = 0  # across every step running here; the executor pool reads it
         self._observer = observer
 
-    async def run(self, request: StepRequest, stop: asyncio.Event | None = None) -> StepResult:
-        """Run the step to a valid answer, a give-up or its deadline. Setting `stop` ends it early
-        (its run failed elsewhere): running attempts are cancelled and the step ends `cancelled`."""
-        # The one conversion of the absolute deadline to this process's monotonic clock: time spent
-        # queueing on the way here is already gone, and the wall clock is never read again for it.
-        # End a little before it, so the result travels back to the driver in time.
+    async def run(self, request: StepRequest, stop: RunStop | None = None) -> StepResult:
+        """Run the step to a valid answer, a give-up or its deadline. Setting `stop` ends it early:
+        running attempts are cancelled with the stop's reason, and the step ends `cancelled` (its run
+        failed elsewhere) or `deadline_exceeded` (the driver's backstop: the run's deadline passed)."""
+        # The one conversion of the run's deadline to this process's clock: time spent queueing on the
+        # way here is already gone. Work ends the return margin before it, so the result travels back in time.
         arrived = self._clock.monotonic()
-        deadline = Deadline.from_epoch(request.deadline_epoch - self._return_margin_s, self._clock)
-        state = _StepRun(request, deadline, self._gate_factory(request), stop or asyncio.Event())
+        deadline = request.deadline.arrive(self._clock).work_deadline
+        state = _StepRun(request, deadline, self._gate_factory(request), stop or RunStop())
         result: StepResult | None = None
         try:
             result = await self._race(state, self._policy_factory(request))
@@ -190,8 +208,7 @@ class StepRunner:
                             feedback.started(decision, now)
                         continue
                     if run.stop.is_set():
-                        await self._cancel_running(run, CancelReason.RUN_FAILED)
-                        return self._failed(run, FailureReason.CANCELLED, "the run ended elsewhere")
+                        return await self._stopped(run)
                     if not self._running(run):
                         return self._failed(run, FailureReason.BUDGET_EXHAUSTED, refusal)
                     # Refused while other attempts run (a duplicate without spare budget): the policy
@@ -210,20 +227,24 @@ class StepRunner:
                     await self._cancel_running(run, CancelReason.HEDGE_LOST)
                     return self._delivered(run, attempt)
             if run.stop.is_set():
-                await self._cancel_running(run, CancelReason.RUN_FAILED)
-                return self._failed(run, FailureReason.CANCELLED, "the run ended elsewhere")
+                return await self._stopped(run)
             if run.deadline.expired():
                 await self._cancel_running(run, CancelReason.DEADLINE)
                 return self._failed(run, FailureReason.DEADLINE_EXCEEDED, "step deadline reached")
 
+    async def _stopped(self, run: _StepRun) -> StepResult:
+        reason = run.stop.reason
+        await self._cancel_running(run, reason)
+        if reason == CancelReason.DEADLINE:
+            return self._failed(run, FailureReason.DEADLINE_EXCEEDED, "the run's deadline passed (driver's backstop)")
+        return self._failed(run, FailureReason.CANCELLED, "the run ended elsewhere")
+
     async def _wait(self, run: _StepRun, wake_at: float) -> list[_Attempt]:
         running = {a.task: a for a in run.attempts if a.task is not None and a.record is None}
-        timer = asyncio.ensure_future(self._clock.sleep(wake_at - self._clock.monotonic()))
         stopped = asyncio.ensure_future(run.stop.wait())
         try:
-            await asyncio.wait([timer, stopped, *running], return_when=asyncio.FIRST_COMPLETED)
+            await wait_first([stopped, *running], Deadline(wake_at, self._clock))
         finally:
-            timer.cancel()
             stopped.cancel()
         finished = []
         for task, attempt in running.items():
@@ -251,7 +272,7 @@ class StepRunner:
             input_tokens=input_estimate,
             max_output_tokens=choice.max_tokens,
             cost_usd=choice.cost_usd(input_estimate, choice.max_tokens),
-            deadline_epoch=req.deadline_epoch,
+            deadline_at=run.deadline.at_monotonic,
         )
         grant = await self._reserve(run, ask)
         if isinstance(grant, Refusal):
@@ -281,12 +302,10 @@ class StepRunner:
             return await run.gate.reserve(ask)
         reserve = asyncio.ensure_future(run.gate.reserve(ask))
         stopped = asyncio.ensure_future(run.stop.wait())
-        timer = asyncio.ensure_future(self._clock.sleep(run.deadline.remaining()))
         try:
-            await asyncio.wait([reserve, stopped, timer], return_when=asyncio.FIRST_COMPLETED)
+            await wait_first([reserve, stopped], run.deadline)
         finally:
             stopped.cancel()
-            timer.cancel()
             if not reserve.done():
                 reserve.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -28,7 +28,7 @@ class StreamingAdapter:
         try:
             await self._stream(call, progress)
         except Exception as exc:  # SDK and transport failures only; CancelledError is BaseException
-            error = classify(self.kind, facts_from_exception(exc, **self.errors))
+            error = classify(self.kind, facts_from_exception(exc, **self.errors), self._clock.time())
             return RawAttempt.from_progress(progress, self.kind, self._clock.monotonic(), error)
         return RawAttempt.from_progress(progress, self.kind, self._clock.monotonic())
 

@@ -13,7 +13,6 @@ import contextlib
 import json
 import math
 import threading
-import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
+from tailrace.engine.clock import SYSTEM_CLOCK, Clock, Deadline, wait_all
 from tailrace.engine.sim.config import ERROR_FAULTS, Fault, SimConfig, profile_class
 from tailrace.engine.sim.log import RequestLog, RequestRecord, key_hash
 from tailrace.engine.sim.planner import Finish, RequestFeatures, ResponsePlan, plan_response
@@ -50,20 +50,21 @@ class _Progress:
 class SimServer:
     """A provider simulator on one port. Start with `await start()` or `SimServer.in_thread(...)`."""
 
-    def __init__(self, config: SimConfig, log_path: str | Path | None = None) -> None:
+    def __init__(self, config: SimConfig, log_path: str | Path | None = None, clock: Clock = SYSTEM_CLOCK) -> None:
         self.config = config
+        self._clock = clock
         self._log = RequestLog(log_path)
         self._limiter = RateLimiter(config.tpm_limit, config.rpm_limit)
         self._limiter_lock = threading.Lock()  # stats() may be called from another thread
         self._occurrences: dict[str, int] = defaultdict(int)
         self._per_model: dict[str, int] = defaultdict(int)
         self._inflight: set[asyncio.Task[Any]] = set()
-        self._t0 = time.monotonic()
+        self._t0 = clock.monotonic()
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
         self._host = "127.0.0.1"
         self._openai = OpenAIWire(config.default_max_tokens)
-        self._anthropic = AnthropicWire(time.time)
+        self._anthropic = AnthropicWire(clock.time)
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -80,14 +81,14 @@ class SimServer:
         await site.start()
         self._host = host
         self._port = int(self._runner.addresses[0][1])
-        self._t0 = time.monotonic()
+        self._t0 = self._clock.monotonic()
 
     async def stop(self) -> None:
         # Hung handlers would otherwise hold the shutdown for its whole timeout.
         for task in list(self._inflight):
             task.cancel()
         if self._inflight:
-            await asyncio.wait(list(self._inflight), timeout=2.0)
+            await wait_all(self._inflight, Deadline.after(2.0, self._clock))
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -109,7 +110,7 @@ class SimServer:
 
     def sim_time(self) -> float:
         """Simulated seconds since start."""
-        return (time.monotonic() - self._t0) / self.config.time_scale
+        return (self._clock.monotonic() - self._t0) / self.config.time_scale
 
     def stats(self) -> dict[str, Any]:
         with self._limiter_lock:
@@ -160,7 +161,7 @@ class SimServer:
         return await self._handle(request, self._anthropic)
 
     async def _sleep(self, sim_seconds: float) -> None:
-        await asyncio.sleep(max(0.0, sim_seconds) * self.config.time_scale)
+        await self._clock.sleep(max(0.0, sim_seconds) * self.config.time_scale)
 
     def _latch_brownout(self, features: RequestFeatures) -> None:
         """Resolve `brownout.model="auto"` to the first OpenAI mid/strong model requested."""
@@ -184,7 +185,7 @@ class SimServer:
         task = asyncio.current_task()
         if task is not None:
             self._inflight.add(task)
-        started, arrival = time.monotonic(), self.sim_time()
+        started, arrival = self._clock.monotonic(), self.sim_time()
         api_key = (
             request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ").strip()
         )
@@ -210,7 +211,7 @@ class SimServer:
             occurrence = self._occurrences[features.content_key]
             self._occurrences[features.content_key] += 1
             plan = plan_response(self.config, features, occurrence, arrival, self._forced(features.model))
-            ex = Exchange(features, plan, wire.full_request_id(plan.request_id), include_usage)
+            ex = Exchange(features, plan, wire.full_request_id(plan.request_id), include_usage, int(self._clock.time()))
             return await self._act(request, wire, ex, key_hash(api_key), prog)
         except (asyncio.CancelledError, ConnectionResetError):
             cancelled = not prog.finished
@@ -264,7 +265,7 @@ class SimServer:
     ) -> web.StreamResponse:
         plan = ex.plan
         await self._sleep(plan.ttft_s)
-        prog.gen_started = time.monotonic()
+        prog.gen_started = self._clock.monotonic()
         await self._sleep(plan.generation_s + plan.stall_s)
         data = json.dumps(wire.response_body(ex)).encode()
         if plan.fault == Fault.STREAM_ERROR:
@@ -338,7 +339,7 @@ class SimServer:
             return 0
         chars = prog.sent_chars
         if prog.gen_started is not None and not prog.finished:
-            elapsed_sim = (time.monotonic() - prog.gen_started) / self.config.time_scale
+            elapsed_sim = (self._clock.monotonic() - prog.gen_started) / self.config.time_scale
             chars = max(chars, int(min(plan.output_tokens, elapsed_sim * plan.tokens_per_s) * 4))
         return min(plan.output_tokens, math.ceil(min(chars, len(plan.text)) / 4))
 
@@ -363,7 +364,7 @@ class SimServer:
         h = request.headers
         self._log.add(
             RequestRecord(
-                ts=time.time(),
+                ts=self._clock.time(),
                 request_id=wire.full_request_id(plan.request_id) if plan else "",
                 api=wire.api,
                 model=features.model if features else "",
@@ -374,7 +375,7 @@ class SimServer:
                 input_tokens=features.prompt_tokens if features else 0,
                 output_tokens=output,
                 cancelled=cancelled,
-                duration_s=round(time.monotonic() - started, 4),
+                duration_s=round(self._clock.monotonic() - started, 4),
                 idempotency_key=h.get("idempotency-key") or h.get("x-idempotency-key"),
                 retry_count=h.get("x-stainless-retry-count"),
                 occurrence=occurrence,

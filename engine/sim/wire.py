@@ -8,9 +8,8 @@ events. One implementation per API: `wire_openai.OpenAIWire`, `wire_anthropic.An
 from __future__ import annotations
 
 import json
-import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from tailrace.engine.sim.config import Fault
@@ -35,7 +34,7 @@ class Exchange:
     plan: ResponsePlan
     request_id: str
     include_usage: bool = False
-    created: int = field(default_factory=lambda: int(time.time()))
+    created: int = 0  # epoch seconds, from the server's clock
 
 
 def sse(data: Any, event: str | None = None) -> bytes:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tailrace.cluster.budget import BudgetAdmission
-from tailrace.engine.clock import FakeClock
+from tailrace.engine.clock import FakeClock, RunDeadline
 from tailrace.engine.loading import workflow_from_dict
 from tailrace.engine.outcomes import AttemptOutcome, AttemptRecord, FailureReason, RunOutcome
 from tailrace.policies.budget_config import BudgetConfig, LimitSpec
@@ -78,11 +78,11 @@ async def test_refuses_at_submission_with_a_reason_and_admits_what_fits():
     assert 300 < need < 400  # two steps: max_tokens 100 + a guess of the rendered prompt
     opts = WORKFLOW.defaults.model_copy(update={"tenant": "t"})
     admitted = 0
-    while await adm.admit(f"r{admitted}", WORKFLOW, opts, clock.time() + 3.5) is None:
+    while await adm.admit(f"r{admitted}", WORKFLOW, opts, RunDeadline.start(3.5, clock)) is None:
         admitted += 1
     # 6000 free now, 100/s: what fits by the latest start (3.5 s - 1.5 x 2 s of critical path).
     assert admitted == int((6000 + 100 * 0.5) // need)
-    why = await adm.admit("late", WORKFLOW, opts, clock.time() + 3.5)
+    why = await adm.admit("late", WORKFLOW, opts, RunDeadline.start(3.5, clock))
     assert why.startswith("budget_exhausted at submission") and KEY in why
 
 
@@ -90,7 +90,7 @@ async def test_learns_the_real_need_and_gives_back_what_a_run_did_not_use():
     clock = FakeClock()
     adm = admission(clock)
     opts = WORKFLOW.defaults
-    assert await adm.admit("r1", WORKFLOW, opts, clock.time() + 30) is None
+    assert await adm.admit("r1", WORKFLOW, opts, RunDeadline.start(30, clock)) is None
     clock.advance(0.01)  # the plan serves r1's need from what is free
     before = adm._planner.free(KEY, clock.monotonic())
     adm.finished("r1", outcome(clock, "r1", input_tokens=10, latency_s=0.5))

@@ -11,7 +11,7 @@ import pytest
 from tailrace.cluster.cli import main
 from tailrace.cluster.replay import classify, load_target, run_replay, wilson
 from tailrace.cluster.trace import TraceConfig, TraceWriter
-from tailrace.engine.clock import SYSTEM_CLOCK
+from tailrace.engine.clock import SYSTEM_CLOCK, RunDeadline
 from tailrace.engine.errors import InputError
 from tailrace.engine.loading import load_inputs, load_workflow
 from tailrace.engine.outcomes import RunOutcome
@@ -45,7 +45,7 @@ def record_trace(sim, path: Path, redact: bool = False) -> None:
                 step=DEMO.step("classify"),
                 inputs=RECORD,
                 upstream={},
-                deadline_epoch=SYSTEM_CLOCK.time() + 30,
+                deadline=RunDeadline(SYSTEM_CLOCK.time() + 30),
             )
             return await StepRunner(adapters).run(request)
         finally:

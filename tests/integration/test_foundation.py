@@ -96,13 +96,12 @@ def test_hanging_provider_ends_the_run_at_its_deadline(simulator, tmp_path):
         overrun = o["ended_at"] - o["deadline_at"]
         assert overrun < 0.5, f"run outlived its deadline by {overrun:.3f} s"
         assert o["failed_step"] == "classify"
-        # The executor ends the step itself a little before the deadline; only when it is starved
-        # of CPU does the driver's backstop end the run first, and then the records stay behind.
-        assert all(
-            a["outcome"] == "cancelled" and a["cancel_reason"] in ("deadline", "shutdown", "run_failed")
-            for a in o["attempts"]
-        )
-    # Whichever ended it, the hung HTTP requests were closed, not left running in the simulator.
+        # The executor ends the step at its deadline; if it is starved, the driver's backstop stops it with
+        # the same reason. Either way the hung attempt is on record, cancelled because the deadline came.
+        assert o["attempts"] and all(
+            a["outcome"] == "cancelled" and a["cancel_reason"] == "deadline" for a in o["attempts"]
+        ), o["attempts"]
+    # The hung HTTP requests were closed, not left running in the simulator.
     records = sim.log_records()
     for _ in range(50):
         if len(records) >= 4:

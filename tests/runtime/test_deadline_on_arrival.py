@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tailrace.engine.clock import FakeClock
+from tailrace.engine.clock import FakeClock, RunDeadline
 from tailrace.engine.outcomes import CancelReason, FailureReason
 from tailrace.engine.providers.base import AttemptProgress, ProviderCall, RawAttempt
 from tailrace.engine.specs import ModelChoice, StepSpec
@@ -31,9 +31,8 @@ class HangingAdapter:
 
 
 def request(deadline_epoch: float) -> StepRequest:
-    return StepRequest(
-        run_id="r", workflow="w", tenant="t", step=STEP, inputs={}, upstream={}, deadline_epoch=deadline_epoch
-    )
+    deadline = RunDeadline(deadline_epoch, return_margin_s=0.0)
+    return StepRequest(run_id="r", workflow="w", tenant="t", step=STEP, inputs={}, upstream={}, deadline=deadline)
 
 
 async def run_until_done(clock: FakeClock, task: asyncio.Task, step_s: float = 0.01, limit_s: float = 60.0) -> float:
@@ -51,7 +50,7 @@ async def test_time_spent_queueing_before_arrival_is_counted():
     sender = FakeClock()
     deadline = sender.time() + 2.0  # the driver sets it: 2 s from now
     sender.advance(1.5)  # the request waits 1.5 s before the executor takes it
-    runner = StepRunner({"p": HangingAdapter(sender)}, clock=sender, return_margin_s=0.0)
+    runner = StepRunner({"p": HangingAdapter(sender)}, clock=sender)
     task = asyncio.ensure_future(runner.run(request(deadline)))
     took = await run_until_done(sender, task)
     result = task.result()
@@ -62,7 +61,7 @@ async def test_time_spent_queueing_before_arrival_is_counted():
 
 async def test_a_wall_clock_step_after_arrival_does_not_stretch_the_deadline():
     clock = FakeClock()
-    runner = StepRunner({"p": HangingAdapter(clock)}, clock=clock, return_margin_s=0.0)
+    runner = StepRunner({"p": HangingAdapter(clock)}, clock=clock)
     task = asyncio.ensure_future(runner.run(request(clock.time() + 1.0)))
     await asyncio.sleep(0)
     clock.step_wall_clock(+3600)  # NTP jumps the wall clock an hour ahead mid-step
@@ -75,7 +74,7 @@ async def test_a_receiver_whose_wall_clock_is_ahead_ends_early_by_exactly_the_sk
     driver = FakeClock(wall_offset=1_700_000_000.0)
     executor = FakeClock(wall_offset=1_700_000_000.0 + 0.4)  # its wall clock runs 0.4 s ahead
     deadline = driver.time() + 1.0
-    runner = StepRunner({"p": HangingAdapter(executor)}, clock=executor, return_margin_s=0.0)
+    runner = StepRunner({"p": HangingAdapter(executor)}, clock=executor)
     task = asyncio.ensure_future(runner.run(request(deadline)))
 
     async def advance_both() -> float:

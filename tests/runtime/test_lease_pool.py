@@ -50,7 +50,7 @@ def ask(
         input_tokens=tokens // 2,
         max_output_tokens=tokens - tokens // 2,
         cost_usd=cost,
-        deadline_epoch=clock.time() + deadline_in,
+        deadline_at=clock.monotonic() + deadline_in,
     )
 
 

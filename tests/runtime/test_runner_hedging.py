@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from tailrace.engine.clock import FakeClock
+from tailrace.engine.clock import FakeClock, RunDeadline
 from tailrace.engine.outcomes import AttemptOutcome, AttemptRecord, CancelReason, ErrorKind, ProviderError
 from tailrace.engine.providers.base import AttemptProgress, ProviderCall, RawAttempt
 from tailrace.engine.specs import HedgeConfig, ModelChoice, StepSpec
@@ -78,7 +78,7 @@ def request(clock: FakeClock, step: StepSpec = STEP) -> StepRequest:
         step=step,
         inputs={"t": "T-1"},
         upstream={},
-        deadline_epoch=clock.time() + 30.0,
+        deadline=RunDeadline(clock.time() + 30.0),
         extra_tokens=10_000,
     )
 

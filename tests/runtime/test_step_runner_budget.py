@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from tailrace.engine.clock import SYSTEM_CLOCK
+from tailrace.engine.clock import SYSTEM_CLOCK, RunDeadline
 from tailrace.engine.outcomes import FailureReason
 from tailrace.engine.providers.base import AdapterSettings, build_adapter
 from tailrace.engine.specs import StepSpec
@@ -17,7 +17,7 @@ from tailrace.policies.spend import RunCostGate
 from tailrace.runtime.budget_ledger import MemoryLedger
 from tailrace.runtime.direct_gate import ComposedGate
 from tailrace.runtime.lease_gate import LeasePool, LocalLedgerClient
-from tailrace.runtime.step_runner import StepRequest, StepRunner
+from tailrace.runtime.step_runner import RunStop, StepRequest, StepRunner
 
 STEP = StepSpec(
     id="s",
@@ -53,7 +53,13 @@ def runner(sim, pool: LeasePool, policy) -> StepRunner:
 
 def request(deadline_s: float) -> StepRequest:
     return StepRequest(
-        run_id="r", workflow="w", tenant="t", step=STEP, inputs={}, upstream={}, deadline_epoch=time.time() + deadline_s
+        run_id="r",
+        workflow="w",
+        tenant="t",
+        step=STEP,
+        inputs={},
+        upstream={},
+        deadline=RunDeadline(SYSTEM_CLOCK.time() + deadline_s),
     )
 
 
@@ -87,7 +93,7 @@ async def test_waiting_for_budget_ends_when_the_run_stops(simulator):
     ledger = MemoryLedger(cfg.bucket, start_full=False)
     pool = LeasePool(cfg, LocalLedgerClient(ledger), "e1")
     policy = PrimaryThenDuplicates()
-    stop = asyncio.Event()
+    stop = RunStop()
     task = asyncio.ensure_future(runner(sim, pool, policy).run(request(30.0), stop))
     await asyncio.sleep(0.3)
     assert not task.done()  # waiting for ~150 tokens at 10/s

@@ -7,12 +7,12 @@ import time
 
 import pytest
 
-from tailrace.engine.clock import SYSTEM_CLOCK
+from tailrace.engine.clock import SYSTEM_CLOCK, RunDeadline
 from tailrace.engine.outcomes import AttemptOutcome, CancelReason, FailureReason
 from tailrace.engine.providers.base import AdapterSettings, build_adapter
 from tailrace.engine.sim import Fault
 from tailrace.engine.specs import StepSpec
-from tailrace.runtime.step_runner import StepRequest, StepRunner
+from tailrace.runtime.step_runner import RunStop, StepRequest, StepRunner
 
 
 def step(**overrides) -> StepSpec:
@@ -41,7 +41,7 @@ def request(spec: StepSpec, deadline_s: float = 5.0, **overrides) -> StepRequest
         step=spec,
         inputs={"ticket_id": "TCK-7"},
         upstream={},
-        deadline_epoch=time.time() + deadline_s,
+        deadline=RunDeadline(SYSTEM_CLOCK.time() + deadline_s),
         **overrides,
     )
 
@@ -74,7 +74,7 @@ async def test_deadline_cancels_a_hung_attempt_and_closes_its_stream(simulator):
 
 async def test_stop_signal_cancels_the_step(simulator):
     sim = simulator("clean", seed=2, time_scale=0.02, force_fault={"gpt-4o-mini": Fault.HANG})
-    stop = asyncio.Event()
+    stop = RunStop()
     task = asyncio.create_task(runner(sim).run(request(step()), stop))
     await asyncio.sleep(0.3)
     stop.set()
