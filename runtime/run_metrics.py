@@ -9,8 +9,12 @@ reason), never run ids. Hedge-specific series (duplicates sent/won) live with th
 
 from __future__ import annotations
 
+import logging
+
 from tailrace.engine.outcomes import AttemptOutcome, AttemptRecord, ErrorKind, FailureReason, RunOutcome
 from tailrace.runtime.metrics import count, gauge, observe
+
+log = logging.getLogger("tailrace")
 
 RUNS = "tailrace_runs_total"
 RUN_LATENCY = "tailrace_run_latency_seconds"
@@ -128,3 +132,10 @@ def pool_state(ready: int, starting: int, draining: int, suspect: int, in_flight
 
 def pool_scaled(direction: str, reason: str) -> None:
     count(POOL_SCALE_EVENTS, "Executor pool changes", {"direction": direction, "reason": reason})
+
+
+def internal_error(where: str, exc: BaseException) -> None:
+    """An exception tailrace did not expect (a bug, never a provider failure): logged with its traceback
+    and counted, so it is never silent."""
+    log.error("internal error in %s: %s", where, type(exc).__name__, exc_info=exc)
+    count("tailrace_internal_errors_total", "Unexpected exceptions caught to keep going, by place", {"where": where})

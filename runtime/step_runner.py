@@ -370,8 +370,12 @@ class StepRunner:
             a.task.cancel()
         for a in running:
             assert a.task is not None
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+            try:
                 await a.task
+            except asyncio.CancelledError:
+                pass
+            except Exception as exc:  # adapters classify every provider failure: this is a bug of ours
+                run_metrics.internal_error("attempt", exc)
             if a.record is not None:
                 continue
             if a.task.done() and not a.task.cancelled() and a.task.exception() is None:

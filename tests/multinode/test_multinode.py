@@ -408,7 +408,8 @@ def test_pending_executors_are_placed_on_a_node_added_for_them(env, simulator):
 
 def test_driver_deadline_cancels_attempts_running_on_another_node(env, simulator):
     """Executors on the worker nodes believe they have 30 s more (their wall clocks lag); the driver's
-    deadline still ends every run on time and the attempts there are cancelled and settled."""
+    backstop still ends every run on time and the attempts there are cancelled (reason: the deadline)
+    and settled."""
     sim = simulator("clean", seed=1, time_scale=0.05, force_fault=HANG_ALL)
     outcomes = []
     run_batch(
@@ -425,7 +426,7 @@ def test_driver_deadline_cancels_attempts_running_on_another_node(env, simulator
     for o in outcomes:
         assert o.failure == FailureReason.DEADLINE_EXCEEDED
         assert o.ended_at - o.deadline_at < 1.0, f"{o.run_id} outlived its deadline"
-        assert all(a.cancel_reason == CancelReason.RUN_FAILED for a in o.attempts)
+        assert all(a.cancel_reason == CancelReason.DEADLINE for a in o.attempts)
     assert sum(len(o.attempts) for o in outcomes) >= 1
     end = time.monotonic() + 5
     while not all(r["cancelled"] for r in sim.log_records()) and time.monotonic() < end:
