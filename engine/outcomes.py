@@ -76,6 +76,8 @@ class CancelReason(StrEnum):
     BUDGET = "budget"
     RUN_FAILED = "run_failed"  # another step of the run failed; this work can no longer be used
     SHUTDOWN = "shutdown"
+    STALLED = "stalled"  # no first token, or a silent stream, past the attempt's timeout: killed, retried
+    MODEL_REJECTED = "model_rejected"  # a sibling on the same model got a non-retryable error
 
 
 class FailureReason(StrEnum):
@@ -84,6 +86,7 @@ class FailureReason(StrEnum):
     PROVIDER_ERROR = "provider_error"
     BUDGET_EXHAUSTED = "budget_exhausted"
     CANCELLED = "cancelled"
+    CONTENT_POLICY = "content_policy"  # the provider refused the request on policy (not retried by default)
 
 
 class AttemptRequest(BaseModel):

@@ -76,26 +76,51 @@ class HedgeConfig(_Spec):
     Lives here (not in `policies`) so a step spec can carry it; `tailrace.policies.hedging` implements it.
     A step's `hedge` overrides only the fields it sets; the rest come from the executor's default.
     Durations are in seconds of the run's clock.
+
+    The knob is `max_extra_load`, as in Finagle's BackupRequestFilter: a duplicate starts when the
+    newest running attempt has no first token by the `1 - max_extra_load` quantile of its model's time
+    to first token (so about that fraction of attempts is backed up), or no complete answer by the
+    `1 - max_extra_load / 2` quantile of its latency. `enabled=False` is the same policy with no
+    duplicates: one attempt at a time, each killed at its attempt timeout and retried.
     """
 
-    enabled: bool = True  # False: the sequential one-at-a-time retry policy
-    # A duplicate starts when the newest running attempt has no first token by this quantile of its
-    # model's observed time to first token, or no complete answer by this quantile of its latency...
-    ttft_quantile: float = Field(default=0.95, gt=0, lt=1)
-    latency_quantile: float = Field(default=0.99, gt=0, lt=1)
-    # ... or its stream has been silent this long after the first token ...
+    enabled: bool = True  # False: no duplicates (one attempt at a time, with attempt timeouts)
+    max_extra_load: float = Field(default=0.05, gt=0, lt=1)
+    # Explicit trigger quantiles; None (the default) derives them from `max_extra_load`.
+    ttft_quantile: float | None = Field(default=None, gt=0, lt=1)
+    latency_quantile: float | None = Field(default=None, gt=0, lt=1)
+    # A duplicate also starts when the stream has been silent this long after the first token ...
     stall_gap_s: float = Field(default=2.0, gt=0)
     # ... or, after streaming for `min_stream_s`, it has delivered fewer tokens than this fraction of
     # its model's median decode rate would have (a slow stream: a straggler that started in time).
     slow_stream_factor: float = Field(default=0.4, ge=0, lt=1)
     min_stream_s: float = Field(default=0.5, gt=0)
+    # An attempt is killed (reason `stalled`) and retried when it has no first token by this factor
+    # times its TTFT trigger, no complete answer by this factor times its latency trigger, or a
+    # silent stream for this factor times `stall_gap_s`. With hedging off it is the only way out.
+    timeout_factor: float = Field(default=2.0, gt=1)
     max_concurrent: int = Field(default=3, ge=1)  # attempts of one step in flight at once
-    max_duplicates: int = Field(default=2, ge=0)  # duplicates per step, on top of primary + retries
-    # A rung is chosen only if this quantile of its latency fits in the step's share of the time left.
+    # Speculative duplicates running at once. Recovery after a failed or invalid attempt is not
+    # speculation and never counts here.
+    max_duplicates: int = Field(default=2, ge=0)
+    # A rung is chosen only if this quantile of its latency fits in the step's share of the time left;
+    # a duplicate or retry only if it fits before the step's deadline.
     fit_quantile: float = Field(default=0.9, gt=0, lt=1)
+    # Transient errors are retried while the deadline allows: the first retry of a rung at once, then
+    # after `retry_backoff_s` doubling up to `max_backoff_s` (or the provider's retry-after).
+    retry_backoff_s: float = Field(default=0.25, ge=0)
+    max_backoff_s: float = Field(default=2.0, ge=0)
     # Duplicates and retries of a run may spend this fraction of the run's expected tokens (shared by
     # the steps running at once). A bound for runs that go wrong, not the average: hedging adds far less.
     extra_token_fraction: float = Field(default=2.0, ge=0)
+
+    @property
+    def ttft_trigger_quantile(self) -> float:
+        return self.ttft_quantile if self.ttft_quantile is not None else 1.0 - self.max_extra_load
+
+    @property
+    def latency_trigger_quantile(self) -> float:
+        return self.latency_quantile if self.latency_quantile is not None else 1.0 - self.max_extra_load / 2
 
 
 class StepSpec(_Spec):
@@ -107,6 +132,9 @@ class StepSpec(_Spec):
     output: OutputContract = Field(default_factory=OutputContract)
     side_effect: bool = False
     hedge: HedgeConfig | None = None  # per-step overrides of the executor's hedging defaults
+    # A provider's content-policy rejection (HTTP 400) is a policy decision, not a transient error:
+    # "fail" ends the step with it as the reason; "next_model" tries the next rung of the ladder.
+    on_content_policy: Literal["fail", "next_model"] = "fail"
 
 
 class RunOptions(_Spec):

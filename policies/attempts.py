@@ -1,8 +1,10 @@
 """The seam between a step executor and the policy that decides its attempts.
 
 An executor shows the policy what its attempts are doing (`AttemptState`) and asks what to do next.
-The answer is a `Start` (which rung of the model ladder, when, in what role), a `GiveUp`, or `None`
-(wait for the running attempts). Pure: no clock, no I/O; time comes in as arguments.
+The answer is a `Start` (which rung of the model ladder, when, in what role), a `Cancel` (stop one
+running attempt, with a reason: it timed out, or a sibling showed its model will not answer), a
+`GiveUp`, or `None` (wait for the running attempts). A `Start` or `Cancel` dated in the future is a
+wake-up: the executor asks again then. Pure: no clock, no I/O; time comes in as arguments.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from tailrace.engine.outcomes import AttemptOutcome, FailureReason, ProviderError
+from tailrace.engine.outcomes import AttemptOutcome, CancelReason, FailureReason, ProviderError
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class AttemptState:
     error: ProviderError | None = None
     tokens: int | None = None  # input + output tokens as settled, once it has ended
     received_chars: int = 0  # answer text streamed so far
+    cancel_reason: CancelReason | None = None  # why it was cancelled, when it was
 
     @property
     def running(self) -> bool:
@@ -40,12 +43,19 @@ class Start:
 
 
 @dataclass(frozen=True)
+class Cancel:
+    attempt: int  # index in the attempts the policy was shown
+    reason: CancelReason
+    at: float  # monotonic time to cancel; <= now means at once
+
+
+@dataclass(frozen=True)
 class GiveUp:
     reason: FailureReason
     detail: str
 
 
-Decision = Start | GiveUp | None
+Decision = Start | Cancel | GiveUp | None
 
 
 class AttemptPolicy(Protocol):

@@ -1,24 +1,31 @@
-"""The hedging policy: when a step's next attempt starts, on which rung of its ladder, in what role.
+"""The one attempt policy: when a step's next attempt starts, on which rung of its ladder, in what
+role, and when a running attempt is given up on. Hedging off is a configuration of it.
 
 In the spirit of Finagle's BackupRequestFilter, gRPC hedging and trio's happy eyeballs:
 
-* A duplicate starts when the newest running attempt has no first token by its model's TTFT quantile,
-  no complete answer by its latency quantile, its stream has been silent for `stall_gap_s`, or it
-  streams far slower than its model's median decode rate (a straggler that started in time).
-  Both keep running; the first *valid* answer wins (the runner cancels the rest).
-* A failed or invalid attempt, with nothing else running, starts the next one at once (after the
-  provider's retry-after when it names one and that still fits). An invalid answer, an overloaded or
-  rate-limited model go down the ladder first; other transient errors retry the same model once.
-* Where a duplicate (or a retry) goes: the same model while it is healthy; the next rung (another
-  model, with its own prompt variant) when the model's circuit is open, it keeps failing, its recent
-  latency has shifted up, or its retries are throttled. Hedging into a browned-out model does not
-  help. Primaries keep going to a model whose circuit is closed, so its statistics stay current.
-* Deadline-aware ladder: a rung is chosen only if its latency quantile fits in the step's share of
-  the time left (see `tailrace.policies.allocation`); otherwise the policy drops to a faster rung on purpose
-  (the step's result records the tier that answered).
-* Budgets: a duplicate needs the run's extra-token allowance and the target model's retry throttle;
-  a retry needs the throttle and something left of the allowance. A refusal is recorded and the
-  step waits on its running attempt instead; the policy remembers it, so it does not ask again.
+* Speculation. A duplicate starts when every running attempt is late: no first token by its model's
+  TTFT quantile `1 - max_extra_load`, no answer by its latency quantile `1 - max_extra_load / 2`, a
+  stream silent for `stall_gap_s`, or one far below its model's decode rate. At most
+  `max_duplicates` speculative attempts run at once (finished ones do not count).
+* Recovery is not speculation. A failed, invalid or timed-out attempt, when nothing running is on
+  track, starts the next attempt at once (after the provider's retry-after or a backoff when it
+  goes to the same rung) and never counts against the duplicate cap.
+* Timeouts. An attempt with no first token by `timeout_factor` x its TTFT trigger, no answer by
+  `timeout_factor` x its latency trigger, or a stream silent for `timeout_factor` x `stall_gap_s` is
+  cancelled (`stalled`) and counts as a failure: hedging off, that is how a hung call ends. When
+  every slot is taken by late attempts with no first token, the oldest is cancelled to make room.
+* Where an attempt goes. A duplicate: the same model while it is healthy, unless a duplicate on it
+  is already late the same way, or the stream stalled (evidence against the model): then the next
+  rung. A retry: the same rung for a transient error (500, reset, a 429 whose retry-after fits the
+  step's share of the time); the next rung first after an invalid answer, an overload, a timeout or
+  a malformed response. A non-retryable error closes that model for the step (auth and quota the
+  whole provider) and cancels its siblings there at once; a content-policy rejection ends the step
+  unless the step allows another model (`on_content_policy="next_model"`).
+* Deadline-aware ladder: a rung is preferred only if its latency quantile fits in the step's share
+  of the time left (see `tailrace.policies.allocation`); a duplicate starts only on a rung that can
+  finish before the deadline, else it waits.
+* Budgets: a duplicate needs the run's extra-token allowance and the target model's retry throttle
+  (a throttled retry waits `max_backoff_s`); a refusal is remembered, so the policy does not ask again.
 * Side-effect steps are never duplicated (their retries carry the idempotency key).
 
 Pure: no clock and no I/O. Time comes in as arguments; the latency windows, breakers and throttle are
@@ -34,10 +41,10 @@ from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tailrace.engine.outcomes import AttemptOutcome, ErrorKind, FailureReason
+from tailrace.engine.outcomes import AttemptOutcome, CancelReason, ErrorKind, FailureReason
 from tailrace.engine.specs import HedgeConfig, ModelChoice
 from tailrace.engine.tokens import CHARS_PER_TOKEN
-from tailrace.policies.attempts import AttemptState, Decision, GiveUp, Start
+from tailrace.policies.attempts import AttemptState, Cancel, Decision, GiveUp, Start
 from tailrace.policies.breaker import BreakerBoard, BreakerConfig
 from tailrace.policies.latency import LatencyConfig, LatencyStats, model_key
 from tailrace.policies.throttle import ExtraTokenBudget, RetryThrottle, ThrottleConfig
@@ -45,8 +52,10 @@ from tailrace.policies.throttle import ExtraTokenBudget, RetryThrottle, Throttle
 __all__ = ["HedgeConfig", "HedgeEvents", "HedgingPolicy", "NullEvents", "TailState", "TailTuning", "effective_config"]
 
 ACCOUNT_WIDE = frozenset({ErrorKind.AUTH, ErrorKind.QUOTA_EXHAUSTED})
-BUSY_KINDS = frozenset({ErrorKind.OVERLOADED, ErrorKind.RATE_LIMITED})
-PER_TIER_ATTEMPTS = 2
+# After these the same model is likely to fail the same way: the next rung first.
+MOVE_ON_KINDS = frozenset({ErrorKind.OVERLOADED, ErrorKind.TIMEOUT, ErrorKind.MALFORMED_RESPONSE})
+# A bound on one step's attempts whatever happens (transient errors are retried while time allows).
+MAX_STEP_ATTEMPTS = 32
 
 
 class HedgeEvents(Protocol):
@@ -100,9 +109,8 @@ def effective_config(default: HedgeConfig, step: HedgeConfig | None) -> HedgeCon
 
 def scaled_hedge(config: HedgeConfig, factor: float) -> HedgeConfig:
     """The same config on a clock `factor` times faster or slower (e.g. a time-scaled simulator)."""
-    return config.model_copy(
-        update={"stall_gap_s": config.stall_gap_s * factor, "min_stream_s": config.min_stream_s * factor}
-    )
+    durations = ("stall_gap_s", "min_stream_s", "retry_backoff_s", "max_backoff_s")
+    return config.model_copy(update={k: getattr(config, k) * factor for k in durations})
 
 
 @dataclass
@@ -142,17 +150,19 @@ class HedgingPolicy:
         time_share: float | None = None,
         budget: ExtraTokenBudget | None = None,
         expected_tokens: Sequence[int] | None = None,
+        on_content_policy: str = "fail",
     ) -> None:
         self._models = list(models)
         self._keys = [model_key(m.provider, m.model) for m in self._models]
         self._config = config
         self._tail = tail
         self._step_id = step_id
-        self._side_effect = side_effect
+        self._speculate = config.enabled and not side_effect and config.max_duplicates > 0
         self._max_attempts = max_attempts
         self._share = time_share
         self._budget = budget or ExtraTokenBudget(None)
         self._expected_tokens = list(expected_tokens) if expected_tokens else [0] * len(self._models)
+        self._content_policy_fallback = on_content_policy == "next_model"
         self._step_end: float | None = None
         self._refused_for: set[tuple[int, float]] = set()  # running attempts a duplicate was refused for
         self._pending: dict[tuple[int, str], _Pending] = {}  # (tier, role) -> what the Start was for
@@ -167,46 +177,107 @@ class HedgingPolicy:
         if now >= deadline:
             return GiveUp(FailureReason.DEADLINE_EXCEEDED, "no time left")
         if not attempts:
-            pick = self._pick(0, now, set(), set(), for_retry=False)
+            pick = self._pick([0, *range(1, len(self._models))], now, deadline, set(), role="primary")
             if pick is None:
                 return GiveUp(FailureReason.PROVIDER_ERROR, "no usable model")
             return self._start(pick, now, "primary", 0.0, "")
-        running = [a for a in attempts if a.running]
-        if running:
-            return self._maybe_duplicate(attempts, running, now, deadline)
-        return self._after_failure(attempts, now, deadline)
+        rejected = self._content_policy_rejection(attempts)
+        if rejected is not None:
+            return rejected
+        running = [i for i, a in enumerate(attempts) if a.running]
+        banned_models, banned_providers = self._banned(attempts)
+        for i in running:
+            choice = self._models[attempts[i].tier]
+            if choice.model in banned_models or choice.provider in banned_providers:
+                # The same request there will be refused the same way: stop waiting for it.
+                return Cancel(i, CancelReason.MODEL_REJECTED, now)
+        timeouts = {i: self._timeout_at(attempts[i]) for i in running}
+        for i in running:
+            if timeouts[i] <= now:
+                return Cancel(i, CancelReason.STALLED, now)
+        if not running:
+            return self._recover(attempts, now, deadline, running)
+        triggers = {i: self._trigger(attempts[i]) for i in running}
+        on_track = [i for i in running if triggers[i][0] > now]
+        if not on_track:
+            decision = self._when_all_late(attempts, running, triggers, now, deadline)
+            if decision is not None:
+                return decision
+        return self._wake_up(attempts, running, on_track, triggers, timeouts, deadline)
 
-    def _maybe_duplicate(
-        self, attempts: Sequence[AttemptState], running: list[AttemptState], now: float, deadline: float
+    def _when_all_late(
+        self,
+        attempts: Sequence[AttemptState],
+        running: list[int],
+        triggers: dict[int, tuple[float, str]],
+        now: float,
+        deadline: float,
     ) -> Decision:
-        c = self._config
-        if self._side_effect or not c.enabled:
+        """Every running attempt is late: recover from a failure, or back them up."""
+        newest = max(running, key=lambda i: attempts[i].started_at)
+        owed = any(
+            self._failed(a) and (a.finished_at or 0.0) > attempts[newest].started_at for a in attempts if not a.running
+        )
+        room = len(running) < self._config.max_concurrent
+        if owed:
+            if not room:
+                return self._make_room(attempts, running, now)
+            return self._recover(attempts, now, deadline, running)
+        if not self._speculate:
             return None
-        duplicates = sum(1 for a in attempts if a.role == "duplicate")
-        if duplicates >= c.max_duplicates or len(running) >= c.max_concurrent:
-            return None
-        newest = max(running, key=lambda a: a.started_at)
-        key = (newest.tier, newest.started_at)
+        speculative = sum(1 for i in running if attempts[i].role == "duplicate")
+        if not room or speculative >= self._config.max_duplicates:
+            return self._make_room(attempts, running, now)
+        key = (attempts[newest].tier, attempts[newest].started_at)
         if key in self._refused_for:
             return None  # a budget said no for this attempt: wait on it
-        at, trigger = self._trigger(newest)
-        if at >= deadline:
-            return None
-        if at > now:
-            return Start(newest.tier, at, "duplicate")  # a wake-up; where it goes is decided then
-        pick = self._duplicate_target(newest.tier, now)
+        trigger = triggers[newest][1]
+        avoid = self._late_the_same_way(attempts, running, triggers, now)
+        if trigger == "stall":
+            avoid.add(attempts[newest].tier)  # a stream that stopped: evidence against the model
+        pick = self._duplicate_target(attempts[newest].tier, now, deadline, avoid)
         if pick is None:
-            return self._refuse(key, "duplicate", "throttle")
+            return self._refuse(key, "duplicate", "throttle") if self._all_throttled() else None
         if not self._budget.affords(attempts, self._expected_tokens, self._expected_tokens[pick.tier], "duplicate"):
             return self._refuse(key, "duplicate", "extra_tokens")
-        return self._start(pick, now, "duplicate", now - newest.started_at, trigger, backs=key)
+        return self._start(pick, now, "duplicate", now - attempts[newest].started_at, trigger, backs=key)
 
-    def _trigger(self, a: AttemptState) -> tuple[float, str]:
-        """When the attempt counts as late, and by which signal."""
+    def _make_room(self, attempts: Sequence[AttemptState], running: list[int], now: float) -> Decision:
+        """Every slot is taken by late attempts: when none of them has a first token, the oldest goes."""
+        if any(attempts[i].first_token_at is not None for i in running):
+            return None
+        oldest = min(running, key=lambda i: attempts[i].started_at)
+        return Cancel(oldest, CancelReason.STALLED, now)
+
+    def _wake_up(
+        self,
+        attempts: Sequence[AttemptState],
+        running: list[int],
+        on_track: list[int],
+        triggers: dict[int, tuple[float, str]],
+        timeouts: dict[int, float],
+        deadline: float,
+    ) -> Decision:
+        """Nothing to do now: the earliest time something could change (a trigger or a timeout)."""
+        due: list[tuple[float, int, Decision]] = []
+        if on_track and self._speculate:
+            i = min(on_track, key=lambda j: triggers[j][0])
+            if triggers[i][0] < deadline:
+                due.append((triggers[i][0], 1, Start(attempts[i].tier, triggers[i][0], "duplicate")))
+        i = min(running, key=lambda j: timeouts[j])
+        if timeouts[i] < deadline:
+            due.append((timeouts[i], 0, Cancel(i, CancelReason.STALLED, timeouts[i])))
+        return min(due, key=lambda d: d[:2])[2] if due else None
+
+    # ---- lateness -----------------------------------------------------------------------------------
+
+    def _trigger_delays(self, tier: int) -> tuple[float, float]:
+        """(TTFT, latency) after which an attempt on this rung is late."""
         c, stats = self._config, self._tail.stats
-        choice = self._models[a.tier]
-        ttft, latency = stats.ttft_s(choice, c.ttft_quantile), stats.latency_s(choice, c.latency_quantile)
-        if self._unhealthy(a.tier) and any(not self._unhealthy(i) for i in range(a.tier + 1, len(self._models))):
+        choice = self._models[tier]
+        ttft = stats.ttft_s(choice, c.ttft_trigger_quantile)
+        latency = stats.latency_s(choice, c.latency_trigger_quantile)
+        if self._unhealthy(tier) and any(not self._unhealthy(i) for i in range(len(self._models)) if i != tier):
             # A slowed-down model's window fills with slow samples and its quantiles follow them up; it
             # is backed up against its spec's promise instead, so hedging does not fade in a brownout.
             # Only while a healthy alternative exists: when everything is slow (an overloaded engine
@@ -214,13 +285,19 @@ class HedgingPolicy:
             factor = stats.config.cold_trigger_factor
             ttft = min(ttft, choice.expected_ttft_s * factor)
             latency = min(latency, choice.expected_latency_s * factor)
+        return ttft, latency
+
+    def _trigger(self, a: AttemptState) -> tuple[float, str]:
+        """When the attempt counts as late, and by which signal."""
+        c, stats = self._config, self._tail.stats
+        ttft, latency = self._trigger_delays(a.tier)
         candidates = [(a.started_at + latency, "latency")]
         if a.first_token_at is None:
             candidates.append((a.started_at + ttft, "ttft"))
         else:
             last = a.last_token_at if a.last_token_at is not None else a.first_token_at
             candidates.append((last + c.stall_gap_s, "stall"))
-            rate = stats.decode_rate(choice)
+            rate = stats.decode_rate(self._models[a.tier])
             if rate is not None and c.slow_stream_factor > 0:
                 # The time by which the tokens received so far are too few for a healthy stream: when
                 # the runner wakes then and more have come, this moves on; when not, it is late.
@@ -229,103 +306,176 @@ class HedgingPolicy:
                 candidates.append((slow_at, "slow_stream"))
         return min(candidates)
 
-    def _after_failure(self, attempts: Sequence[AttemptState], now: float, deadline: float) -> Decision:
-        """Nothing is running and nothing valid came back: the next attempt, at once, or give up."""
-        last = max(attempts, key=lambda a: (a.finished_at or a.started_at, a.started_at))
-        tries = sum(1 for a in attempts if a.role != "duplicate")
-        if tries >= self._max_attempts:
-            return self._exhausted(last, f"gave up after {tries} attempts")
-        banned_models, banned_providers = self._banned(attempts)
-        tier = last.tier
-        per_tier = sum(1 for a in attempts if a.tier == tier)
-        if last.outcome == AttemptOutcome.INVALID:
-            # The same prompt to the same model tends to fail the same way: go down first.
-            starts = [tier + 1, tier] if tier + 1 < len(self._models) else [tier]
-        elif last.error is not None and last.error.kind in BUSY_KINDS and tier + 1 < len(self._models):
-            # The provider said it is overloaded or rate-limited: the same model again is likely to say
-            # so again. The next rung first, the same one (after its retry-after) if that is all left.
-            starts = [tier + 1, tier] if per_tier < PER_TIER_ATTEMPTS else [tier + 1]
-        elif last.error is not None and last.error.retryable and per_tier < PER_TIER_ATTEMPTS:
-            starts = [tier, tier + 1]
+    def _timeout_at(self, a: AttemptState) -> float:
+        """When a running attempt is given up on (cancelled `stalled`, then retried)."""
+        c = self._config
+        ttft, latency = self._trigger_delays(a.tier)
+        ends = [a.started_at + c.timeout_factor * latency]
+        if a.first_token_at is None:
+            ends.append(a.started_at + c.timeout_factor * ttft)
         else:
-            starts = [tier + 1]
-        throttled = False
-        for start in starts:
-            if start >= len(self._models):
-                continue
-            pick = self._pick(start, now, banned_models, banned_providers, for_retry=True)
-            if pick is None:
-                throttled = True
-                continue
-            at = now
-            if pick.tier == tier and last.error is not None and last.error.retry_after_s is not None:
-                # Measured from when the failure happened, so asking again later does not push it back.
-                at = max(now, (last.finished_at or now) + last.error.retry_after_s)
-                if at >= min(deadline, self._step_end or deadline):
-                    continue
-            if not self._budget.affords(attempts, self._expected_tokens, self._expected_tokens[pick.tier], "retry"):
-                self._note_refusal("retry", "extra_tokens")
-                return GiveUp(FailureReason.BUDGET_EXHAUSTED, "the run's extra-token allowance is spent")
-            return self._start(pick, at, "retry", 0.0, "")
-        if throttled:
+            last = a.last_token_at if a.last_token_at is not None else a.first_token_at
+            ends.append(last + c.timeout_factor * c.stall_gap_s)
+        return min(ends)
+
+    def _late_the_same_way(
+        self, attempts: Sequence[AttemptState], running: list[int], triggers: dict[int, tuple[float, str]], now: float
+    ) -> set[int]:
+        """Rungs where two running attempts are late by the same signal: the model, not bad luck."""
+        seen: Counter[tuple[int, str]] = Counter(
+            (attempts[i].tier, triggers[i][1]) for i in running if triggers[i][0] <= now
+        )
+        return {tier for (tier, _), n in seen.items() if n >= 2}
+
+    # ---- recovery -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _failed(a: AttemptState) -> bool:
+        if a.outcome in (AttemptOutcome.ERROR, AttemptOutcome.INVALID):
+            return True
+        return a.outcome == AttemptOutcome.CANCELLED and a.cancel_reason == CancelReason.STALLED
+
+    def _recover(self, attempts: Sequence[AttemptState], now: float, deadline: float, running: list[int]) -> Decision:
+        """The next attempt after a failure: at once, after a retry-after or backoff, or give up."""
+        ended = [a for a in attempts if self._failed(a)]
+        if not ended:
+            return None  # cancelled for another reason (a sibling's rejection): wait for what runs
+        last = max(ended, key=lambda a: (a.finished_at or a.started_at, a.started_at))
+        answered_badly = sum(
+            1
+            for a in attempts
+            if a.outcome == AttemptOutcome.INVALID or (a.error is not None and not a.error.retryable)
+        )
+        if answered_badly >= self._max_attempts:
+            return self._exhausted(attempts, f"gave up after {answered_badly} failed answers")
+        if len(attempts) >= MAX_STEP_ATTEMPTS:
+            return self._exhausted(attempts, f"gave up after {len(attempts)} attempts")
+        banned_models, banned_providers = self._banned(attempts)
+        tier, n = last.tier, len(self._models)
+        below, above = list(range(tier + 1, n)), list(range(tier))
+        kind = last.error.kind if last.error is not None else None
+        stalled = last.outcome == AttemptOutcome.CANCELLED
+        if last.outcome == AttemptOutcome.INVALID or stalled or kind in MOVE_ON_KINDS:
+            order = [*below, tier, *above]
+        elif last.error is not None and not last.error.retryable:
+            order = [*below, *above]
+        else:
+            order = [tier, *below, *above]
+        finished = last.finished_at if last.finished_at is not None else now
+        retry_after = last.error.retry_after_s if last.error is not None else None
+        # A 429: the quota is ours to respect. Wait for the same model when its retry-after fits the
+        # step's share of the time; a second provider is a second incident surface.
+        if (
+            kind == ErrorKind.RATE_LIMITED
+            and retry_after is not None
+            and finished + retry_after + self._expected(tier) > (self._step_end or deadline)
+        ):
+            order = [*below, *above, tier]
+        avoid = {attempts[i].tier for i in running}
+        usable = [
+            i
+            for i in order
+            if self._models[i].model not in banned_models and self._models[i].provider not in banned_providers
+        ]
+        pick = self._pick(usable, now, deadline, avoid, role="retry")
+        if pick is None:
+            return self._exhausted(attempts, "no model left to try") if not running else None
+        at = max(now, finished + self._retry_delay(attempts, last, pick.tier))
+        if running and at > now:
+            return None  # something still runs: recover on another rung rather than wait here
+        if at >= deadline:
+            return self._exhausted(attempts, "no time left for a retry") if not running else None
+        if self._warm(pick.tier) and at + self._median(pick.tier) > deadline and not running:
+            return GiveUp(FailureReason.DEADLINE_EXCEEDED, "no rung can answer before the deadline")
+        if not self._budget.affords(attempts, self._expected_tokens, self._expected_tokens[pick.tier], "retry"):
+            self._note_refusal("retry", "extra_tokens")
+            if running:
+                return None
+            return GiveUp(FailureReason.BUDGET_EXHAUSTED, "the run's extra-token allowance is spent")
+        return self._start(pick, at, "retry", 0.0, "")
+
+    def _retry_delay(self, attempts: Sequence[AttemptState], last: AttemptState, tier: int) -> float:
+        """Backoff before a retry on `tier`: the provider's retry-after, else none for the first
+        transient failure there, then `retry_backoff_s` doubling; a throttled model waits the most."""
+        c = self._config
+        delay = 0.0
+        if tier == last.tier and last.error is not None and last.error.retry_after_s is not None:
+            delay = last.error.retry_after_s
+        elif tier == last.tier and last.outcome != AttemptOutcome.INVALID:
+            n = sum(
+                1
+                for a in attempts
+                if a.tier == tier
+                and self._failed(a)
+                and a.outcome != AttemptOutcome.INVALID
+                and (a.error is None or a.error.retry_after_s is None)
+            )
+            delay = 0.0 if n <= 1 else min(c.max_backoff_s, c.retry_backoff_s * 2 ** (n - 2))
+        if not self._tail.throttle.allows(self._keys[tier]):
             self._note_refusal("retry", "throttle")
-            return GiveUp(FailureReason.PROVIDER_ERROR, "retries throttled: the models keep failing")
-        return self._exhausted(last, "no model left to try")
+            delay = max(delay, c.max_backoff_s)
+        return delay
+
+    def _content_policy_rejection(self, attempts: Sequence[AttemptState]) -> GiveUp | None:
+        if self._content_policy_fallback:
+            return None
+        for a in attempts:
+            if a.error is not None and a.error.kind == ErrorKind.CONTENT_POLICY:
+                model = self._models[a.tier].model
+                return GiveUp(FailureReason.CONTENT_POLICY, f"{model} refused the request on content policy")
+        return None
 
     # ---- choosing a rung ----------------------------------------------------------------------------
-
-    def _fits(self, tier: int, now: float) -> bool:
-        latency = self._tail.stats.latency_s(self._models[tier], self._config.fit_quantile, trigger=False)
-        return now + latency <= (self._step_end if self._step_end is not None else float("inf"))
 
     def _expected(self, tier: int) -> float:
         return self._tail.stats.latency_s(self._models[tier], self._config.fit_quantile, trigger=False)
 
-    def _pick(
-        self, start: int, now: float, banned_models: set[str], banned_providers: set[str], *, for_retry: bool
-    ) -> _Pick | None:
-        """The rung for a primary or a retry: from `start` down, the first one that is usable (not
-        banned, circuit not open; for a retry: not throttled, not failing or slowed down) and fits
-        the step's time share."""
-        tail = self._tail
-        allowed = [
-            i
-            for i in range(start, len(self._models))
-            if self._models[i].model not in banned_models and self._models[i].provider not in banned_providers
-        ]
-        if for_retry:
-            allowed = [i for i in allowed if tail.throttle.allows(self._keys[i])]
-        if not allowed:
+    def _median(self, tier: int) -> float:
+        return self._tail.stats.latency_s(self._models[tier], 0.5, trigger=False)
+
+    def _warm(self, tier: int) -> bool:
+        return self._tail.stats.quantile(self._keys[tier], "latency", 0.5) is not None
+
+    def _fits(self, tier: int, now: float) -> bool:
+        return now + self._expected(tier) <= (self._step_end if self._step_end is not None else float("inf"))
+
+    def _pick(self, order: list[int], now: float, deadline: float, avoid: set[int], *, role: str) -> _Pick | None:
+        """The rung for a primary or a retry, from `order`: the first one that is usable (circuit not
+        open; for a retry: not slowed down or failing, nothing of this step late there) and fits the
+        step's time share; else the fastest usable one."""
+        if not order:
             return None
-        closed = [i for i in allowed if tail.breakers.allows(self._keys[i], now)]
-        pool = closed or allowed  # every circuit open: trying beats giving up
-        # A primary still goes to a slow or flaky model whose circuit is closed (its duplicates will
-        # not): that keeps its statistics current, so the engine sees the brownout end.
-        healthy = [i for i in pool if not (for_retry and self._unhealthy(i))]
+        tail = self._tail
+        closed = [i for i in order if tail.breakers.allows(self._keys[i], now)]
+        pool = closed or order  # every circuit open: trying beats giving up
+        # A primary still goes to a slow or flaky model whose circuit is closed (its retries will not):
+        # that keeps its statistics current, so the engine sees the brownout end.
+        healthy = [i for i in pool if not (role != "primary" and self._unhealthy(i))]
         pool = healthy or pool
+        pool = [i for i in pool if i not in avoid] or pool
         fitting = [i for i in pool if self._fits(i, now)]
         tier = fitting[0] if fitting else min(pool, key=self._expected)
-        return _Pick(tier, self._why(start, tier, allowed, closed, healthy, fitting))
+        allowed = [i for i in order if tail.throttle.allows(self._keys[i])]
+        return _Pick(tier, self._why(order[0], tier, allowed or order, closed, healthy, fitting))
 
-    def _duplicate_target(self, tier: int, now: float) -> _Pick | None:
-        """The same model while it is healthy and fits, else the first rung below that is; None when
-        every candidate's retries are throttled."""
+    def _duplicate_target(self, tier: int, now: float, deadline: float, avoid: set[int]) -> _Pick | None:
+        """The same model while it is healthy and fits, else the first rung below that is; None when no
+        candidate can finish before the deadline or every candidate's retries are throttled."""
         tail = self._tail
-        allowed = [i for i in range(tier, len(self._models)) if tail.throttle.allows(self._keys[i])]
-        if not allowed:
-            return None
+        candidates = [i for i in range(tier, len(self._models)) if i not in avoid]
+        allowed = [i for i in candidates if tail.throttle.allows(self._keys[i])]
         closed = [i for i in allowed if tail.breakers.allows(self._keys[i], now)]
         healthy = [i for i in closed if not self._unhealthy(i)]
-        fitting = [i for i in healthy if self._fits(i, now)]
-        if fitting:
-            pick = fitting[0]
-        elif healthy:
-            pick = min(healthy, key=self._expected)
-        elif closed:
-            pick = closed[0]
-        else:
-            pick = allowed[0]
+        pool = healthy or closed or allowed
+        in_time = [i for i in pool if now + self._expected(i) <= deadline]
+        if not in_time:
+            return None
+        fitting = [i for i in in_time if self._fits(i, now)]
+        pick = fitting[0] if fitting else min(in_time, key=self._expected)
         return _Pick(pick, self._why(tier, pick, allowed, closed, healthy, fitting))
+
+    def _all_throttled(self) -> bool:
+        return not any(self._tail.throttle.allows(k) for k in self._keys)
 
     def _unhealthy(self, tier: int) -> bool:
         return self._tail.stats.health(self._keys[tier], self._models[tier].expected_latency_s).unhealthy
@@ -341,7 +491,9 @@ class HedgingPolicy:
             return "breaker"
         if wanted not in healthy:
             return "unhealthy"
-        return "deadline"
+        if wanted not in fitting:
+            return "deadline"
+        return "ladder"
 
     # ---- bookkeeping --------------------------------------------------------------------------------
 
@@ -387,7 +539,11 @@ class HedgingPolicy:
         return models, providers
 
     @staticmethod
-    def _exhausted(last: AttemptState, detail: str) -> GiveUp:
-        if last.outcome == AttemptOutcome.INVALID:
+    def _exhausted(attempts: Sequence[AttemptState], detail: str) -> GiveUp:
+        """The step's failure reason follows from what its attempts said, whatever budget ended it: an
+        invalid answer as the last word is `invalid_output`, anything else `provider_error`."""
+        said = [a for a in attempts if a.outcome in (AttemptOutcome.INVALID, AttemptOutcome.ERROR)]
+        last = max(said, key=lambda a: (a.finished_at or a.started_at, a.started_at)) if said else None
+        if last is not None and last.outcome == AttemptOutcome.INVALID:
             return GiveUp(FailureReason.INVALID_OUTPUT, detail)
         return GiveUp(FailureReason.PROVIDER_ERROR, detail)

@@ -8,15 +8,17 @@ Samples are stamped with the wall clock (epoch seconds), so windows from executo
 merge: `take_new()` hands out what this process observed since the last call, `merge()` adds what
 others observed (the stats actor relays them). Fast failures are not latency samples: an error that
 comes back in 50 ms says nothing about how long an answer takes, so it only counts as a failure.
-An attempt cancelled before it answered is a *censored* sample (its latency is at least its age),
-kept only when it had already outlived the quantile: dropping those would bias the window toward
-the fast answers hedging leaves behind and make duplicates ever earlier.
+An attempt cancelled before it answered (hedge lost, timed out, cut by the deadline) is a *censored*
+sample: its latency (and, without a first token, its TTFT) is at least its age. Quantiles are
+Kaplan-Meier estimates over answers and censored samples together, so a hung attempt never enters
+the window as if it had answered at the moment it was given up on, and the window is not biased
+toward the fast answers hedging leaves behind either. An attempt our own timeout killed also
+counts as a failure for health: a model whose attempts all hang is not healthy.
 """
 
 from __future__ import annotations
 
 import bisect
-import math
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -35,9 +37,11 @@ Metric = Literal["ttft", "latency", "tokens_per_s"]
 class Sample:
     at: float  # wall-clock epoch seconds when the attempt ended
     kind: Kind  # ok: answered (valid or not); fail: provider failure; censored
-    ttft_s: float | None = None  # for censored: a lower bound
+    ttft_s: float | None = None  # for censored: a lower bound when `ttft_censored`
     latency_s: float | None = None  # for censored: a lower bound
     tokens_per_s: float | None = None  # decode rate after the first token (answered attempts)
+    ttft_censored: bool = False  # censored before its first token
+    timed_out: bool = False  # censored by our own attempt timeout: also a health failure
 
 
 Snapshot = dict[str, list[Sample]]  # model key -> samples; what executors exchange
@@ -78,13 +82,18 @@ class Health:
         return cls(0.0, 0, False, False)
 
 
+def _by_value(v: tuple[float, bool]) -> tuple[float, bool]:
+    return (v[0], not v[1])  # events before censored samples at the same value
+
+
 class ModelWindow:
     """One model's samples, oldest first, with sorted views rebuilt lazily after a change."""
 
     def __init__(self, config: LatencyConfig) -> None:
         self._config = config
         self._samples: deque[Sample] = deque(maxlen=config.max_samples)
-        self._sorted: dict[Metric, list[float]] | None = None
+        self._sorted: dict[Metric, list[tuple[float, bool]]] | None = None
+        self._cache: dict[tuple[Metric, float], float | None] = {}
 
     def __len__(self) -> int:
         return len(self._samples)
@@ -105,20 +114,47 @@ class ModelWindow:
             self._samples.popleft()
             self._sorted = None
 
-    def _values(self, metric: Metric) -> list[float]:
+    def _values(self, metric: Metric) -> list[tuple[float, bool]]:
+        """(value, is_event) sorted by value, events first among equals (censored: value is a bound)."""
         if self._sorted is None:
-            ttft = sorted(s.ttft_s for s in self._samples if s.kind != "fail" and s.ttft_s is not None)
-            latency = sorted(s.latency_s for s in self._samples if s.kind != "fail" and s.latency_s is not None)
-            rate = sorted(s.tokens_per_s for s in self._samples if s.kind == "ok" and s.tokens_per_s is not None)
-            self._sorted = {"ttft": ttft, "latency": latency, "tokens_per_s": rate}
+            ttft: list[tuple[float, bool]] = []
+            latency: list[tuple[float, bool]] = []
+            rate: list[tuple[float, bool]] = []
+            for s in self._samples:
+                if s.kind == "fail":
+                    continue
+                if s.ttft_s is not None:
+                    ttft.append((s.ttft_s, not (s.kind == "censored" and s.ttft_censored)))
+                if s.latency_s is not None:
+                    latency.append((s.latency_s, s.kind == "ok"))
+                if s.kind == "ok" and s.tokens_per_s is not None:
+                    rate.append((s.tokens_per_s, True))
+            self._sorted = {"ttft": sorted(ttft, key=_by_value), "latency": sorted(latency, key=_by_value)}
+            self._sorted["tokens_per_s"] = sorted(rate, key=_by_value)
+            self._cache = {}
         return self._sorted[metric]
 
     def quantile(self, metric: Metric, q: float) -> float | None:
-        """The q-quantile (nearest rank), or None while the window holds fewer than `min_samples`."""
+        """The q-quantile by Kaplan-Meier over answers and censored samples; None while the window holds
+        fewer than `min_samples` answers. When censoring hides the quantile (more than 1 - q of the
+        window still running when given up on), the largest value seen: a lower bound."""
         values = self._values(metric)
-        if len(values) < self._config.min_samples:
-            return None
-        return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))]
+        cached = self._cache.get((metric, q), self)
+        if cached is not self:
+            return cached  # type: ignore[return-value]
+        result: float | None = None
+        if sum(1 for _, event in values if event) >= self._config.min_samples:
+            survival, at_risk = 1.0, len(values)
+            result = values[-1][0]
+            for value, event in values:
+                if event:
+                    survival *= 1.0 - 1.0 / at_risk
+                    if 1.0 - survival >= q - 1e-12:
+                        result = value
+                        break
+                at_risk -= 1
+        self._cache[(metric, q)] = result
+        return result
 
     def health(self, now_epoch: float, prior_latency_s: float | None = None) -> Health:
         """Failure rate and latency shift over the recent window. The latency baseline is the window's
@@ -128,15 +164,22 @@ class ModelWindow:
         recent_from = now_epoch - c.recent_s
         recent = [s for s in self._samples if s.at >= recent_from]
         answered = [s for s in recent if s.kind == "ok"]
-        failed = sum(1 for s in recent if s.kind == "fail")
+        failed = sum(1 for s in recent if s.kind == "fail" or s.timed_out)
         events = len(answered) + failed
         rate = failed / events if events else 0.0
         shifted = False
         baselines = [b for b in (self.quantile("latency", 0.5), prior_latency_s) if b is not None]
         baseline = min(baselines) if baselines else None
-        recent_lat = sorted(s.latency_s for s in recent if s.kind != "fail" and s.latency_s is not None)
-        if baseline is not None and len(recent_lat) >= c.min_recent:
-            shifted = recent_lat[len(recent_lat) // 2] > c.shift_factor * baseline
+        if baseline is not None:
+            # A censored sample is a lower bound: it tells only when it is already above the threshold.
+            limit = c.shift_factor * baseline
+            recent_lat = sorted(
+                s.latency_s
+                for s in recent
+                if s.latency_s is not None and (s.kind == "ok" or (s.kind == "censored" and s.latency_s > limit))
+            )
+            if len(recent_lat) >= c.min_recent:
+                shifted = recent_lat[len(recent_lat) // 2] > limit
         failing = events >= c.min_recent and rate >= c.unhealthy_failure_rate
         return Health(rate, events, shifted, failing or shifted)
 
@@ -169,9 +212,12 @@ class LatencyStats:
         ttft_s: float | None = None,
         latency_s: float | None = None,
         tokens_per_s: float | None = None,
+        *,
+        ttft_censored: bool = False,
+        timed_out: bool = False,
     ) -> None:
         """Record one attempt's end, observed in this process."""
-        sample = Sample(self._clock.time(), kind, ttft_s, latency_s, tokens_per_s)
+        sample = Sample(self._clock.time(), kind, ttft_s, latency_s, tokens_per_s, ttft_censored, timed_out)
         self._window(model).add(sample)
         self._new.setdefault(model, []).append(sample)
 

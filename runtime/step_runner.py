@@ -32,8 +32,7 @@ from tailrace.engine.providers.base import AttemptProgress, ProviderAdapter, Pro
 from tailrace.engine.specs import ModelChoice, StepSpec
 from tailrace.engine.tokens import estimate_prompt_tokens, estimate_tokens
 from tailrace.engine.validation import Verdict, validate
-from tailrace.policies.attempts import AttemptFeedback, AttemptPolicy, AttemptState, GiveUp, Start
-from tailrace.policies.retry import Rung, SequentialRetryPolicy
+from tailrace.policies.attempts import AttemptFeedback, AttemptPolicy, AttemptState, Cancel, GiveUp, Start
 from tailrace.policies.spend import Grant, Refusal, RunCostGate, SpendAsk, SpendGate, Usage
 from tailrace.runtime import run_metrics
 
@@ -103,7 +102,22 @@ def rendered_prompt(request: StepRequest, choice: ModelChoice) -> tuple[str | No
 
 
 def sequential_policy(request: StepRequest) -> AttemptPolicy:
-    return SequentialRetryPolicy(Rung.ladder(request.step.models), max_attempts=request.max_attempts)
+    """The attempt policy with hedging off, on cold statistics (the spec's latency priors): one attempt
+    at a time, each killed at its timeout and retried. Executors use `TailControl.policy_for`."""
+    from tailrace.engine.specs import HedgeConfig
+    from tailrace.policies.hedging import HedgingPolicy, TailState
+    from tailrace.policies.latency import LatencyStats
+
+    return HedgingPolicy(
+        request.step.models,
+        HedgeConfig(enabled=False),
+        TailState(LatencyStats(None, SYSTEM_CLOCK)),
+        step_id=request.step.id,
+        side_effect=request.step.side_effect,
+        max_attempts=request.max_attempts,
+        time_share=request.time_share,
+        on_content_policy=request.step.on_content_policy,
+    )
 
 
 @dataclass
@@ -134,6 +148,7 @@ class _Attempt:
             error=None if r is None else r.error,
             tokens=None if r is None else r.input_tokens + r.output_tokens,
             received_chars=self.progress.received_chars,
+            cancel_reason=None if r is None else r.cancel_reason,
         )
 
 
@@ -200,6 +215,11 @@ class StepRunner:
             if isinstance(decision, GiveUp):
                 return self._failed(run, decision.reason, decision.detail)
             wake_at = run.deadline.at_monotonic
+            if isinstance(decision, Cancel):
+                if decision.at <= now:  # a timeout, or a sibling showed its model will not answer
+                    await self._cancel_running(run, decision.reason, only=run.attempts[decision.attempt])
+                    continue
+                wake_at = min(wake_at, decision.at)
             if isinstance(decision, Start) and not blocked:
                 if decision.at <= now:
                     refusal = await self._start(run, decision)
@@ -363,8 +383,8 @@ class StepRunner:
             stop_kind=raw.stop_kind,
         )
 
-    async def _cancel_running(self, run: _StepRun, reason: CancelReason) -> None:
-        running = [a for a in run.attempts if a.task is not None and a.record is None]
+    async def _cancel_running(self, run: _StepRun, reason: CancelReason, only: _Attempt | None = None) -> None:
+        running = [a for a in run.attempts if a.task is not None and a.record is None and (only is None or a is only)]
         for a in running:
             assert a.task is not None
             a.task.cancel()

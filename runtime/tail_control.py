@@ -1,9 +1,9 @@
 """Tail control inside one step executor: the state hedging policies read, fed by what attempts do.
 
 `TailControl` owns the executor's latency windows, circuit breakers and retry throttle, builds each
-step's policy (hedging by default, the sequential one when a step or the executor turns hedging off),
-and hears every attempt start and end (it is the `StepRunner`'s observer) and every policy event. It
-turns all of that into statistics and metrics. No Ray here beyond the lazy metrics helpers, so it is
+step's policy (one policy: hedging off and side-effect steps are configurations of it), and hears
+every attempt start and end (it is the `StepRunner`'s observer) and every policy event. It turns all
+of that into statistics and metrics. No Ray here beyond the lazy metrics helpers, so it is
 tested as is.
 """
 
@@ -18,11 +18,12 @@ from tailrace.policies.attempts import AttemptPolicy
 from tailrace.policies.breaker import STATE_VALUE, BreakerBoard, CircuitState
 from tailrace.policies.hedging import HedgingPolicy, TailState, TailTuning, effective_config
 from tailrace.policies.latency import LatencyStats, model_key
-from tailrace.policies.retry import Rung, SequentialRetryPolicy
 from tailrace.policies.throttle import ExtraTokenBudget, RetryThrottle, expected_attempt_tokens
 from tailrace.runtime import metrics
 from tailrace.runtime.step_runner import StepRequest, rendered_prompt
 
+# Recorded when they end (stalled), or telling nothing about latency (a sibling's rejection).
+_NOT_CENSORED = frozenset({CancelReason.STALLED, CancelReason.MODEL_REJECTED})
 HEDGE_DELAY_BUCKETS_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30]
 
 
@@ -43,8 +44,6 @@ class TailControl:
     def policy_for(self, request: StepRequest) -> AttemptPolicy:
         step = request.step
         config = effective_config(self.hedge, step.hedge)
-        if not config.enabled:
-            return SequentialRetryPolicy(Rung.ladder(step.models), max_attempts=request.max_attempts)
         return HedgingPolicy(
             step.models,
             config,
@@ -55,6 +54,7 @@ class TailControl:
             time_share=request.time_share,
             budget=ExtraTokenBudget(request.extra_tokens),
             expected_tokens=[_expected_tokens(request, choice) for choice in step.models],
+            on_content_policy=step.on_content_policy,
         )
 
     # ---- the runner's observer ----------------------------------------------------------------------
@@ -81,6 +81,15 @@ class TailControl:
             self._cancelled(key, record, now)
 
     def _cancelled(self, key: str, record: AttemptRecord, now: float) -> None:
+        if record.cancel_reason == CancelReason.STALLED:
+            # Killed by its timeout: censored (it took at least this long) and a health failure; a
+            # model whose attempts all hang must not look healthy for want of finished events.
+            no_token = record.ttft_s is None
+            ttft = record.latency_s if no_token else record.ttft_s
+            self.stats.observe(key, "censored", ttft, record.latency_s, ttft_censored=no_token, timed_out=True)
+            self.breakers.record(key, now, failed=True)
+            self.throttle.record(key, failed=True)
+            return
         self.breakers.abandoned(key, now)
 
     def step_ended(self, request: StepRequest, result: StepResult) -> None:
@@ -90,22 +99,15 @@ class TailControl:
                 "tailrace_duplicates_won_total", "Steps answered by a duplicate attempt.", {"model": winner.model}
             )
         for a in result.attempts:
-            if a.outcome == AttemptOutcome.CANCELLED and self._in_the_tail(a, winner):
-                # Censored: it ran at least this long without answering. Dropping these would bias the
-                # window toward the fast answers hedging leaves behind, and hide a slowed-down model.
-                ttft = a.ttft_s if a.ttft_s is not None else a.latency_s
-                self.stats.observe(model_key(a.provider, a.model), "censored", ttft, a.latency_s)
-
-    def _in_the_tail(self, a: AttemptRecord, winner: AttemptRecord | None) -> bool:
-        """A cancelled attempt known to be slow: overtaken by one that started after it, or still
-        running at the deadline past its model's latency quantile. (A duplicate cancelled soon after
-        it started, because the attempt it backed up answered, says nothing.)"""
-        if a.cancel_reason == CancelReason.HEDGE_LOST:
-            return winner is not None and winner.started_at > a.started_at
-        if a.cancel_reason == CancelReason.DEADLINE:
-            quantile = self.stats.quantile(model_key(a.provider, a.model), "latency", self.hedge.latency_quantile)
-            return quantile is not None and a.latency_s >= quantile
-        return False
+            if a.outcome == AttemptOutcome.CANCELLED and a.cancel_reason not in _NOT_CENSORED:
+                # Censored: it ran at least this long without answering (Kaplan-Meier takes it as that,
+                # not as an answer). Dropping these would bias the window toward the fast answers
+                # hedging leaves behind, and hide a slowed-down model.
+                no_token = a.ttft_s is None
+                ttft = a.latency_s if no_token else a.ttft_s
+                self.stats.observe(
+                    model_key(a.provider, a.model), "censored", ttft, a.latency_s, ttft_censored=no_token
+                )
 
     # ---- the policies' events -----------------------------------------------------------------------
 

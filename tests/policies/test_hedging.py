@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 
 from tailrace.engine.clock import FakeClock
-from tailrace.engine.outcomes import AttemptOutcome, ErrorKind, FailureReason, ProviderError
+from tailrace.engine.outcomes import AttemptOutcome, CancelReason, ErrorKind, FailureReason, ProviderError
 from tailrace.engine.specs import HedgeConfig, ModelChoice
-from tailrace.policies.attempts import AttemptState, GiveUp, Start
+from tailrace.policies.attempts import AttemptState, Cancel, GiveUp, Start
 from tailrace.policies.breaker import BreakerBoard, BreakerConfig
 from tailrace.policies.hedging import HedgingPolicy, TailState, effective_config
 from tailrace.policies.latency import LatencyConfig, LatencyStats, model_key
@@ -93,6 +93,7 @@ def err(kind: ErrorKind, retryable: bool = True, retry_after: float | None = Non
 
 
 INVALID, ERROR = AttemptOutcome.INVALID, AttemptOutcome.ERROR
+TIMEOUT = Cancel(0, CancelReason.STALLED, T0 + 2.0)  # strong without a first token by 2 x its 1.0 s trigger
 
 # (name, attempts, now, expected decision)
 CASES = [
@@ -111,10 +112,10 @@ CASES = [
         Start(0, T0 + 2.9, "duplicate"),
     ),
     (
-        "stream stalled: a duplicate after the gap",
+        "stream stalled: a duplicate after the gap, on another model (a stall is evidence against it)",
         [running(first=T0 + 0.5, last=T0 + 0.9)],
         T0 + 2.9,
-        Start(0, T0 + 2.9, "duplicate"),
+        Start(1, T0 + 2.9, "duplicate"),
     ),
     (
         "tokens flowing but no answer by the latency quantile",
@@ -123,10 +124,16 @@ CASES = [
         Start(0, T0 + 4.0, "duplicate"),
     ),
     (
-        "two attempts in flight: the limit of concurrent attempts",
+        "two attempts in flight: the limit of concurrent attempts; the next event is the primary's timeout",
         [running(), running(started=T0 + 1.0, role="duplicate")],
-        T0 + 5.0,
-        None,
+        T0 + 1.5,
+        Cancel(0, CancelReason.STALLED, T0 + 2.0),
+    ),
+    (
+        "no first token by twice the trigger: killed",
+        [running(), running(started=T0 + 1.0, role="duplicate")],
+        T0 + 2.0,
+        Cancel(0, CancelReason.STALLED, T0 + 2.0),
     ),
     (
         "failure: the next attempt at once",
@@ -163,10 +170,16 @@ CASES = [
         "retries exhausted",
         [ended(0, INVALID), ended(1, INVALID), ended(2, INVALID), ended(2, INVALID)],
         T0 + 1.0,
-        GiveUp(FailureReason.INVALID_OUTPUT, "gave up after 4 attempts"),
+        GiveUp(FailureReason.INVALID_OUTPUT, "gave up after 4 failed answers"),
     ),
     ("no time left", [], DEADLINE, GiveUp(FailureReason.DEADLINE_EXCEEDED, "no time left")),
     ("a duplicate past the deadline is never planned", [running(started=DEADLINE - 0.5)], DEADLINE - 0.4, None),
+    (
+        "hedging's only wake-up before the deadline is the timeout",
+        [running(started=DEADLINE - 2.5)],
+        DEADLINE - 2.4,
+        Start(0, DEADLINE - 1.5, "duplicate"),
+    ),
 ]
 
 
@@ -217,8 +230,9 @@ def test_duplicate_delay_and_trigger_are_reported_when_it_starts():
 def test_extra_token_budget_empty_means_no_duplicate_and_one_recorded_refusal():
     state = tail()
     p = policy(state, budget=ExtraTokenBudget(0))
-    assert p.decide([running()], T0 + 1.0, DEADLINE) is None
-    assert p.decide([running()], T0 + 2.0, DEADLINE) is None  # it waits on the primary, asks no more
+    # Refused: it waits on the primary (the next event is the primary's timeout) and asks no more.
+    assert p.decide([running()], T0 + 1.0, DEADLINE) == TIMEOUT
+    assert p.decide([running()], T0 + 1.5, DEADLINE) == TIMEOUT
     assert p.refusals == {"extra_tokens": 1}
     assert state.events.refusals == [("duplicate", "extra_tokens")]
 
@@ -231,7 +245,9 @@ def test_extra_token_budget_counts_what_extra_attempts_spent():
         ended(0, ERROR, error=err(ErrorKind.SERVER_ERROR), tokens=300, role="duplicate"),
         running(started=T0 + 0.3, role="retry"),
     ]
-    assert policy(budget=ExtraTokenBudget(1299)).decide(attempts, T0 + 1.3, DEADLINE) is None
+    assert policy(budget=ExtraTokenBudget(1299)).decide(attempts, T0 + 1.3, DEADLINE) == Cancel(
+        2, CancelReason.STALLED, T0 + 2.3
+    )
     assert policy(budget=ExtraTokenBudget(1300)).decide(attempts, T0 + 1.3, DEADLINE) == Start(0, T0 + 1.3, "duplicate")
 
 
@@ -248,7 +264,7 @@ def test_refusal_by_the_spend_gate_is_remembered():
     decision = p.decide([running()], T0 + 1.0, DEADLINE)
     assert decision == Start(0, T0 + 1.0, "duplicate")
     p.refused(decision, "run cost cap", T0 + 1.0)
-    assert p.decide([running()], T0 + 1.1, DEADLINE) is None
+    assert p.decide([running()], T0 + 1.1, DEADLINE) == TIMEOUT
     assert p.refusals == {"gate": 1}
     # A retry started later is a new attempt: it may be backed up again.
     assert p.decide([running(started=T0 + 2.0, role="retry")], T0 + 3.0, DEADLINE) == Start(0, T0 + 3.0, "duplicate")
@@ -257,8 +273,8 @@ def test_refusal_by_the_spend_gate_is_remembered():
 @pytest.mark.parametrize("side_effect", [True])
 def test_side_effect_step_is_never_duplicated(side_effect):
     p = policy(side_effect=side_effect)
-    for now in (T0 + 1.0, T0 + 4.0, T0 + 20.0):
-        assert p.decide([running()], now, DEADLINE) is None
+    for now in (T0 + 0.5, T0 + 1.0, T0 + 1.9):
+        assert p.decide([running()], now, DEADLINE) == TIMEOUT
     # ... but it is retried after a failure (the runner sends the same idempotency key).
     assert p.decide([ended(0, ERROR, error=err(ErrorKind.SERVER_ERROR))], T0 + 0.3, DEADLINE) == Start(
         0, T0 + 0.3, "retry"
@@ -267,19 +283,23 @@ def test_side_effect_step_is_never_duplicated(side_effect):
 
 def test_hedging_disabled_in_config_never_duplicates():
     p = policy(config=CONFIG.model_copy(update={"enabled": False}))
-    assert p.decide([running()], T0 + 10.0, DEADLINE) is None
+    assert p.decide([running()], T0 + 1.5, DEADLINE) == TIMEOUT
 
 
 def test_max_duplicates_bounds_the_duplicates_of_a_step():
     p = policy(config=CONFIG.model_copy(update={"max_duplicates": 1, "max_concurrent": 3}))
     attempts = [running(), running(started=T0 + 1.0, role="duplicate")]
-    assert p.decide(attempts, T0 + 10.0, DEADLINE) is None
+    assert p.decide(attempts, T0 + 1.5, DEADLINE) == TIMEOUT
+    # At the cap with both late and without a first token, the oldest makes room.
+    assert p.decide(attempts, T0 + 2.0, DEADLINE) == TIMEOUT
 
 
 def test_staggered_duplicates_follow_the_newest_attempt():
     p = policy(config=CONFIG.model_copy(update={"max_concurrent": 3}))
     attempts = [running(), running(started=T0 + 1.0, role="duplicate")]
-    assert p.decide(attempts, T0 + 1.5, DEADLINE) == Start(0, T0 + 2.0, "duplicate")
+    assert p.decide(attempts, T0 + 0.5, DEADLINE) == Start(0, T0 + 1.0, "duplicate")
+    # The duplicate's trigger (2.0 s) is also the primary's timeout: the kill comes first.
+    assert p.decide(attempts, T0 + 1.5, DEADLINE) == TIMEOUT
 
 
 def test_throttled_model_sends_duplicates_to_the_next_rung():
@@ -299,11 +319,11 @@ def test_every_model_throttled_means_no_duplicate():
         for _ in range(6):
             state.throttle.record(key, failed=True)
     p = policy(state)
-    assert p.decide([running()], T0 + 1.0, DEADLINE) is None
+    assert p.decide([running()], T0 + 1.0, DEADLINE) == TIMEOUT
     assert p.refusals == {"throttle": 1}
-    # and with nothing running, the retry is refused too: the step gives up instead of adding load.
-    assert p.decide([ended(0, ERROR, error=err(ErrorKind.OVERLOADED))], T0 + 1.0, DEADLINE) == GiveUp(
-        FailureReason.PROVIDER_ERROR, "retries throttled: the models keep failing"
+    # and with nothing running, the retry waits the longest backoff (2 s) instead of adding load at once.
+    assert p.decide([ended(0, ERROR, error=err(ErrorKind.OVERLOADED))], T0 + 1.0, DEADLINE) == Start(
+        1, T0 + 2.3, "retry"
     )
 
 

@@ -123,7 +123,8 @@ async def test_slow_primary_is_beaten_by_a_duplicate_started_at_the_quantile():
 
 async def test_refused_duplicate_is_not_asked_again_and_the_step_waits_on_its_primary():
     clock = FakeClock()
-    provider = ScriptedProvider(clock, [Plan(3.0, 4.0)])
+    # First token at 1.5 s: late for the 1.0 s trigger, in time for the 2.0 s timeout.
+    provider = ScriptedProvider(clock, [Plan(1.5, 3.5)])
     tail = control(clock)
     gate = RefuseDuplicates()
     runner = StepRunner(
@@ -162,24 +163,36 @@ async def test_refusal_with_a_policy_that_cannot_hear_it_waits_for_an_attempt_to
     assert policy.calls <= 4
 
 
-async def test_side_effect_step_is_never_duplicated_even_when_slow():
+async def test_side_effect_step_is_never_duplicated_but_a_hung_call_is_killed_and_retried_with_its_key():
     clock = FakeClock()
-    provider = ScriptedProvider(clock, [Plan(8.0, 9.0)])
+    provider = ScriptedProvider(clock, [Plan(8.0, 9.0), Plan(0.3, 0.5)])
     tail = control(clock)
     runner = StepRunner({"openai": provider}, clock, policy_factory=tail.policy_for, observer=tail)
     step = STEP.model_copy(update={"side_effect": True})
+    t0 = clock.time()
     result = await run_on_fake_time(clock, runner.run(request(clock, step)))
-    assert result.ok and [a.role for a in result.attempts] == ["primary"]
-    assert result.attempts[0].idempotency_key == "tailrace-r-s"
+    assert result.ok and [a.role for a in result.attempts] == ["primary", "retry"]
+    primary, retry = result.attempts
+    assert (primary.outcome, primary.cancel_reason) == (AttemptOutcome.CANCELLED, CancelReason.STALLED)
+    assert abs((retry.started_at - t0) - 2.0) < 0.02  # no first token by 2 x the 1.0 s TTFT trigger
+    assert primary.idempotency_key == retry.idempotency_key == "tailrace-r-s"
 
 
-async def test_hedging_off_runs_the_sequential_policy():
+async def test_hedging_off_kills_a_hung_call_at_its_timeout_and_retries():
     clock = FakeClock()
-    provider = ScriptedProvider(clock, [Plan(8.0, 9.0)])
-    tail = TailControl(HedgeConfig(enabled=False), clock=clock)
+    provider = ScriptedProvider(clock, [Plan(8.0, 9.0), Plan(0.3, 0.5)])
+    tail = TailControl(HedgeConfig(enabled=False), clock=clock)  # cold: the prior TTFT 1.0 s x 1.5
     runner = StepRunner({"openai": provider}, clock, policy_factory=tail.policy_for, observer=tail)
+    t0 = clock.time()
     result = await run_on_fake_time(clock, runner.run(request(clock)))
-    assert result.ok and len(result.attempts) == 1
+    assert result.ok and [a.role for a in result.attempts] == ["primary", "retry"]
+    primary, retry = result.attempts
+    assert (primary.outcome, primary.cancel_reason) == (AttemptOutcome.CANCELLED, CancelReason.STALLED)
+    assert abs((retry.started_at - t0) - 3.0) < 0.02
+    assert provider.cancelled == 1
+    # The kill is a censored sample and a health failure of the model.
+    [sample] = tail.stats.snapshot()[model_key("openai", "m")][:1]
+    assert sample.kind == "censored" and sample.ttft_censored and sample.timed_out
 
 
 async def test_failures_feed_the_breaker_and_the_throttle():
