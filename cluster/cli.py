@@ -20,13 +20,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tailrace.engine.errors import SpecError, TailraceError
+from tailrace.engine.sim.config import SCENARIOS
 from tailrace.engine.specs import RunOptions
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 DEMO_WORKFLOW = EXAMPLES / "support_triage" / "workflow.yaml"
 DEMO_INPUTS = EXAMPLES / "support_triage" / "inputs.jsonl"
 
-SCENARIO_NAMES = ("clean", "heavy-tail", "brownout", "tpm")
+SCENARIO_NAMES = tuple(SCENARIOS)
 console = Console(stderr=False)
 errors = Console(stderr=True)
 

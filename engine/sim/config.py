@@ -8,7 +8,7 @@ are simulated too, so a scaled run keeps the same shape, only faster.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -133,6 +133,26 @@ class BrownoutConfig(BaseModel):
         return (sim_time - self.offset_s) % self.period_s < self.duration_s
 
 
+class LatencyModel(BaseModel):
+    """The shape of a request's latency around its model profile (a family, so no result depends on one
+    hand-picked distribution):
+
+    * `lognormal`: TTFT = median x e^N(0, sigma), the profile's own spread (the default);
+    * `pareto`: TTFT = median x a Pareto factor of shape `pareto_alpha` with median 1 (alpha 1.5: finite
+      mean, infinite variance; p99 is ~14x the median);
+    * `bimodal`: lognormal, and a `slow_fraction` of requests in a mode `slow_factor` times slower
+      (first token and decode both).
+    Faults (stragglers, hangs, ...) come on top, from the fault rates.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    family: Literal["lognormal", "pareto", "bimodal"] = "lognormal"
+    pareto_alpha: float = Field(default=1.5, gt=1)
+    slow_fraction: float = Field(default=0.1, ge=0, le=1)
+    slow_factor: float = Field(default=4.0, ge=1)
+
+
 class SimConfig(BaseModel):
     """Everything that decides the simulator's behaviour. Plans are a pure function of this."""
 
@@ -146,6 +166,8 @@ class SimConfig(BaseModel):
     fault_rates: dict[Fault, float] = Field(default_factory=dict)  # probability per request
     straggler_factor: tuple[float, float] = (3.0, 10.0)  # uniform range
     stall_s: tuple[float, float] = (10.0, 30.0)  # gap length, uniform range
+    stall_at: float | None = Field(default=None, ge=0, le=1)  # where in the stream a stall starts; None: anywhere
+    latency: LatencyModel = Field(default_factory=LatencyModel)
     script: dict[str, list[Fault]] = Field(default_factory=dict)  # model -> faults of its first N requests
     force_fault: dict[str, Fault] = Field(default_factory=dict)  # model -> always this fault
     brownout: BrownoutConfig | None = None
@@ -192,6 +214,23 @@ HEAVY_TAIL_RATES: dict[Fault, float] = {
     Fault.NOT_JSON: 0.002,
 }
 
+# The fault mix every latency family of the tail benchmark shares (issue 8's provider): 2 % HTTP 500/529,
+# 1 % 429, 3 % invalid answers, 0.5 % connection resets.
+FAMILY_FAULT_RATES: dict[Fault, float] = {
+    Fault.HTTP_500: 0.01,
+    Fault.OVERLOADED: 0.01,
+    Fault.RATE_LIMITED: 0.01,
+    Fault.RESET: 0.005,
+    Fault.EMPTY: 0.015,
+    Fault.REFUSAL: 0.005,
+    Fault.SCHEMA_MISS: 0.005,
+    Fault.NOT_JSON: 0.005,
+}
+# The heavy-tail mix on top of it: 4 % of requests 8x slower, 1 % hangs.
+HEAVY_TAIL_MIX_RATES: dict[Fault, float] = {**FAMILY_FAULT_RATES, Fault.STRAGGLER: 0.04, Fault.HANG: 0.01}
+# The latency families of `benchmarks/tail.py --families all`, each a scenario of its own.
+FAMILIES = ("heavy-tail-mix", "pareto", "bimodal", "brownout-mix")
+
 SCENARIOS: dict[str, dict[str, Any]] = {
     # No faults at all: every request gets a valid answer. Outputs kept short for quick runs.
     "clean": {
@@ -206,6 +245,33 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "brownout": {"name": "brownout", "brownout": BrownoutConfig()},
     # Per-key token-per-minute enforcement, charged at admission as prompt + max_tokens.
     "tpm": {"name": "tpm", "tpm_limit": 100_000},
+    # ---- latency families (see FAMILIES) ----
+    "heavy-tail-mix": {"name": "heavy-tail-mix", "fault_rates": HEAVY_TAIL_MIX_RATES, "straggler_factor": (8.0, 8.0)},
+    "pareto": {"name": "pareto", "fault_rates": FAMILY_FAULT_RATES, "latency": {"family": "pareto"}},
+    "bimodal": {"name": "bimodal", "fault_rates": FAMILY_FAULT_RATES, "latency": {"family": "bimodal"}},
+    # The first rung 6x slower with 10 % 503/529 for 20 s of every 50 s.
+    "brownout-mix": {
+        "name": "brownout-mix",
+        "fault_rates": FAMILY_FAULT_RATES,
+        "brownout": BrownoutConfig(
+            model="gpt-4.1", period_s=50.0, duration_s=20.0, offset_s=10.0, latency_factor=6.0, overloaded_rate=0.1
+        ),
+    },
+    # ---- single failure modes (issue 8's defects) on the first rung, gpt-4.1 ----
+    # It accepts the request and never answers.
+    "silent-route": {"name": "silent-route", "force_fault": {"gpt-4.1": Fault.HANG}},
+    # Every stream stops half-way for 30 s.
+    "stall-halfway": {
+        "name": "stall-halfway",
+        "force_fault": {"gpt-4.1": Fault.STALL},
+        "stall_at": 0.5,
+        "stall_s": (30.0, 30.0),
+    },
+    # Every first token takes 20 s.
+    "slow-first-token": {
+        "name": "slow-first-token",
+        "model_profiles": {"gpt-4.1": ModelProfile(ttft_median_s=20.0, ttft_sigma=0.0, tokens_per_s=80)},
+    },
 }
 
 

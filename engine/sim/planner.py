@@ -207,6 +207,23 @@ def _write(fault: Fault, features: RequestFeatures, rng: random.Random, n_chars:
     return fault, answer(n_chars), Finish.STOP
 
 
+def _family(
+    config: SimConfig, features: RequestFeatures, occurrence: int, median_s: float, ttft: float, tps: float
+) -> tuple[float, float]:
+    """(TTFT, tokens/s) reshaped by the config's latency family; lognormal leaves them as drawn."""
+    model = config.latency
+    if model.family == "lognormal":
+        return ttft, tps
+    u = _rng(config, features, occurrence, "family").random()
+    if model.family == "pareto":
+        # A Pareto factor with median 1: x_m * U^(-1/alpha) with x_m = 2^(-1/alpha).
+        factor = (2.0 * max(u, 1e-12)) ** (-1.0 / model.pareto_alpha)
+        return median_s * factor, tps
+    if u < model.slow_fraction:
+        return ttft * model.slow_factor, tps / model.slow_factor
+    return ttft, tps
+
+
 def plan_response(
     config: SimConfig,
     features: RequestFeatures,
@@ -220,6 +237,7 @@ def plan_response(
     lat = _rng(config, features, occurrence, "latency")
     ttft = profile.ttft_median_s * math.exp(lat.gauss(0.0, profile.ttft_sigma))
     tps = profile.tokens_per_s * math.exp(lat.gauss(0.0, profile.tps_sigma))
+    ttft, tps = _family(config, features, occurrence, profile.ttft_median_s, ttft, tps)
     if degraded:
         ttft *= config.brownout.latency_factor if config.brownout else 1.0
         tps /= config.brownout.latency_factor if config.brownout else 1.0
@@ -261,7 +279,9 @@ def plan_response(
     shape = _rng(config, features, occurrence, "shape")
     extra: dict[str, Any] = {}
     if fault == Fault.STALL:
-        extra["stall_after_chunk"] = shape.randint(1, max(1, len(chunks) - 1))
+        anywhere = shape.randint(1, max(1, len(chunks) - 1))
+        at = config.stall_at
+        extra["stall_after_chunk"] = anywhere if at is None else min(max(1, round(at * len(chunks))), len(chunks))
         extra["stall_s"] = shape.uniform(*config.stall_s)
     elif fault == Fault.HANG:
         extra["hang_after_headers"] = features.stream and shape.random() < 0.5
