@@ -1,4 +1,4 @@
-"""The contenders of `benchmarks/tail.py` that are not tailrace: what a user writes by hand, and LiteLLM.
+"""The contenders of `benchmarks/tail.py`: what a user writes by hand, LiteLLM, and tailrace itself.
 
 Both run the same workflow with the same prompts (rendered by `tailrace.engine.prompts`, so the simulator
 draws the same answers for the same request) and judge answers with the same quality floor
@@ -11,6 +11,8 @@ the same simulated time; server-directed `retry-after` is already scaled by the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -20,7 +22,7 @@ from typing import Any
 from tailrace.engine.dag import Dag
 from tailrace.engine.prompts import render_messages
 from tailrace.engine.providers.base import normalise_stop
-from tailrace.engine.specs import StepSpec, WorkflowSpec
+from tailrace.engine.specs import HedgeConfig, RunOptions, StepSpec, WorkflowSpec
 from tailrace.engine.validation import validate
 
 ANSWER_TRIES = 3
@@ -212,3 +214,70 @@ class LiteLLMRouter(Contender):
 
     async def _run(self, records: list[tuple[str, dict[str, Any]]]) -> list[RunResult]:
         return await run_all(records, self.concurrency, lambda record: run_dag(self.workflow, record, self._call))
+
+
+# ---- (b) and (c) tailrace, hedging off and on ------------------------------------------------------------
+
+
+class Tailrace(Contender):
+    """`run_batch` per chunk; the executors' latency windows carry over through a named stats actor."""
+
+    def __init__(
+        self,
+        root: str,
+        workflow: WorkflowSpec,
+        concurrency: int,
+        scale: float,
+        hedging: bool,
+        name: str,
+        hedge: HedgeConfig | None = None,
+    ) -> None:
+        from tailrace.policies.hedging import TailTuning, scaled_hedge
+
+        super().__init__()
+        self.root, self.workflow, self.concurrency = root, workflow, concurrency
+        base = (hedge or HedgeConfig()).model_copy(update={"enabled": hedging})
+        self.hedge = scaled_hedge(base, scale)
+        self.tuning = TailTuning().scaled(scale)
+        self.stats_name = name
+        self.deadline_s = math.inf
+
+    def run(self, records: list[tuple[str, dict[str, Any]]]) -> list[RunResult]:
+        from tailrace.cluster.api import run_batch
+        from tailrace.cluster.providers import SimulatorEndpoints
+
+        results: list[RunResult] = []
+
+        def done(o: Any) -> None:
+            results.append(
+                RunResult(
+                    o.run_id,
+                    o.delivered,
+                    o.latency_s,
+                    bool(o.degraded_steps),
+                    None if o.delivered else (o.failure.value if o.failure else "?"),
+                )
+            )
+
+        options = RunOptions(**{**self.workflow.defaults.model_dump(), "deadline_s": self.deadline_s})
+        run_batch(
+            self.workflow,
+            (r for _, r in records),
+            options=options,
+            max_in_flight=self.concurrency,
+            simulator=SimulatorEndpoints(self.root + "/v1", self.root),
+            on_done=done,
+            hedge=self.hedge,
+            tuning=self.tuning,
+            stats_name=self.stats_name,
+        )
+        return results
+
+    def close(self) -> None:
+        import ray
+
+        from tailrace.actors.latency_stats import NAMESPACE
+
+        with contextlib.suppress(Exception):
+            ray.kill(ray.get_actor(self.stats_name, namespace=NAMESPACE))
+        super().close()
