@@ -2,7 +2,7 @@
 
 Many steps run concurrently in one executor (asyncio); health and admin calls have their own
 concurrency group so a busy executor still answers them. Steps are hedged by default (see
-`tailrace.runtime.tail_control`); `hedge=HedgeConfig(enabled=False)` runs the sequential retry policy instead.
+`tailrace.runtime.tail_control`); `hedge=HedgeConfig(enabled=False)` runs the same policy without duplicates.
 With `stats_name`, the executor shares its latency windows with the others through that stats actor.
 """
 

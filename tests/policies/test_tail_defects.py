@@ -325,6 +325,17 @@ def test_7_duplicates_of_a_slowed_model_go_elsewhere():
     assert events == [(t(0), "start", 0, "primary"), (t(3.0), "start", 1, "duplicate"), (t(5.0), "won", 1)]
 
 
+def test_7_a_model_whose_attempts_time_out_loses_its_duplicates_before_any_slow_answer_is_in():
+    # The brownout has just begun: no slow answer has come back yet, but four attempts on strong were
+    # killed by their timeouts. That is evidence enough: the duplicate goes to mid. (Its TTFT p90 is
+    # hidden by the censored samples: at least 2.0 s, the largest value seen, so it is backed up then.)
+    state = tail()
+    for _ in range(4):
+        state.stats.observe(KEYS[0], "censored", 2.0, 2.0, ttft_censored=True, timed_out=True)
+    events = play(policy(state=state), [Does(24.0, VALID, 6.0), answers(2.0)], t(30))
+    assert events == [(t(0), "start", 0, "primary"), (t(2.0), "start", 1, "duplicate"), (t(4.0), "won", 1)]
+
+
 # ---- 8. duplicates do not pile onto a silent route ----------------------------------------------------------
 
 
