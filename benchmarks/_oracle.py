@@ -5,7 +5,7 @@ planner (`plan_response`, the function the server acts out), so the oracle sees 
 distribution the contenders see. The oracle knows that distribution (not each draw):
 
 * its backup delays are the true `1 - max_extra_load` quantile of the model's time to first token and
-  the `1 - max_extra_load / 2` quantile of its latency (over its answers, as tailrace's triggers);
+  the `1 - max_extra_load / 2` quantile of its latency (over answers and hangs, as tailrace's triggers);
 * a duplicate starts when every running attempt is late (no first token by the first delay, no answer
   by the second, or, `MIN_STREAM_S` after its first token, streaming slower than `SLOW_STREAM` x the
   model's median decode rate), up to `max_duplicates` running duplicates (as tailrace's cap);
@@ -70,11 +70,13 @@ def _draw(config: SimConfig, model: str, key: str, sim_time: float, prompt_token
 
 def backup_delays(config: SimConfig, model: str, max_extra_load: float, n: int = 20_000) -> tuple[float, float, float]:
     """The true `1 - max_extra_load` quantile of the model's time to first token and `1 - max_extra_load / 2`
-    quantile of its latency, over its answers (as tailrace's windows: failures are not latency samples),
-    outside any brownout (sim time -1)."""
+    quantile of its latency over the attempts that did not fail fast (answers and hangs, a hang being
+    slower than any answer: as tailrace's censored windows, and the same budget: that share of attempts
+    is backed up), and the median decode rate; outside any brownout (sim time -1)."""
     draws = [_draw(config, model, f"quantile-{i}", -1.0, 150, 400) for i in range(n)]
-    firsts = sorted(d.first_token for d in draws if math.isfinite(d.first_token))
-    ends = sorted(d.end for d in draws if math.isfinite(d.first_token))
+    waited = [d for d in draws if math.isfinite(d.first_token) or not math.isfinite(d.end)]
+    firsts = sorted(d.first_token for d in waited)
+    ends = sorted(d.end for d in waited)
     rates = sorted(d.tokens_per_s for d in draws if math.isfinite(d.tokens_per_s))
 
     def q(values: list[float], p: float) -> float:
