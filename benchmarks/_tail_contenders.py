@@ -259,18 +259,29 @@ class Tailrace(Contender):
                 )
             )
 
+        from tailrace.cluster.pool import NoExecutorError
+
         options = RunOptions(**{**self.workflow.defaults.model_dump(), "deadline_s": self.deadline_s})
-        run_batch(
-            self.workflow,
-            (r for _, r in records),
-            options=options,
-            max_in_flight=self.concurrency,
-            simulator=SimulatorEndpoints(self.root + "/v1", self.root),
-            on_done=done,
-            hedge=self.hedge,
-            tuning=self.tuning,
-            stats_name=self.stats_name,
-        )
+        for attempt in range(3):
+            try:
+                run_batch(
+                    self.workflow,
+                    (r for _, r in records),
+                    options=options,
+                    max_in_flight=self.concurrency,
+                    simulator=SimulatorEndpoints(self.root + "/v1", self.root),
+                    on_done=done,
+                    hedge=self.hedge,
+                    tuning=self.tuning,
+                    stats_name=self.stats_name,
+                )
+                return results
+            except NoExecutorError:
+                # On a heavily loaded machine the previous contender's executors can take more than a
+                # minute to release their CPUs; no run of this chunk has started yet, so start it again.
+                if attempt == 2 or results:
+                    raise
+                time.sleep(10)
         return results
 
     def close(self) -> None:
