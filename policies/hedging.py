@@ -271,12 +271,17 @@ class HedgingPolicy:
 
     # ---- lateness -----------------------------------------------------------------------------------
 
-    def _trigger_delays(self, tier: int) -> tuple[float, float]:
-        """(TTFT, latency) after which an attempt on this rung is late."""
+    def _window_delays(self, tier: int) -> tuple[float, float]:
+        """(TTFT, latency) quantiles of the rung's own window at the trigger quantiles."""
         c, stats = self._config, self._tail.stats
         choice = self._models[tier]
-        ttft = stats.ttft_s(choice, c.ttft_trigger_quantile)
-        latency = stats.latency_s(choice, c.latency_trigger_quantile)
+        return stats.ttft_s(choice, c.ttft_trigger_quantile), stats.latency_s(choice, c.latency_trigger_quantile)
+
+    def _trigger_delays(self, tier: int) -> tuple[float, float]:
+        """(TTFT, latency) after which an attempt on this rung is late."""
+        stats = self._tail.stats
+        choice = self._models[tier]
+        ttft, latency = self._window_delays(tier)
         if self._unhealthy(tier) and any(not self._unhealthy(i) for i in range(len(self._models)) if i != tier):
             # A slowed-down model's window fills with slow samples and its quantiles follow them up; it
             # is backed up against its spec's promise instead, so hedging does not fade in a brownout.
@@ -307,9 +312,12 @@ class HedgingPolicy:
         return min(candidates)
 
     def _timeout_at(self, a: AttemptState) -> float:
-        """When a running attempt is given up on (cancelled `stalled`, then retried)."""
+        """When a running attempt is given up on (cancelled `stalled`, then retried). From the model's own
+        window, not the brownout shortcut of the triggers: a duplicate may leave a slowed model early,
+        but an attempt is killed only when it is late for what the model does now. (When a busy engine
+        sees every answer late, killing on the priors would only add load.)"""
         c = self._config
-        ttft, latency = self._trigger_delays(a.tier)
+        ttft, latency = self._window_delays(a.tier)
         ends = [a.started_at + c.timeout_factor * latency]
         if a.first_token_at is None:
             ends.append(a.started_at + c.timeout_factor * ttft)
