@@ -23,7 +23,7 @@ from tailrace.policies.hedging import TailTuning, scaled_hedge
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
-TIME_SCALE = 0.05
+TIME_SCALE = 0.1  # 1 simulated second = 100 ms: the scenarios keep their order on a busy machine
 STEADY = ModelProfile(
     ttft_median_s=1.0, ttft_sigma=0.0, tokens_per_s=100, tps_sigma=0.0, output_tokens_median=40, output_tokens_sigma=0.0
 )
