@@ -33,7 +33,7 @@ from tailrace.engine.clock import DEFAULT_GRACE_S, SYSTEM_CLOCK, Clock, Deadline
 from tailrace.engine.loading import check_inputs, load_inputs, load_workflow
 from tailrace.engine.outcomes import RunOutcome
 from tailrace.engine.providers.base import AdapterSettings
-from tailrace.engine.spec_checks import check_validators_registered
+from tailrace.engine.spec_checks import check_schema_models, check_validators_registered
 from tailrace.engine.specs import HedgeConfig, RunOptions, WorkflowSpec
 from tailrace.policies.budget_config import BudgetConfig
 from tailrace.policies.hedging import TailTuning
@@ -130,6 +130,7 @@ def run_batch(
     """
     spec = workflow if isinstance(workflow, WorkflowSpec) else load_workflow(workflow)
     check_validators_registered(spec)
+    check_schema_models(spec)  # imports the modules schema models are named by, if the user allowed them
     options = options or spec.defaults
     if providers is None:
         providers = resolve_providers(spec, simulator)
