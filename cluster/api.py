@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,9 +30,10 @@ from tailrace.cluster.providers import SimulatorEndpoints, needs_simulator, reso
 from tailrace.cluster.results import BatchSummary, ResultWriter, finished_run_ids
 from tailrace.cluster.trace import TraceConfig, TraceWriter, default_trace_path
 from tailrace.engine.clock import DEFAULT_GRACE_S, SYSTEM_CLOCK, Clock, Deadline, wait_for
-from tailrace.engine.loading import check_inputs, load_inputs, load_workflow
+from tailrace.engine.loading import load_workflow
 from tailrace.engine.outcomes import RunOutcome
 from tailrace.engine.providers.base import AdapterSettings
+from tailrace.engine.records import Numbered, RejectedRecord, numbered_records
 from tailrace.engine.spec_checks import check_schema_models, check_validators_registered
 from tailrace.engine.specs import HedgeConfig, RunOptions, WorkflowSpec
 from tailrace.policies.budget_config import BudgetConfig
@@ -81,17 +82,9 @@ async def _on_every_executor(pool: ExecutorPool, method: str, within_s: float = 
         log.warning("executors did not finish %s within %.0f s", method, within_s)
 
 
-def _numbered(workflow: WorkflowSpec, records: Records, skip: set[str]) -> Iterator[tuple[str, dict[str, Any]]]:
-    if isinstance(records, str | Path):
-        numbered: Iterable[tuple[int, Mapping[str, Any]]] = load_inputs(records)
-    else:
-        numbered = enumerate(records, start=1)
-    for line, record in numbered:
-        run_id = str(record.get("run_id") or record.get("id") or f"run-{line:06d}")
-        if run_id in skip:
-            continue
-        check_inputs(workflow, dict(record), line)
-        yield run_id, dict(record)
+def _numbered(workflow: WorkflowSpec, records: Records, skip: set[str]) -> Numbered:
+    # A record that cannot be a run comes as a `RejectedRecord`: it fails alone, typed, with its line.
+    return numbered_records(workflow, records, skip)
 
 
 def run_batch(
@@ -152,9 +145,9 @@ def run_batch(
     summary = BatchSummary()
     inputs_of: dict[str, dict[str, Any]] = {}
 
-    def remembered() -> Iterator[tuple[str, dict[str, Any]]]:
+    def remembered() -> Numbered:
         for run_id, record in _numbered(spec, records, skip):
-            inputs_of[run_id] = record  # only while the run is in flight
+            inputs_of[run_id] = {} if isinstance(record, RejectedRecord) else record  # while the run is in flight
             yield run_id, record
 
     def finished(outcome: RunOutcome) -> None:

@@ -27,6 +27,7 @@ from tailrace.cluster.results import BatchSummary, ResultWriter
 from tailrace.engine.clock import DEFAULT_GRACE_S, SYSTEM_CLOCK, Clock, Deadline, RunDeadline, wait_all, wait_first
 from tailrace.engine.dag import Dag
 from tailrace.engine.outcomes import AttemptRecord, CancelReason, FailureReason, RunOutcome, StepResult
+from tailrace.engine.records import RejectedRecord
 from tailrace.engine.specs import HedgeConfig, RunOptions, WorkflowSpec
 from tailrace.policies.allocation import split_extra_tokens, step_extra_tokens, step_weights, time_shares
 from tailrace.policies.hedging import effective_config
@@ -138,17 +139,22 @@ class WorkflowDriver:
         self.clock = clock
         self.grace_s = grace_s
 
-    async def run(self, run_id: str, inputs: dict[str, Any]) -> RunOutcome:
+    async def run(self, run_id: str, inputs: dict[str, Any] | RejectedRecord) -> RunOutcome:
         started_mono = self.clock.monotonic()
         deadline = RunDeadline.start(self.options.deadline_s, self.clock, grace_s=self.grace_s)
+        rejected = inputs if isinstance(inputs, RejectedRecord) else None
+        inputs = {} if rejected is not None else inputs
         state = _RunState(
             run_id,
             inputs,
             deadline,
             deadline.epoch_s - self.options.deadline_s,
             started_mono,
-            extra_allowance=self._extra_allowance(inputs),
+            extra_allowance=None if rejected is not None else self._extra_allowance(inputs),
         )
+        if rejected is not None:  # a record that cannot be a run ends here, typed; the batch goes on
+            state.failure, state.detail = FailureReason.INVALID_INPUT, rejected.problem
+            return self._outcome(state)
         pending: _Pending = {}
         started: set[str] = set()
         if self.admission is not None:
@@ -312,7 +318,7 @@ class WorkflowDriver:
 
 async def run_records(
     driver: WorkflowDriver,
-    records: Iterable[tuple[str, dict[str, Any]]],
+    records: Iterable[tuple[str, dict[str, Any] | RejectedRecord]],
     writer: ResultWriter,
     summary: BatchSummary,
     max_in_flight: int,

@@ -1,5 +1,8 @@
 """Size and depth bounds on plain data (what YAML, JSON or a caller's dicts hold), checked without recursion.
 
+Text is checked too: a string that cannot be encoded as UTF-8 (a lone surrogate) can be neither sent
+nor written, so it is refused where it enters.
+
 A spec is input. A 700-byte YAML file can expand through aliases to billions of nodes, a self-referencing
 dict never ends, and a 1,000-level nesting overflows every recursive walk (pydantic, `json.dumps`,
 `repr`). `check_shape` walks the data iteratively and stops at the first bound it crosses, so its cost
@@ -30,6 +33,20 @@ class ShapeError(ValueError):
         super().__init__(message)
 
 
+NOT_ENCODABLE = "cannot be encoded as UTF-8 (a lone surrogate)"
+
+
+def encodable(text: str) -> bool:
+    """False for text no request or file can carry (a lone surrogate, e.g. from a JSON `"\\ud800"`)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 # A path is a linked list (parent, key) so pushing a child costs O(1), not O(depth).
 _Path = tuple[Any, str | int] | None
 
@@ -57,6 +74,8 @@ def check_shape(value: Any, limits: ShapeLimits = ShapeLimits()) -> None:
         if isinstance(item, str):
             chars += len(item)
             by_top[top] += len(item) // 64  # long text weighs on where the bulk is
+            if not encodable(item):
+                raise ShapeError(_unlink(path), f"holds text that {NOT_ENCODABLE}")
         elif isinstance(item, Mapping | list | tuple):
             if depth >= limits.max_depth:
                 raise ShapeError(_unlink(path), f"nested deeper than {limits.max_depth} levels")
@@ -66,7 +85,10 @@ def check_shape(value: Any, limits: ShapeLimits = ShapeLimits()) -> None:
                 break
             if isinstance(item, Mapping):
                 for key, child in item.items():
-                    chars += len(key) if isinstance(key, str) else 0
+                    if isinstance(key, str):
+                        chars += len(key)
+                        if not encodable(key):
+                            raise ShapeError(_unlink(path), f"has a key that {NOT_ENCODABLE}")
                     label = key if isinstance(key, str | int) else repr(key)
                     stack.append((child, depth + 1, (path, label), label if depth == 0 else top))
             else:

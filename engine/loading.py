@@ -4,7 +4,8 @@ Everything wrong with a spec comes out as `SpecErrors`, each error under a field
 steps by id (`steps[summarize].models[0].max_tokens`) rather than pydantic's positional
 `steps.2.models.0.max_tokens`. File-level problems (missing file, syntax error, a top level that
 is not a mapping) are reported the same way, under the file name (and `:line` for syntax errors).
-Problems with a batch of inputs are `InputError`s naming the file and line.
+Batches of inputs are read by `tailrace.engine.records` (`load_inputs` and `check_inputs` are
+re-exported here).
 
 A spec is input, so loading it is bounded: the file's size, its nesting depth and what its YAML
 aliases expand to are checked before anything is built (`tailrace.engine._bounds`), so an alias bomb,
@@ -19,15 +20,16 @@ import json
 import reprlib
 import types
 import typing
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pydantic
 import yaml
 
-from tailrace.engine._bounds import ShapeError, ShapeLimits, check_shape
-from tailrace.engine.errors import InputError, SpecError, SpecErrors
+from tailrace.engine._bounds import ShapeError, ShapeLimits, check_shape, encodable
+from tailrace.engine.errors import SpecError, SpecErrors
+from tailrace.engine.records import check_inputs, load_inputs  # noqa: F401  (the inputs half of loading)
 from tailrace.engine.spec_checks import check_graph
 from tailrace.engine.specs import SpecLimits, WorkflowSpec
 
@@ -93,37 +95,6 @@ def workflow_from_dict(data: Any, source: str = "<dict>") -> WorkflowSpec:
     except SpecErrors as exc:
         exc.add_note(f"in {source}")
         raise
-
-
-def load_inputs(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, record) for each non-blank line of a JSONL file, reading lazily."""
-    path = Path(path)
-    try:
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError as exc:
-                    raise InputError(f"{path}:{number}: not valid JSON: {exc}") from None
-                if not isinstance(record, dict):
-                    raise InputError(f"{path}:{number}: expected a JSON object, got {_json_kind(record)}")
-                yield number, record
-    except FileNotFoundError:
-        raise InputError(f"{path}: file not found") from None
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not UTF-8 text: {exc}") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc}") from None
-
-
-def check_inputs(spec: WorkflowSpec, record: Mapping[str, Any], line: int, source: str = "") -> None:
-    """Raise `InputError` when `record` (from `line` of `source`) lacks a field the spec declares."""
-    missing = [name for name in spec.inputs if name not in record]
-    if missing:
-        where = f"{source}:{line}" if source else f"line {line}"
-        raise InputError(f"{where}: missing input field(s): {', '.join(missing)}")
 
 
 def _parse_yaml(text: str, source: str) -> Any:
@@ -239,8 +210,9 @@ def _field_path(loc: Sequence[str | int], data: Any) -> str:
             label: str | int = part
             if out == "steps" and isinstance(node, list) and part < len(node):
                 step = node[part]
-                if isinstance(step, Mapping) and isinstance(step.get("id"), str) and step["id"]:
-                    label = step["id"]
+                step_id = step.get("id") if isinstance(step, Mapping) else None
+                if isinstance(step_id, str) and step_id and len(step_id) <= 64 and encodable(step_id):
+                    label = step_id
             out += f"[{label}]"
             node = node[part] if isinstance(node, list) and part < len(node) else None
         else:
@@ -290,8 +262,3 @@ def _key_hint(key: str, allowed: list[str]) -> str:
 def _short_repr(value: Any) -> str:
     text = _REPR.repr(value)  # bounded: never expands a large or deep value in full
     return text if len(text) <= _MAX_INPUT_CHARS else text[: _MAX_INPUT_CHARS - 3] + "..."
-
-
-def _json_kind(value: Any) -> str:
-    names = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
