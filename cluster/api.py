@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import ray
 
+from tailrace.actors.attempt_journal import start_journal
 from tailrace.actors.budget_actor import BudgetHandle
 from tailrace.actors.latency_stats import stats_actor
 from tailrace.actors.step_executor import StepExecutor
@@ -136,6 +137,8 @@ def run_batch(
     batch_stats = stats_name is None
     stats_name = stats_name or f"tailrace-latency-stats-{uuid.uuid4().hex[:12]}"
     stats = stats_actor(stats_name, tuning.latency)  # owned by this driver, not by one executor
+    journal_name = f"tailrace-attempt-journal-{uuid.uuid4().hex[:12]}"
+    journal = start_journal(journal_name)  # where a dead executor's attempts are found
     handle = ensure_budget(budget, spec) if budget is not None else None
     admission = (
         BudgetAdmission(handle.config, spec, handle.actor) if handle is not None and handle.config.admission else None
@@ -162,11 +165,19 @@ def run_batch(
             providers,
             pool or PoolConfig.fixed(num_executors),
             executor_clock=executor_clock,
-            executor_kwargs={"hedge": hedge, "tuning": tuning, "stats_name": stats_name, "budget": handle},
+            executor_kwargs={
+                "hedge": hedge,
+                "tuning": tuning,
+                "stats_name": stats_name,
+                "budget": handle,
+                "journal_name": journal_name,
+            },
         ) as executors:
             if on_pool is not None:
                 on_pool(executors)
-            driver = WorkflowDriver(spec, options, executors, grace_s=grace_s, hedge=hedge, admission=admission)
+            driver = WorkflowDriver(
+                spec, options, executors, grace_s=grace_s, hedge=hedge, admission=admission, journal=journal
+            )
             await run_records(driver, remembered(), writer, summary, max_in_flight, finished)
             if handle is not None:  # executors return their leases and report their last spend
                 await _on_every_executor(executors, "shutdown")
@@ -179,6 +190,8 @@ def run_batch(
         writer.close()
         if tracer is not None:
             tracer.close()
+        with contextlib.suppress(Exception):
+            ray.kill(journal)
         if batch_stats:
             with contextlib.suppress(Exception):
                 ray.kill(stats)
