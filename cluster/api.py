@@ -26,6 +26,7 @@ from tailrace.actors.latency_stats import stats_actor
 from tailrace.actors.step_executor import StepExecutor
 from tailrace.cluster.budget import BudgetAdmission, budget_status, ensure_budget
 from tailrace.cluster.driver import WorkflowDriver, run_records
+from tailrace.cluster.loopback import local_cluster_on_loopback
 from tailrace.cluster.pool import ExecutorPool, PoolConfig
 from tailrace.cluster.providers import SimulatorEndpoints, needs_simulator, resolve_providers
 from tailrace.cluster.results import BatchSummary, ResultWriter, finished_run_ids
@@ -49,7 +50,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
     """Start or join a Ray cluster, once per process."""
     if ray.is_initialized():
         return
-    ray.init(address=address, num_cpus=num_cpus, logging_level=logging.WARNING, log_to_driver=False)
+    with local_cluster_on_loopback(address):  # a cluster started here serves its metrics on 127.0.0.1 only
+        ray.init(address=address, num_cpus=num_cpus, logging_level=logging.WARNING, log_to_driver=False)
 
 
 def start_executors(
