@@ -47,58 +47,87 @@ def encodable(text: str) -> bool:
     return True
 
 
-# A path is a linked list (parent, key) so pushing a child costs O(1), not O(depth).
-_Path = tuple[Any, str | int] | None
+_END = object()
 
 
-def _unlink(node: _Path) -> tuple[str | int, ...]:
-    keys: list[str | int] = []
-    while node is not None:
-        node, key = node
-        keys.append(key)
-    return tuple(reversed(keys))
+def _children(item: Any) -> Any:
+    return iter(item.items()) if isinstance(item, Mapping) else enumerate(item)
 
 
 def check_shape(value: Any, limits: ShapeLimits = ShapeLimits()) -> None:
-    """Raise `ShapeError` when `value` nests deeper than, or expands to more values or characters than, `limits`.
+    """Raise `ShapeError` when `value` nests deeper than, or expands to more values or characters than,
+    `limits`, or holds text that cannot be encoded.
 
-    A count that crosses its bound is reported under the top-level key that holds the most of it.
+    Shared sub-values (YAML aliases, one dict used twice) are measured once and counted each time they
+    are used, so the walk visits each distinct value once: its cost is bounded by `max_nodes`, not by
+    what the value expands to. A count that crosses its bound is reported under the top-level key it
+    was crossed in.
     """
-    stack: list[tuple[Any, int, _Path, Any]] = [(value, 0, None, None)]
-    nodes = chars = 0
-    by_top: dict[Any, int] = {}  # values under each top-level key, to say where the bulk is
-    while stack:
-        item, depth, path, top = stack.pop()
-        nodes += 1
-        by_top[top] = by_top.get(top, 0) + 1
-        if isinstance(item, str):
-            chars += len(item)
-            by_top[top] += len(item) // 64  # long text weighs on where the bulk is
-            if not encodable(item):
-                raise ShapeError(_unlink(path), f"holds text that {NOT_ENCODABLE}")
-        elif isinstance(item, Mapping | list | tuple):
-            if depth >= limits.max_depth:
-                raise ShapeError(_unlink(path), f"nested deeper than {limits.max_depth} levels")
-            nodes_after = nodes + len(item)
-            by_top[top] += len(item)
-            if nodes_after > limits.max_nodes:
-                break
-            if isinstance(item, Mapping):
-                for key, child in item.items():
-                    if isinstance(key, str):
-                        chars += len(key)
-                        if not encodable(key):
-                            raise ShapeError(_unlink(path), f"has a key that {NOT_ENCODABLE}")
-                    label = key if isinstance(key, str | int) else repr(key)
-                    stack.append((child, depth + 1, (path, label), label if depth == 0 else top))
-            else:
-                stack.extend((child, depth + 1, (path, i), i if depth == 0 else top) for i, child in enumerate(item))
-        if nodes > limits.max_nodes or chars > limits.max_chars:
-            break
-    else:
+    if not isinstance(value, Mapping | list | tuple):
+        if isinstance(value, str) and not encodable(value):
+            raise ShapeError((), f"holds text that {NOT_ENCODABLE}")
         return
-    bulk = max(by_top, key=by_top.__getitem__)
-    where = () if bulk is None else (bulk,)
-    if chars > limits.max_chars:
-        raise ShapeError(where, f"more than {limits.max_chars:,} characters of text, counting each use of an alias")
-    raise ShapeError(where, f"more than {limits.max_nodes:,} values, counting each use of an alias")
+    measured: dict[int, tuple[int, int, int]] = {}  # id -> (values, characters, height) once expanded
+    texts_ok: set[int] = set()
+    distinct = 0
+    # Per open container: [container, its (key, child) iterator, key it was reached by, values, chars, height]
+    stack: list[list[Any]] = [[value, _children(value), None, 1, 0, 0]]
+    open_ids = {id(value)}
+
+    def where() -> tuple[str | int, ...]:
+        return tuple(frame[2] for frame in stack[1:])
+
+    def too_big(frame: list[Any]) -> None:
+        if frame[3] > limits.max_nodes:
+            raise ShapeError(where()[:1], f"more than {limits.max_nodes:,} values, counting each use of an alias")
+        if frame[4] > limits.max_chars:
+            message = f"more than {limits.max_chars:,} characters of text, counting each use of an alias"
+            raise ShapeError(where()[:1], message)
+
+    while stack:
+        frame = stack[-1]
+        key, child = next(frame[1], (_END, _END))
+        if key is _END:
+            stack.pop()
+            open_ids.discard(id(frame[0]))
+            measured[id(frame[0])] = (frame[3], frame[4], frame[5])
+            if stack:
+                parent = stack[-1]
+                parent[3] += frame[3]
+                parent[4] += frame[4]
+                parent[5] = max(parent[5], frame[5] + 1)
+                too_big(parent)
+            continue
+        if isinstance(key, str):
+            frame[4] += len(key)
+            if not encodable(key):
+                raise ShapeError(where(), f"has a key that {NOT_ENCODABLE}")
+        label = key if isinstance(key, str | int) else repr(key)
+        if isinstance(child, Mapping | list | tuple):
+            cid = id(child)
+            if cid in measured:
+                nodes, chars, height = measured[cid]
+                frame[3] += nodes
+                frame[4] += chars
+                frame[5] = max(frame[5], height + 1)
+                if len(stack) + height >= limits.max_depth:
+                    raise ShapeError((*where(), label), f"nested deeper than {limits.max_depth} levels")
+                too_big(frame)
+                continue
+            if cid in open_ids or len(stack) >= limits.max_depth:  # a value that contains itself never ends
+                raise ShapeError((*where(), label), f"nested deeper than {limits.max_depth} levels")
+            distinct += len(child) + 1
+            if distinct > limits.max_nodes:
+                stack.append([child, iter(()), label, 0, 0, 0])
+                raise ShapeError(where()[:1], f"more than {limits.max_nodes:,} values, counting each use of an alias")
+            stack.append([child, _children(child), label, 1, 0, 0])
+            open_ids.add(cid)
+            continue
+        frame[3] += 1
+        if isinstance(child, str):
+            frame[4] += len(child)
+            if id(child) not in texts_ok:
+                if not encodable(child):
+                    raise ShapeError((*where(), label), f"holds text that {NOT_ENCODABLE}")
+                texts_ok.add(id(child))
+        too_big(frame)

@@ -39,6 +39,9 @@ _MESSAGES = {"extra_forbidden": "unknown key", "missing": "missing required key"
 _MAX_INPUT_CHARS = 60
 MAX_SPEC_BYTES = 1024 * 1024
 _SHOWN_PATH = 8  # keys of a too-deep path an error shows
+# libyaml's safe loader when PyYAML has it: the pure-Python scanner is quadratic on a line of nested
+# flow collections ("[[[[..."), libyaml is not and stops at its own depth limit.
+_YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 SPEC_SHAPE = ShapeLimits(max_depth=64, max_nodes=100_000, max_chars=8 * 1024 * 1024)
 
 
@@ -100,7 +103,7 @@ def workflow_from_dict(data: Any, source: str = "<dict>") -> WorkflowSpec:
 def _parse_yaml(text: str, source: str) -> Any:
     try:
         _check_yaml_events(text, source)
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_YAML_LOADER)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{source}:{mark.line + 1}" if mark is not None else source
@@ -136,7 +139,7 @@ def _check_yaml_events(text: str, source: str) -> None:
             )
             raise _file_error(_where(source, event), f"the spec expands to more than {what} (YAML aliases)")
 
-    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+    for event in yaml.parse(text, Loader=_YAML_LOADER):
         if isinstance(event, yaml.ScalarEvent):
             add(1, len(event.value), event)
             if event.anchor is not None:
