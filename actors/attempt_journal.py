@@ -180,8 +180,8 @@ class JournalReporter:
         entries = _compact(pending)
         if not entries:
             return
-        if self._actor is None:
-            self._actor = ray.get_actor(self._name, namespace=NAMESPACE)
+        if self._actor is None:  # a GCS lookup: off the event loop, which runs the attempts
+            self._actor = await asyncio.to_thread(ray.get_actor, self._name, namespace=NAMESPACE)
         await self._actor.report.remote(entries)
         self.sent += 1
 
