@@ -112,7 +112,8 @@ def numbered_records(
             yield run_id, RejectedRecord(line, f"{where}: run id {first_id!r} is used by an earlier record too")
             continue
         seen.add(run_id)
-        problem = id_problem or (record if isinstance(record, str) else record_problem(spec, record))
+        unreadable = record if source and isinstance(record, str) else None  # the reader's problem with the line
+        problem = unreadable or id_problem or record_problem(spec, record)
         if problem is not None:
             yield run_id, RejectedRecord(line, f"{where}: {problem}")
         else:
@@ -192,7 +193,7 @@ def _value_problem(value: Any) -> str | None:
             else:
                 stack.extend((v, depth + 1) for v in item)
         else:
-            return f"holds a {type(item).__name__}, which is not a JSON value"
+            return f"holds a value of type {type(item).__name__!r}, which is not JSON"
         if nodes > RECORD_SHAPE.max_nodes or chars > RECORD_SHAPE.max_chars:
             return f"larger than {RECORD_SHAPE.max_nodes:,} values or {RECORD_SHAPE.max_chars:,} characters"
     return None

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from run_checks import assert_each_run_once
+from run_checks import assert_each_run_once, assert_each_run_typed_and_on_time
 from spec_strategies import GOOD_RECORD, records, specs, yaml_alias_bomb
 
 from tailrace.cluster.api import run_batch
@@ -162,6 +162,7 @@ def test_generated_records_each_end_typed_and_written_once(simulator, tmp_path_f
     )
     assert time.monotonic() - started < 60, "the batch hung"
     assert summary.runs == len(batch) == len(outcomes)
+    assert_each_run_typed_and_on_time(outcomes, grace_s=0.5)
     lines = assert_each_run_once(out, len(batch))
     for line in lines:
         assert line["delivered"] or line["failure"] in {"invalid_input", "provider_error", "deadline_exceeded"}, line
