@@ -256,7 +256,8 @@ class WorkflowDriver:
     async def _record_lost_attempts(self, state: _RunState, step_id: str) -> None:
         if self.journal is None:
             return
-        lost = await lost_attempts(self.journal, state.run_id, step_id, self.clock.time(), state.deadline.deadline)
+        # Bounded by the backstop, as every wait of a run is: past its deadline the records still count.
+        lost = await lost_attempts(self.journal, state.run_id, step_id, self.clock.time(), state.deadline.backstop)
         if not lost:
             return
         offset = state.lost_attempts.get(step_id, 0)
