@@ -98,36 +98,40 @@ def check_shape(value: Any, limits: ShapeLimits = ShapeLimits()) -> None:
                 parent[5] = max(parent[5], frame[5] + 1)
                 too_big(parent)
             continue
-        if isinstance(key, str):
+        if key.__class__ is str:
             frame[4] += len(key)
-            if not encodable(key):
+            if not key.isascii() and not encodable(key):
                 raise ShapeError(where(), f"has a key that {NOT_ENCODABLE}")
-        label = key if isinstance(key, str | int) else repr(key)
-        if isinstance(child, Mapping | list | tuple):
-            cid = id(child)
-            if cid in measured:
-                nodes, chars, height = measured[cid]
-                frame[3] += nodes
-                frame[4] += chars
-                frame[5] = max(frame[5], height + 1)
-                if len(stack) + height >= limits.max_depth:
-                    raise ShapeError((*where(), label), f"nested deeper than {limits.max_depth} levels")
-                too_big(frame)
-                continue
-            if cid in open_ids or len(stack) >= limits.max_depth:  # a value that contains itself never ends
-                raise ShapeError((*where(), label), f"nested deeper than {limits.max_depth} levels")
-            distinct += len(child) + 1
-            if distinct > limits.max_nodes:
-                stack.append([child, iter(()), label, 0, 0, 0])
-                raise ShapeError(where()[:1], f"more than {limits.max_nodes:,} values, counting each use of an alias")
-            stack.append([child, _children(child), label, 1, 0, 0])
-            open_ids.add(cid)
-            continue
-        frame[3] += 1
         if isinstance(child, str):
+            frame[3] += 1
             frame[4] += len(child)
-            if id(child) not in texts_ok:
+            if not child.isascii() and id(child) not in texts_ok:
                 if not encodable(child):
-                    raise ShapeError((*where(), label), f"holds text that {NOT_ENCODABLE}")
+                    raise ShapeError((*where(), _label(key)), f"holds text that {NOT_ENCODABLE}")
                 texts_ok.add(id(child))
-        too_big(frame)
+            continue
+        if not isinstance(child, Mapping | list | tuple):
+            frame[3] += 1
+            continue
+        cid = id(child)
+        known = measured.get(cid)
+        if known is not None:
+            frame[3] += known[0]
+            frame[4] += known[1]
+            frame[5] = max(frame[5], known[2] + 1)
+            if len(stack) + known[2] >= limits.max_depth:
+                raise ShapeError((*where(), _label(key)), f"nested deeper than {limits.max_depth} levels")
+            too_big(frame)
+            continue
+        if cid in open_ids or len(stack) >= limits.max_depth:  # a value that contains itself never ends
+            raise ShapeError((*where(), _label(key)), f"nested deeper than {limits.max_depth} levels")
+        distinct += len(child) + 1  # bounds the walk: every value is visited once
+        if distinct > limits.max_nodes:
+            stack.append([child, iter(()), _label(key), 0, 0, 0])
+            raise ShapeError(where()[:1], f"more than {limits.max_nodes:,} values, counting each use of an alias")
+        stack.append([child, _children(child), _label(key), 1, 0, 0])
+        open_ids.add(cid)
+
+
+def _label(key: Any) -> str | int:
+    return key if isinstance(key, str | int) else repr(key)
