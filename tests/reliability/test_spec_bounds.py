@@ -1,7 +1,8 @@
 """Specs are bounded input: the issue's cases, each from a real file, each one clear error naming where, fast.
 
 Items 7 (every number finite and bounded), 8 (alias bombs), 9 (deep nesting), 10 (long chains, error size)
-and 11 (loading imports nothing)."""
+and 11 (loading imports nothing). Times are this process's CPU time: what the loader costs, whatever
+else the machine is doing."""
 
 from __future__ import annotations
 
@@ -224,10 +225,10 @@ CASES = [
 def test_a_spec_beyond_its_bounds_is_one_clear_error_at_once(tmp_path, name, filename, text, field, fragment):
     path = tmp_path / filename
     path.write_text(text, encoding="utf-8")
-    started = time.perf_counter()
+    started = time.process_time()
     with pytest.raises(SpecErrors) as caught:
         load_workflow(path)
-    elapsed = time.perf_counter() - started
+    elapsed = time.process_time() - started
     assert elapsed < 1.0, f"{name}: {elapsed:.2f} s"
     message = str(caught.value)
     assert len(message) < 2_000, f"{name}: a {len(message):,}-character error"
@@ -242,9 +243,9 @@ def test_a_chain_of_the_most_steps_a_spec_may_have_loads_within_a_second():
     data = chain(SpecLimits.MAX_STEPS)
     best = float("inf")
     for _ in range(2):
-        started = time.perf_counter()
+        started = time.process_time()
         spec = workflow_from_dict(data)
-        best = min(best, time.perf_counter() - started)
+        best = min(best, time.process_time() - started)
     assert len(spec.steps) == SpecLimits.MAX_STEPS
     assert best < 1.0, best
 
@@ -253,10 +254,10 @@ def test_a_chain_of_the_most_steps_a_spec_may_have_loads_within_a_second():
 def test_too_many_steps_from_python_is_one_short_error_at_once(steps):
     from tailrace.engine.loading import workflow_from_dict
 
-    started = time.perf_counter()
+    started = time.process_time()
     with pytest.raises(SpecErrors) as caught:
         workflow_from_dict({"name": "w", "steps": steps})
-    assert time.perf_counter() - started < 1.0
+    assert time.process_time() - started < 1.0
     assert str(caught.value) == f"invalid workflow spec:\n  - steps: {len(steps):,} steps; at most 1,000"
 
 
