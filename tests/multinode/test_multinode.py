@@ -275,8 +275,19 @@ def test_killing_a_worker_node_mid_batch_every_run_ends_by_its_deadline(env, sim
     outcomes = []
     deadline_s, grace_s = 12.0, 0.25
 
+    def journal_knows(steps: int) -> bool:
+        for actor in ray.util.list_named_actors(all_namespaces=True):
+            if actor["name"].startswith("tailrace-attempt-journal-"):
+                handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
+                if ray.get(handle.stats.remote(), timeout=5)["steps"] >= steps:
+                    return True
+        return False
+
     def kill_when_busy() -> None:
         while not pools or pools[0].status().steps_in_flight < 4:
+            time.sleep(0.05)
+        end = time.monotonic() + 20  # the attempts in flight are reported (every 0.1 s; later under load)
+        while not journal_knows(4) and time.monotonic() < end:
             time.sleep(0.05)
         time.sleep(0.5)
         env.cluster.remove_node(victim, allow_graceful=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,30 @@ def assert_each_run_typed_and_on_time(outcomes: list[RunOutcome], grace_s: float
     for o in outcomes:
         assert o.delivered or (o.failure is not None and o.failure.value in TYPED), o
         assert o.ended_at <= o.deadline_at + grace_s + slack_s, f"{o.run_id} outlived its deadline + grace"
+
+
+def wait_until_the_journal_knows(steps: int, within_s: float = 30.0) -> bool:
+    """Wait until the running batch's attempt journal holds `steps` steps in flight (executors report
+    every 0.1 s, later under load): a fault injected before that would test the load, not the journal."""
+    import ray
+
+    from tailrace.actors.attempt_journal import NAMESPACE
+
+    end = time.monotonic() + within_s
+    while time.monotonic() < end:
+        names = [
+            a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == NAMESPACE and a["name"].startswith("tailrace-attempt-journal-")
+        ]
+        for name in names:
+            try:
+                if ray.get(ray.get_actor(name, namespace=NAMESPACE).stats.remote(), timeout=5)["steps"] >= steps:
+                    return True
+            except Exception:  # a journal of a batch that just ended
+                continue
+        time.sleep(0.05)
+    return False
 
 
 def results_lines(path: Path) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import ray
-from run_checks import assert_each_run_once, assert_each_run_typed_and_on_time
+from run_checks import assert_each_run_once, assert_each_run_typed_and_on_time, wait_until_the_journal_knows
 
 from tailrace.cluster.api import run_batch
 from tailrace.cluster.pool import ExecutorPool, PoolConfig
@@ -48,7 +48,7 @@ def test_attempts_on_a_killed_executor_are_recorded_and_their_steps_run_elsewher
         end = time.monotonic() + 30
         while (not pools or len(sim.log_records()) + _open_requests(sim) < runs) and time.monotonic() < end:
             time.sleep(0.02)
-        time.sleep(0.4)  # the executors' journal reports go out every 0.1 s
+        wait_until_the_journal_knows(runs)  # every step's attempt is reported
         victim = pools[0].handles()[0]
         killed.append(str(victim))
         ray.kill(victim, no_restart=True)
