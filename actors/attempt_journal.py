@@ -11,7 +11,7 @@ reservation (prompt estimate + `max_tokens`, as a lost lease is written off as s
 
 What it costs and misses: nothing on an attempt's path (a local append); attempts started within
 the last `flush_interval_s` before the death are not yet known to the journal. The journal lives on
-the driver's node, one per batch, and holds only the steps in flight.
+the head node, one per batch, and holds only the steps in flight.
 """
 
 from __future__ import annotations
@@ -105,16 +105,13 @@ class AttemptJournal:
         return {"steps": len(self._steps), "reports": self.reports}
 
 
-def start_journal(name: str) -> Any:
-    """A journal for one batch, on this (the driver's) node: it must outlive the executors' nodes."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+HEAD_RESOURCE = "node:__internal_head__"  # every Ray head node offers it
 
-    here = ray.get_runtime_context().get_node_id()
-    return AttemptJournal.options(
-        name=name,
-        namespace=NAMESPACE,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=True),
-    ).remote()
+
+def start_journal(name: str) -> Any:
+    """A journal for one batch, on the head node: it must outlive the nodes executors run on. (Not "the
+    driver's node": where several nodes share one IP, as on one machine, a driver may attach to a worker.)"""
+    return AttemptJournal.options(name=name, namespace=NAMESPACE, resources={HEAD_RESOURCE: 0.001}).remote()
 
 
 async def lost_attempts(journal: Any, run_id: str, step_id: str, now_epoch: float, within: Any) -> list[AttemptRecord]:
