@@ -12,7 +12,7 @@ from tailrace.cluster.api import run_batch
 from tailrace.cluster.providers import SimulatorEndpoints
 from tailrace.engine.clock import SYSTEM_CLOCK
 from tailrace.engine.loading import workflow_from_dict
-from tailrace.engine.outcomes import ErrorKind, FailureReason
+from tailrace.engine.outcomes import ErrorKind
 from tailrace.engine.providers.base import AdapterSettings, AttemptProgress, ProviderCall, build_adapter
 from tailrace.engine.specs import RunOptions
 
@@ -77,6 +77,9 @@ LINES = [
     ),
     (json.dumps({"id": "ünï-ç", **GOOD}), "ünï-ç", None, None),  # a non-ASCII id: a valid header all the same
     (json.dumps({"id": "ok-2", **GOOD}), "ok-2", None, None),
+    # A template path the input lacks is invalid_input (it was budget_exhausted), and nothing is sent.
+    (json.dumps({"id": "lst", "ticket": "T", "meta": ["a", "b"]}), "lst", "invalid_input", "input.meta is a list of 2"),
+    (json.dumps({"id": "num", "ticket": "T", "meta": {"topic": 7}}), "num", None, None),  # a number renders as JSON
 ]
 
 
@@ -97,7 +100,7 @@ def test_bad_records_fail_alone_typed_with_their_line_and_send_nothing(simulator
         on_done=outcomes.append,
     )
     expected = {run_id: (failure, fragment) for _, run_id, failure, fragment in LINES}
-    expected["run-000013"] = ("invalid_input", "inputs.jsonl:13: not UTF-8 text")
+    expected["run-000015"] = ("invalid_input", "inputs.jsonl:15: not UTF-8 text")
     assert summary.runs == len(expected)
     assert_each_run_typed_and_on_time(outcomes, grace_s)
     lines = {line["run_id"]: line for line in assert_each_run_once(out, len(expected))}
@@ -109,6 +112,7 @@ def test_bad_records_fail_alone_typed_with_their_line_and_send_nothing(simulator
             assert fragment in line["detail"], (run_id, line["detail"])
         if failure is not None:
             assert line["attempts"] == [], f"{run_id}: a request was sent"  # nothing was sent for it
+            assert "budget" not in line["detail"]
     delivered = [r for r, (failure, _) in expected.items() if failure is None]
     assert summary.delivered == len(delivered)
     # The provider saw only the delivered runs' requests (two steps each): no retried local errors.
@@ -138,20 +142,3 @@ async def test_text_that_cannot_be_encoded_is_a_local_error_sent_nowhere(start_s
         await adapter.aclose()
     assert len(sim.log_records()) <= 1  # at most the header call; never the surrogate one
     assert all("\ud800" not in json.dumps(r) for r in sim.log_records())
-
-
-def test_a_template_path_the_input_lacks_is_invalid_input_not_budget(simulator):
-    sim = simulator("clean", seed=2, time_scale=0.02)
-    outcomes = []
-    run_batch(
-        SPEC,
-        [{"id": "t", "ticket": "T", "meta": ["a", "list"]}, {"id": "u", "ticket": "T", "meta": {"topic": 7}}],
-        options=RunOptions(deadline_s=10),
-        simulator=SimulatorEndpoints(sim.openai_base_url, sim.anthropic_base_url),
-        on_done=outcomes.append,
-    )
-    by_id = {o.run_id: o for o in outcomes}
-    assert by_id["t"].failure == FailureReason.INVALID_INPUT and by_id["t"].failed_step == "read"
-    assert "{{input.meta.topic}}: input.meta is a list of 2; no index 'topic'" in by_id["t"].detail
-    assert by_id["t"].attempts == []
-    assert by_id["u"].delivered
