@@ -27,6 +27,7 @@ FAST_CHECKS = settings(
     max_examples=120,
     deadline=None,  # the bound is asserted per example below, on the real clock, generously
     derandomize=True,
+    database=None,  # derandomized: nothing to replay, and no .hypothesis folder in the tree
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
 )
 ONE_SECOND = 1.0
@@ -89,7 +90,7 @@ def test_yaml_aliases_that_expand_are_refused_at_once(tmp_path, levels, fanout):
         assert isinstance(result, WorkflowSpec | SpecErrors)
 
 
-@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=25, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 @given(specs(in_python=False))
 def test_the_cli_never_prints_a_traceback_for_a_generated_spec(tmp_path_factory, capsys, data):
     spec = tmp_path_factory.mktemp("cli") / "workflow.json"
@@ -145,7 +146,7 @@ SPEC = workflow_from_dict(
 
 @pytest.mark.usefixtures("ray_cluster")
 # Few, large examples: each is one batch on a fresh executor pool, which costs seconds to start.
-@settings(max_examples=2, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=2, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 @given(st.lists(records(), min_size=20, max_size=30))
 def test_generated_records_each_end_typed_and_written_once(simulator, tmp_path_factory, batch):
     sim = simulator("clean", seed=4, time_scale=0.02)
