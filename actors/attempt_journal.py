@@ -151,7 +151,8 @@ class JournalReporter:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
-        await self.flush()
+        with contextlib.suppress(Exception):  # the batch is over: a journal already gone loses nothing
+            await self.flush()
 
     # -- on the attempt's path: appends only -------------------------------------------------------
 
