@@ -16,6 +16,7 @@ from typing import Any
 
 import ray
 
+from tailrace.actors.attempt_journal import JournalingObserver, JournalReporter
 from tailrace.actors.latency_stats import StatsSync
 from tailrace.engine.clock import SYSTEM_CLOCK, Clock
 from tailrace.engine.outcomes import CancelReason, StepResult
@@ -38,6 +39,7 @@ class StepExecutor:
         tuning: TailTuning | None = None,
         stats_name: str | None = None,
         budget: Any = None,
+        journal_name: str | None = None,
     ) -> None:
         # `clock` is this process's view of time; tests inject a skewed one to play a node whose
         # wall clock is off (the deadline each step gets is converted with it, once, on arrival).
@@ -50,11 +52,14 @@ class StepExecutor:
         # With a cluster budget (an `tailrace.actors.budget_actor.BudgetHandle`), every attempt also reserves
         # from this executor's lease, after the run's cost cap.
         self._budget = None if budget is None else budget.executor_gate(f"{name}-{os.getpid()}")
+        # With a journal (one per batch), attempts are reported as they start and end, so an executor's
+        # death loses no attempt record (`tailrace.actors.attempt_journal`).
+        self._journal = None if journal_name is None else JournalReporter(journal_name, clock)
         self._runner = StepRunner(
             self._adapters,
             clock=clock,
             policy_factory=self.tail.policy_for,
-            observer=self.tail,
+            observer=self.tail if self._journal is None else JournalingObserver(self.tail, self._journal),
             gate_factory=self._gate if self._budget is not None else None,
         )
         self._sync: StatsSync | None = None
@@ -75,6 +80,8 @@ class StepExecutor:
     async def run_step(self, request: StepRequest) -> StepResult:
         if self._sync is not None:
             self._sync.start()  # in this actor's event loop; the first sync warms the windows
+        if self._journal is not None:
+            self._journal.start()
         run_id = request.run_id
         stop = self._stops.setdefault(run_id, RunStop())
         self._steps_per_run[run_id] += 1
@@ -82,6 +89,8 @@ class StepExecutor:
         try:
             return await self._runner.run(request, stop)
         finally:
+            if self._journal is not None:
+                self._journal.step_done(run_id, request.step.id)
             self._in_flight -= 1
             self._steps_per_run[run_id] -= 1
             if self._steps_per_run[run_id] <= 0:
@@ -125,6 +134,8 @@ class StepExecutor:
     async def shutdown(self) -> None:
         if self._sync is not None:
             await self._sync.stop()
+        if self._journal is not None:
+            await self._journal.stop()
         if self._budget is not None:
             await self._budget.aclose()  # return the lease and report the last spend
         await asyncio.gather(*(a.aclose() for a in self._adapters.values()), return_exceptions=True)

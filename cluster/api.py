@@ -14,26 +14,29 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import ray
 
+from tailrace.actors.attempt_journal import start_journal
 from tailrace.actors.budget_actor import BudgetHandle
 from tailrace.actors.latency_stats import stats_actor
 from tailrace.actors.step_executor import StepExecutor
 from tailrace.cluster.budget import BudgetAdmission, budget_status, ensure_budget
 from tailrace.cluster.driver import WorkflowDriver, run_records
+from tailrace.cluster.loopback import local_cluster_on_loopback
 from tailrace.cluster.pool import ExecutorPool, PoolConfig
 from tailrace.cluster.providers import SimulatorEndpoints, needs_simulator, resolve_providers
 from tailrace.cluster.results import BatchSummary, ResultWriter, finished_run_ids
 from tailrace.cluster.trace import TraceConfig, TraceWriter, default_trace_path
 from tailrace.engine.clock import DEFAULT_GRACE_S, SYSTEM_CLOCK, Clock, Deadline, wait_for
-from tailrace.engine.loading import check_inputs, load_inputs, load_workflow
+from tailrace.engine.loading import load_workflow
 from tailrace.engine.outcomes import RunOutcome
 from tailrace.engine.providers.base import AdapterSettings
-from tailrace.engine.spec_checks import check_validators_registered
+from tailrace.engine.records import Numbered, RejectedRecord, numbered_records
+from tailrace.engine.spec_checks import check_schema_models, check_validators_registered
 from tailrace.engine.specs import HedgeConfig, RunOptions, WorkflowSpec
 from tailrace.policies.budget_config import BudgetConfig
 from tailrace.policies.hedging import TailTuning
@@ -47,7 +50,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
     """Start or join a Ray cluster, once per process."""
     if ray.is_initialized():
         return
-    ray.init(address=address, num_cpus=num_cpus, logging_level=logging.WARNING, log_to_driver=False)
+    with local_cluster_on_loopback(address):  # a cluster started here serves its metrics on 127.0.0.1 only
+        ray.init(address=address, num_cpus=num_cpus, logging_level=logging.WARNING, log_to_driver=False)
 
 
 def start_executors(
@@ -81,17 +85,9 @@ async def _on_every_executor(pool: ExecutorPool, method: str, within_s: float = 
         log.warning("executors did not finish %s within %.0f s", method, within_s)
 
 
-def _numbered(workflow: WorkflowSpec, records: Records, skip: set[str]) -> Iterator[tuple[str, dict[str, Any]]]:
-    if isinstance(records, str | Path):
-        numbered: Iterable[tuple[int, Mapping[str, Any]]] = load_inputs(records)
-    else:
-        numbered = enumerate(records, start=1)
-    for line, record in numbered:
-        run_id = str(record.get("run_id") or record.get("id") or f"run-{line:06d}")
-        if run_id in skip:
-            continue
-        check_inputs(workflow, dict(record), line)
-        yield run_id, dict(record)
+def _numbered(workflow: WorkflowSpec, records: Records, skip: set[str]) -> Numbered:
+    # A record that cannot be a run comes as a `RejectedRecord`: it fails alone, typed, with its line.
+    return numbered_records(workflow, records, skip)
 
 
 def run_batch(
@@ -130,6 +126,7 @@ def run_batch(
     """
     spec = workflow if isinstance(workflow, WorkflowSpec) else load_workflow(workflow)
     check_validators_registered(spec)
+    check_schema_models(spec)  # imports the modules schema models are named by, if the user allowed them
     options = options or spec.defaults
     if providers is None:
         providers = resolve_providers(spec, simulator)
@@ -142,6 +139,8 @@ def run_batch(
     batch_stats = stats_name is None
     stats_name = stats_name or f"tailrace-latency-stats-{uuid.uuid4().hex[:12]}"
     stats = stats_actor(stats_name, tuning.latency)  # owned by this driver, not by one executor
+    journal_name = f"tailrace-attempt-journal-{uuid.uuid4().hex[:12]}"
+    journal = start_journal(journal_name)  # where a dead executor's attempts are found
     handle = ensure_budget(budget, spec) if budget is not None else None
     admission = (
         BudgetAdmission(handle.config, spec, handle.actor) if handle is not None and handle.config.admission else None
@@ -151,9 +150,9 @@ def run_batch(
     summary = BatchSummary()
     inputs_of: dict[str, dict[str, Any]] = {}
 
-    def remembered() -> Iterator[tuple[str, dict[str, Any]]]:
+    def remembered() -> Numbered:
         for run_id, record in _numbered(spec, records, skip):
-            inputs_of[run_id] = record  # only while the run is in flight
+            inputs_of[run_id] = {} if isinstance(record, RejectedRecord) else record  # while the run is in flight
             yield run_id, record
 
     def finished(outcome: RunOutcome) -> None:
@@ -168,11 +167,19 @@ def run_batch(
             providers,
             pool or PoolConfig.fixed(num_executors),
             executor_clock=executor_clock,
-            executor_kwargs={"hedge": hedge, "tuning": tuning, "stats_name": stats_name, "budget": handle},
+            executor_kwargs={
+                "hedge": hedge,
+                "tuning": tuning,
+                "stats_name": stats_name,
+                "budget": handle,
+                "journal_name": journal_name,
+            },
         ) as executors:
             if on_pool is not None:
                 on_pool(executors)
-            driver = WorkflowDriver(spec, options, executors, grace_s=grace_s, hedge=hedge, admission=admission)
+            driver = WorkflowDriver(
+                spec, options, executors, grace_s=grace_s, hedge=hedge, admission=admission, journal=journal
+            )
             await run_records(driver, remembered(), writer, summary, max_in_flight, finished)
             if handle is not None:  # executors return their leases and report their last spend
                 await _on_every_executor(executors, "shutdown")
@@ -185,6 +192,8 @@ def run_batch(
         writer.close()
         if tracer is not None:
             tracer.close()
+        with contextlib.suppress(Exception):
+            ray.kill(journal)
         if batch_stats:
             with contextlib.suppress(Exception):
                 ray.kill(stats)

@@ -102,6 +102,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         errors.print("interrupted: finished runs are in the results file; run again to resume")
         return 130
+    except Exception as exc:  # never a traceback: one paragraph, and how to get the traceback
+        return _unexpected(exc)
+
+
+def _unexpected(exc: Exception) -> int:
+    """Report an error tailrace did not raise on purpose: exit 2 for input too deep to process, else 70."""
+    import os
+
+    from tailrace.engine.classify import redact_secrets
+
+    if os.environ.get("TAILRACE_DEBUG"):
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    if isinstance(exc, RecursionError):
+        errors.print("[bold red]error:[/] the input is nested too deeply to process", highlight=False)
+        return 2
+    detail = redact_secrets(str(exc))[:300]
+    errors.print(
+        f"[bold red]internal error:[/] {type(exc).__name__}: {escape(detail)} "
+        "(set TAILRACE_DEBUG=1 to print the traceback; please report it)",
+        highlight=False,
+    )
+    return 70
 
 
 def _budget_status(args: argparse.Namespace) -> int:

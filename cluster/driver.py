@@ -22,11 +22,13 @@ from typing import Any, Protocol
 import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError, TaskCancelledError
 
+from tailrace.actors.attempt_journal import lost_attempts
 from tailrace.cluster.pool import ExecutorSource, Lease, NoExecutorError
 from tailrace.cluster.results import BatchSummary, ResultWriter
 from tailrace.engine.clock import DEFAULT_GRACE_S, SYSTEM_CLOCK, Clock, Deadline, RunDeadline, wait_all, wait_first
 from tailrace.engine.dag import Dag
 from tailrace.engine.outcomes import AttemptRecord, CancelReason, FailureReason, RunOutcome, StepResult
+from tailrace.engine.records import RejectedRecord
 from tailrace.engine.specs import HedgeConfig, RunOptions, WorkflowSpec
 from tailrace.policies.allocation import split_extra_tokens, step_extra_tokens, step_weights, time_shares
 from tailrace.policies.hedging import effective_config
@@ -53,6 +55,9 @@ class _RunState:
     extra_allowance: int | None = None  # tokens for duplicates and retries
     extra_spent: int = 0
     extra_held: dict[str, int] = field(default_factory=dict)  # running step -> its share
+    # step -> attempts recorded for it from executors that died under it: the step's later attempts
+    # (numbered from 0 again by the next executor) are numbered after them
+    lost_attempts: dict[str, int] = field(default_factory=dict)
 
     def extra_grants(self, steps: list[str]) -> dict[str, int | None]:
         if self.extra_allowance is None:
@@ -126,8 +131,12 @@ class WorkflowDriver:
         grace_s: float = DEFAULT_GRACE_S,
         admission: RunAdmission | None = None,
         hedge: HedgeConfig | None = None,
+        journal: Any = None,
     ) -> None:
         self.admission = admission
+        # The batch's attempt journal (`tailrace.actors.attempt_journal`): where the attempts of a step
+        # whose executor died are found, so they are recorded (`executor_lost`) and paid for.
+        self.journal = journal
         self.workflow = workflow
         self.options = options
         self.dag = Dag.from_spec(workflow)
@@ -138,17 +147,22 @@ class WorkflowDriver:
         self.clock = clock
         self.grace_s = grace_s
 
-    async def run(self, run_id: str, inputs: dict[str, Any]) -> RunOutcome:
+    async def run(self, run_id: str, inputs: dict[str, Any] | RejectedRecord) -> RunOutcome:
         started_mono = self.clock.monotonic()
         deadline = RunDeadline.start(self.options.deadline_s, self.clock, grace_s=self.grace_s)
+        rejected = inputs if isinstance(inputs, RejectedRecord) else None
+        inputs = {} if rejected is not None else inputs
         state = _RunState(
             run_id,
             inputs,
             deadline,
             deadline.epoch_s - self.options.deadline_s,
             started_mono,
-            extra_allowance=self._extra_allowance(inputs),
+            extra_allowance=None if rejected is not None else self._extra_allowance(inputs),
         )
+        if rejected is not None:  # a record that cannot be a run ends here, typed; the batch goes on
+            state.failure, state.detail = FailureReason.INVALID_INPUT, rejected.problem
+            return self._outcome(state)
         pending: _Pending = {}
         started: set[str] = set()
         if self.admission is not None:
@@ -229,13 +243,35 @@ class WorkflowDriver:
             try:
                 return await call.ref
             except RayActorError:
-                # The executor died with the step in flight: run it again elsewhere while time remains.
+                # The executor died with the step in flight: record what it had started, then run the
+                # step again elsewhere while time remains.
+                await self._record_lost_attempts(state, step.id)
                 if not self.pool.lost(lease) or state.deadline.remaining() <= 0:
                     raise
                 avoid = call.executor
             finally:
                 self.pool.give_back(lease)
                 call.index = None
+
+    async def _record_lost_attempts(self, state: _RunState, step_id: str) -> None:
+        if self.journal is None:
+            return
+        # Bounded by the backstop, as every wait of a run is: past its deadline the records still count.
+        lost = await lost_attempts(self.journal, state.run_id, step_id, self.clock.time(), state.deadline.backstop)
+        if not lost:
+            return
+        offset = state.lost_attempts.get(step_id, 0)
+        state.attempts.extend(a.model_copy(update={"attempt": a.attempt + offset}) for a in lost)
+        state.cost_usd += sum(a.cost_usd for a in lost)
+        state.lost_attempts[step_id] = offset + max(a.attempt for a in lost) + 1
+
+    @staticmethod
+    def _after_lost(state: _RunState, step_id: str, attempts: list[AttemptRecord]) -> list[AttemptRecord]:
+        """A step's attempts, numbered after those recorded for it from executors that died."""
+        offset = state.lost_attempts.get(step_id, 0)
+        if not offset:
+            return attempts
+        return [a.model_copy(update={"attempt": a.attempt + offset}) for a in attempts]
 
     def _absorb(self, state: _RunState, step_id: str, task: asyncio.Task[StepResult]) -> None:
         try:
@@ -247,7 +283,7 @@ class WorkflowDriver:
         except NoExecutorError as exc:
             state.failure, state.detail, state.failed_step = FailureReason.DEADLINE_EXCEEDED, str(exc), step_id
             return
-        state.attempts.extend(result.attempts)
+        state.attempts.extend(self._after_lost(state, step_id, result.attempts))
         state.cost_usd += sum(a.cost_usd for a in result.attempts)
         state.extra_held.pop(step_id, None)
         state.extra_spent += sum(a.input_tokens + a.output_tokens for a in result.attempts if a.role != "primary")
@@ -280,7 +316,7 @@ class WorkflowDriver:
         for task in done:
             if not task.cancelled() and task.exception() is None:
                 result = task.result()
-                state.attempts.extend(result.attempts)
+                state.attempts.extend(self._after_lost(state, pending[task].step_id, result.attempts))
                 state.cost_usd += sum(a.cost_usd for a in result.attempts)
 
     def _outcome(self, state: _RunState) -> RunOutcome:
@@ -312,7 +348,7 @@ class WorkflowDriver:
 
 async def run_records(
     driver: WorkflowDriver,
-    records: Iterable[tuple[str, dict[str, Any]]],
+    records: Iterable[tuple[str, dict[str, Any] | RejectedRecord]],
     writer: ResultWriter,
     summary: BatchSummary,
     max_in_flight: int,

@@ -15,7 +15,8 @@ from typing import Literal
 
 from tailrace.engine.outcomes import RETRYABLE_KINDS, ErrorKind, ProviderError
 
-Transport = Literal["timeout", "connection", "malformed"]
+# "local": the request failed before it left this process (it could not be encoded); not a provider failure.
+Transport = Literal["timeout", "connection", "malformed", "local"]
 
 _CONTEXT_PATTERNS = re.compile(
     r"context[_ ]length|maximum context|context window|prompt is too long|too many tokens", re.I
@@ -59,6 +60,8 @@ def _kind(provider: str, f: FailureFacts) -> ErrorKind:
         return ErrorKind.CONNECTION
     if f.transport == "malformed":
         return ErrorKind.MALFORMED_RESPONSE
+    if f.transport == "local":
+        return ErrorKind.LOCAL_ERROR
     text = " ".join(x for x in (f.error_type, f.error_code, f.message) if x)
     status = f.status
     if status is None or status < 400:  # an error event inside a 200 stream

@@ -17,11 +17,18 @@ class SpecError(TailraceError):
 
 
 class SpecErrors(TailraceError):
-    """Several spec errors found in one check; each names its field."""
+    """Several spec errors found in one check; each names its field. The message lists the first
+    `SHOWN` (a spec with a million bad values gets a readable error, not a million lines); `errors`
+    keeps them all."""
+
+    SHOWN = 20
 
     def __init__(self, errors: list[SpecError]) -> None:
         self.errors = errors
-        super().__init__("invalid workflow spec:\n" + "\n".join(f"  - {e}" for e in errors))
+        lines = [f"  - {e}" for e in errors[: self.SHOWN]]
+        if len(errors) > self.SHOWN:
+            lines.append(f"  ... and {len(errors) - self.SHOWN:,} more")
+        super().__init__("invalid workflow spec:\n" + "\n".join(lines))
 
 
 class InputError(TailraceError):

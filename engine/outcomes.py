@@ -35,6 +35,9 @@ class ErrorKind(StrEnum):
     TOO_LARGE = "too_large"  # 413
     BAD_REQUEST = "bad_request"  # other 4xx
     MALFORMED_RESPONSE = "malformed_response"  # the provider answered something we cannot parse
+    # The request could not be built or encoded here (text no request can carry): nothing was sent,
+    # so it is not the provider's failure and retrying cannot help.
+    LOCAL_ERROR = "local_error"
 
 
 RETRYABLE_KINDS = frozenset(
@@ -78,6 +81,9 @@ class CancelReason(StrEnum):
     SHUTDOWN = "shutdown"
     STALLED = "stalled"  # no first token, or a silent stream, past the attempt's timeout: killed, retried
     MODEL_REJECTED = "model_rejected"  # a sibling on the same model got a non-retryable error
+    # The executor running it died (its node was lost): the attempt's end is unknown; it is recorded
+    # from the executor's start report, settled as its whole reservation.
+    EXECUTOR_LOST = "executor_lost"
 
 
 class FailureReason(StrEnum):
@@ -87,6 +93,9 @@ class FailureReason(StrEnum):
     BUDGET_EXHAUSTED = "budget_exhausted"
     CANCELLED = "cancelled"
     CONTENT_POLICY = "content_policy"  # the provider refused the request on policy (not retried by default)
+    # The run's input cannot make a request: a record that is not usable (its line is in the detail),
+    # a template path the input does not have, text that cannot be encoded. No request was sent.
+    INVALID_INPUT = "invalid_input"
 
 
 class AttemptRequest(BaseModel):

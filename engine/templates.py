@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from tailrace.engine._bounds import encodable
 from tailrace.engine.errors import TailraceError
 
 Source = Literal["input", "steps"]
@@ -53,12 +54,21 @@ def references(template: str) -> list[TemplateRef]:
 
 
 def render(template: str, inputs: Mapping[str, Any], upstream: Mapping[str, Any]) -> str:
-    """Fill every reference from the run's `inputs` and the `upstream` step outputs (by step id)."""
+    """Fill every reference from the run's `inputs` and the `upstream` step outputs (by step id).
+
+    Raises `TemplateError` when a value is missing, or holds text no request can carry (a lone
+    surrogate cannot be encoded as UTF-8): the call is never sent.
+    """
     out: list[str] = []
     pos = 0
     for start, end, ref in _scan(template):
         out.append(template[pos:start])
-        out.append(_format(_lookup(ref, inputs, upstream)))
+        text = _format(_lookup(ref, inputs, upstream))
+        if not encodable(text):
+            raise TemplateError(
+                f"{{{{{ref}}}}}: the value holds text that cannot be encoded as UTF-8 (a lone surrogate)"
+            )
+        out.append(text)
         pos = end
     out.append(template[pos:])
     return "".join(out)
@@ -118,7 +128,10 @@ def _step_into(value: Any, key: str, ref: TemplateRef, depth: int) -> Any:
 def _format(value: Any) -> str:
     if isinstance(value, str):
         return value
-    return json.dumps(value, ensure_ascii=False)
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError) as exc:  # not JSON, or nested too deep to write
+        raise TemplateError(f"the value cannot be written as JSON ({type(exc).__name__})") from None
 
 
 def _snippet(template: str, start: int) -> str:

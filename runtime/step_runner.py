@@ -14,6 +14,7 @@ import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, InstanceOf
 
@@ -24,6 +25,7 @@ from tailrace.engine.outcomes import (
     AttemptRecord,
     AttemptRequest,
     CancelReason,
+    ErrorKind,
     FailureReason,
     StepResult,
 )
@@ -59,8 +61,9 @@ class StepRequest(BaseModel):
 
     @property
     def idempotency_key(self) -> str:
-        # Stable across retries of the same step of the same run.
-        return f"tailrace-{self.run_id}-{self.step.id}"
+        # Stable across retries of the same step of the same run; a header value, so ASCII only.
+        run_id = self.run_id if self.run_id.isascii() and self.run_id.isprintable() else quote(self.run_id, safe="")
+        return f"tailrace-{run_id}-{self.step.id}"
 
 
 PolicyFactory = Callable[[StepRequest], AttemptPolicy]
@@ -161,6 +164,7 @@ class _StepRun:
     attempts: list[_Attempt] = field(default_factory=list)
     refusals: list[str] = field(default_factory=list)
     winner: int | None = None
+    input_error: str | None = None  # the run's input cannot make this step's request (no request sent)
 
 
 class StepRunner:
@@ -230,6 +234,8 @@ class StepRunner:
                     if run.stop.is_set():
                         return await self._stopped(run)
                     if not self._running(run):
+                        if run.input_error is not None:  # no request was sent: not a budget matter
+                            return self._failed(run, FailureReason.INVALID_INPUT, "no request could be made")
                         return self._failed(run, FailureReason.BUDGET_EXHAUSTED, refusal)
                     # Refused while other attempts run (a duplicate without spare budget): the policy
                     # hears of it and waits on the running attempt; without feedback, wait for one to end.
@@ -246,6 +252,13 @@ class StepRunner:
                 if attempt.record is not None and attempt.record.outcome == AttemptOutcome.VALID:
                     await self._cancel_running(run, CancelReason.HEDGE_LOST)
                     return self._delivered(run, attempt)
+                if (
+                    attempt.record is not None
+                    and attempt.record.error
+                    and attempt.record.error.kind == ErrorKind.LOCAL_ERROR
+                ):
+                    await self._cancel_running(run, CancelReason.RUN_FAILED)  # every rung would fail alike
+                    return self._failed(run, FailureReason.INVALID_INPUT, "the request could not be encoded")
             if run.stop.is_set():
                 return await self._stopped(run)
             if run.deadline.expired():
@@ -278,8 +291,9 @@ class StepRunner:
         choice = req.step.models[decision.tier]
         try:
             call = self._call(req, choice, run.deadline.remaining())
-        except TailraceError as exc:  # a template the upstream output cannot fill
+        except TailraceError as exc:  # a template the input or upstream output cannot fill
             run.refusals.append(str(exc))
+            run.input_error = str(exc)
             return str(exc)
         input_estimate = estimate_prompt_tokens(call.system, call.prompt)
         ask = SpendAsk(

@@ -1,4 +1,9 @@
-"""Reduce either SDK's exceptions to `FailureFacts` (the two SDKs share one exception shape)."""
+"""Reduce either SDK's exceptions to `FailureFacts` (the two SDKs share one exception shape).
+
+An error raised while the request is being encoded (a lone surrogate in the text, a header value
+the HTTP layer cannot carry) is local: no request was sent, so it is neither the provider's failure
+nor worth a retry. Anything else unrecognised is taken as a response we could not parse.
+"""
 
 from __future__ import annotations
 
@@ -36,8 +41,22 @@ def facts_from_exception(
             error_code=_str(error.get("code")),
             message=_str(error.get("message")) or str(exc),
         )
-    transport: Transport = "malformed"
+    transport: Transport = "local" if _is_local(exc) else "malformed"
     return FailureFacts(transport=transport, message=f"{type(exc).__name__}: {exc}")
+
+
+def _is_local(exc: BaseException) -> bool:
+    """The request could not be encoded: UTF-8 JSON bodies and ASCII header values raise
+    `UnicodeEncodeError` before anything is sent. (Decoding a response raises `UnicodeDecodeError`:
+    that one is the provider's.)"""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:  # SDKs may wrap it
+        if isinstance(current, UnicodeEncodeError):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _error_object(body: Any) -> Mapping[str, Any]:

@@ -61,6 +61,7 @@ CASES = [
     ("openai", FailureFacts(transport="connection", message="Connection reset by peer"), K.CONNECTION, True, None),
     ("openai", FailureFacts(transport="timeout"), K.TIMEOUT, True, None),
     ("openai", FailureFacts(transport="malformed"), K.MALFORMED_RESPONSE, True, None),
+    ("anthropic", FailureFacts(transport="local"), K.LOCAL_ERROR, False, None),  # never sent: not retried
     ("openai", FailureFacts(error_type="server_error", message="stream broke"), K.SERVER_ERROR, True, None),
     ("anthropic", FailureFacts(status=429, error_type="rate_limit_error", headers=RA), K.RATE_LIMITED, True, 2.0),
     (
@@ -169,6 +170,21 @@ def test_facts_from_real_sdk_exceptions():
     timeout = openai.APITimeoutError(request=httpx2.Request("POST", "http://127.0.0.1/"))
     assert facts_from_exception(timeout, **openai_adapter._ERRORS).transport == "timeout"
     assert facts_from_exception(ValueError("bad json"), **openai_adapter._ERRORS).transport == "malformed"
+
+
+def test_a_request_that_cannot_be_encoded_is_a_local_error_not_a_malformed_response():
+    try:
+        "text \ud800".encode("utf-8")
+    except UnicodeEncodeError as exc:
+        encode_error = exc
+    wrapped = RuntimeError("while sending")
+    wrapped.__cause__ = encode_error
+    for exc in (encode_error, wrapped):
+        assert facts_from_exception(exc, **openai_adapter._ERRORS).transport == "local"
+        assert classify("openai", facts_from_exception(exc, **openai_adapter._ERRORS)).kind == ErrorKind.LOCAL_ERROR
+    # Decoding a provider's bytes is the provider's problem.
+    decode_error = UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+    assert facts_from_exception(decode_error, **anthropic_adapter._ERRORS).transport == "malformed"
 
 
 def test_stream_errors_from_the_sdks_keep_their_kind():

@@ -13,7 +13,7 @@ import yaml
 
 from tailrace.engine.errors import InputError, SpecErrors
 from tailrace.engine.loading import check_inputs, load_inputs, load_workflow, workflow_from_dict
-from tailrace.engine.spec_checks import check_validators_registered
+from tailrace.engine.spec_checks import check_schema_models, check_validators_registered
 from tailrace.engine.specs import WorkflowSpec
 from tailrace.engine.validation import register_validator, unregister_validator
 
@@ -219,24 +219,6 @@ CASES = [
         "needs output.kind: json",
     ),
     (
-        "schema model not importable",
-        [((S, CLASSIFY, "output", "schema_model"), "no_such_pkg.mod:Model")],
-        "steps[classify].output.schema_model",
-        "cannot import module 'no_such_pkg.mod'",
-    ),
-    (
-        "schema model missing in its module",
-        [((S, CLASSIFY, "output", "schema_model"), "tailrace.engine.outcomes:Nope")],
-        "steps[classify].output.schema_model",
-        "has no attribute 'Nope'",
-    ),
-    (
-        "schema model is not a BaseModel",
-        [((S, CLASSIFY, "output", "schema_model"), "tailrace.engine.outcomes:StopKind")],
-        "steps[classify].output.schema_model",
-        "not a pydantic BaseModel subclass",
-    ),
-    (
         "schema model without a colon",
         [((S, CLASSIFY, "output", "schema_model"), "tailrace.engine.outcomes.StopKind")],
         "steps[classify].output.schema_model",
@@ -343,6 +325,41 @@ def test_schema_model_accepts_a_class_from_python():
     assert workflow_from_dict(ok).steps[0].output.schema_model is Answer
     with pytest.raises(SpecErrors, match="not a pydantic BaseModel subclass"):
         workflow_from_dict(patched(((S, CLASSIFY, "output"), {"kind": "json", "schema_model": dict})))
+
+
+SCHEMA_MODEL_AT_RUN_START = [
+    ("no_such_pkg.mod:Model", "cannot import module 'no_such_pkg.mod'"),
+    ("tailrace.engine.outcomes:Nope", "has no attribute 'Nope'"),
+    ("tailrace.engine.outcomes:StopKind", "not a pydantic BaseModel subclass"),
+]
+
+
+@pytest.mark.parametrize(("ref", "fragment"), SCHEMA_MODEL_AT_RUN_START)
+def test_schema_models_named_by_path_are_resolved_at_run_start_not_at_load(ref, fragment, monkeypatch):
+    monkeypatch.setenv("TAILRACE_SCHEMA_MODULES", "no_such_pkg")
+    spec = workflow_from_dict(patched(((S, CLASSIFY, "output", "schema_model"), ref)))  # loading imports nothing
+    with pytest.raises(SpecErrors) as caught:
+        check_schema_models(spec)
+    [error] = caught.value.errors
+    assert error.field == "steps[classify].output.schema_model"
+    assert fragment in error.message
+
+
+def test_loading_a_spec_never_imports_the_schema_model_module(tmp_path, monkeypatch):
+    (tmp_path / "evil_schema_mod.py").write_text(
+        "import pathlib\npathlib.Path(__file__).with_name('ran').write_text('x')\n"
+        "import pydantic\nclass M(pydantic.BaseModel):\n    a: int\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = workflow_from_dict(patched(((S, CLASSIFY, "output", "schema_model"), "evil_schema_mod:M")))
+    assert not (tmp_path / "ran").exists()
+    # Not imported anywhere and not listed: refused at run start too, saying how to allow it.
+    with pytest.raises(SpecErrors, match="TAILRACE_SCHEMA_MODULES"):
+        check_schema_models(spec)
+    assert not (tmp_path / "ran").exists()
+    monkeypatch.setenv("TAILRACE_SCHEMA_MODULES", "other, evil_schema_mod")
+    check_schema_models(spec)  # allowed: now it is imported
+    assert (tmp_path / "ran").exists()
 
 
 def test_templates_may_use_any_ancestor():

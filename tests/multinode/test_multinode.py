@@ -268,15 +268,26 @@ def test_runs_spread_over_both_worker_nodes(env, simulator):
     assert all(n >= 10 for n in served.values()), served
 
 
-def test_killing_a_worker_node_mid_batch_every_run_ends_by_its_deadline(env, simulator):
+def test_killing_a_worker_node_mid_batch_every_run_ends_by_its_deadline(env, simulator, tmp_path):
     sim = simulator("clean", seed=6, time_scale=0.3)
     pools: list[ExecutorPool] = []
     victim = env.workers[1]
     outcomes = []
     deadline_s, grace_s = 12.0, 0.25
 
+    def journal_knows(steps: int) -> bool:
+        for actor in ray.util.list_named_actors(all_namespaces=True):
+            if actor["name"].startswith("tailrace-attempt-journal-"):
+                handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
+                if ray.get(handle.stats.remote(), timeout=5)["steps"] >= steps:
+                    return True
+        return False
+
     def kill_when_busy() -> None:
         while not pools or pools[0].status().steps_in_flight < 4:
+            time.sleep(0.05)
+        end = time.monotonic() + 20  # the attempts in flight are reported (every 0.1 s; later under load)
+        while not journal_knows(4) and time.monotonic() < end:
             time.sleep(0.05)
         time.sleep(0.5)
         env.cluster.remove_node(victim, allow_graceful=False)
@@ -284,10 +295,12 @@ def test_killing_a_worker_node_mid_batch_every_run_ends_by_its_deadline(env, sim
     killer = threading.Thread(target=kill_when_busy, daemon=True)
     killer.start()
     started = time.monotonic()
+    out = tmp_path / "results.jsonl"
     summary = run_batch(
         DEMO,
         demo_records(12, "k"),
         options=RunOptions(deadline_s=deadline_s),
+        out=out,
         simulator=endpoints(sim),
         max_in_flight=12,
         grace_s=grace_s,
@@ -308,6 +321,15 @@ def test_killing_a_worker_node_mid_batch_every_run_ends_by_its_deadline(env, sim
     assert "dead" in kinds and "replace" in kinds, kinds
     # Steps in flight on the dead node were re-dispatched within their deadline.
     assert summary.delivered >= 10, summary.failures
+    # The attempts that were running there are recorded (issue 13 item 3), each run written exactly once.
+    written = result_ids(out)
+    assert sorted(written) == sorted(f"k{i}" for i in range(12)), written
+    lost = [a for o in outcomes for a in o.attempts if a.cancel_reason == CancelReason.EXECUTOR_LOST]
+    assert lost, "no attempt was recorded as lost with the node"
+    assert all(a.cost_usd > 0 and not a.usage_reported for a in lost)
+    for o in outcomes:
+        keys = [(a.step_id, a.attempt) for a in o.attempts]
+        assert len(keys) == len(set(keys)), f"{o.run_id}: attempt numbers repeat"
 
 
 def test_pending_executors_are_placed_on_a_node_added_for_them(env, simulator):
