@@ -74,7 +74,9 @@ def test_attempts_on_a_killed_executor_are_recorded_and_their_steps_run_elsewher
         simulator=SimulatorEndpoints(sim.openai_base_url, sim.anthropic_base_url),
         max_in_flight=runs,
         grace_s=grace_s,
-        hedge=HedgeConfig(enabled=False),  # one attempt per step: every attempt start is a dispatch
+        # One attempt per step (no duplicates, and no attempt timeout on the stragglers before the kill):
+        # every attempt start is a dispatch.
+        hedge=HedgeConfig(enabled=False, timeout_factor=100),
         pool=PoolConfig(min_executors=2, max_executors=2, scale_interval_s=0.2),
         on_pool=pools.append,
         on_done=outcomes.append,
