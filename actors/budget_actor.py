@@ -15,7 +15,6 @@ is in memory; a restarted actor then starts every bucket empty, since it forgot 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import uuid
@@ -64,6 +63,7 @@ class BudgetActor:
         self._admin_redis: RedisLedger | None = None
         self._exchanges = 0
         self._last_metrics = 0.0
+        self._metrics_errors = 0
 
     def _resolve(self, key: str) -> BucketSpec | None:
         return self._config.bucket(key)
@@ -88,8 +88,11 @@ class BudgetActor:
         self._exchanges += 1
         if now - self._last_metrics >= METRICS_INTERVAL_S:
             self._last_metrics = now
-            with contextlib.suppress(Exception):  # metrics are never worth a failed exchange
+            try:
                 self._export_metrics(reply, now)
+            except Exception:  # metrics are never worth a failed exchange: log and count
+                self._metrics_errors += 1
+                log.warning("budget metrics export failed (%d so far)", self._metrics_errors, exc_info=True)
         return replace(reply, targets=targets, degraded=self._fallback is not None)
 
     async def _exchange(self, req: ExchangeRequest, now: float) -> ExchangeReply:
@@ -209,6 +212,7 @@ class BudgetActor:
             "backend": "redis" if self._redis is not None else "memory",
             "degraded": self._fallback is not None,
             "exchanges": self._exchanges,
+            "metrics_errors": self._metrics_errors,
             "restarted": bool(self.restarts_seen),
             "redis": self._config.redacted_redis_url(),
         }

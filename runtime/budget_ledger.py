@@ -13,9 +13,9 @@ redacted URL only.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
+import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +30,8 @@ from tailrace.policies.leases import (
     Resolver,
     SpendTotals,
 )
+
+log = logging.getLogger("tailrace.budget")
 
 REPLY_TTL_S = 600  # how long a reply is kept for a retried exchange
 KEY_PREFIX = "tailrace:budget"
@@ -252,8 +254,10 @@ class RedisLedger:
         return LedgerStatus(self.backend, day, buckets, spend, int(leases), self._redacted)
 
     async def aclose(self) -> None:
-        with contextlib.suppress(Exception):  # closing a client whose server is gone
+        try:
             await self._client.aclose()
+        except Exception as exc:  # closing a client whose server is gone: nothing left to release
+            log.debug("closing the Redis client of %s: %s", self._redacted, type(exc).__name__)
 
 
 def _s(value: Any) -> str:

@@ -177,7 +177,7 @@ async def test_a_dead_executors_lease_expires_and_the_limit_holds():
     await reserve(pool, ask(clock, tokens=3000), clock)
     held = ledger.book.outstanding(KEY)
     assert held >= 3000
-    pool._task.cancel()  # the executor dies: no more reports, no close
+    pool.reporter.task.cancel()  # the executor dies: no more reports, no close
     await settle_loop()
     bucket = ledger.book.buckets[KEY]
     assert bucket.level + bucket.outstanding <= bucket.capacity + 1e-6

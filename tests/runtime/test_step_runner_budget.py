@@ -101,6 +101,6 @@ async def test_waiting_for_budget_ends_when_the_run_stops(simulator):
     result = await asyncio.wait_for(task, 2.0)
     assert not result.ok and result.failure == FailureReason.CANCELLED
     assert "stopped while waiting" in result.detail
-    assert len(pool._queue) == 0
+    assert len(pool.queue) == 0
     assert sim.log_records() == []  # nothing was sent
     await pool.aclose()
