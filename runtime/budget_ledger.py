@@ -53,6 +53,12 @@ class BucketStatus:
     returned: float = 0.0
     written_off: float = 0.0
     clamped: float = 0.0
+    debited: float = 0.0  # used beyond any grant (under-estimates, use during a Redis outage)
+
+    @property
+    def unreconciled(self) -> float:
+        """granted - (spent + returned + written_off + outstanding): 0 while the ledger adds up."""
+        return self.granted - (self.spent + self.returned + self.written_off + self.outstanding)
 
     @property
     def utilisation(self) -> float:
@@ -98,6 +104,7 @@ class MemoryLedger:
                     b.returned_total,
                     b.written_off_total,
                     b.clamped_total,
+                    b.debited_total,
                 )
             spend = {t: dataclasses.replace(s) for (d, t), s in self.book.spend.items() if d == day}
             return LedgerStatus(self.backend, day, buckets, spend, len(self.book.leases))
@@ -107,7 +114,13 @@ class MemoryLedger:
 
 
 def _request_json(
-    req: ExchangeRequest, now: float, new_lease_id: str, prefix: str, resolve: Resolver, start_full: bool
+    req: ExchangeRequest,
+    now: float,
+    new_lease_id: str,
+    prefix: str,
+    resolve: Resolver,
+    start_full: bool,
+    expect_state: bool = False,
 ) -> str:
     ops = {}
     for key, op in req.ops.items():
@@ -141,6 +154,7 @@ def _request_json(
             "feedback": feedback,
             "reply_ttl": REPLY_TTL_S,
             "start_full": start_full,
+            "expect_state": expect_state,
             "spend": {t: d.as_dict() for t, d in req.spend.items()},
         }
     )
@@ -190,6 +204,7 @@ class RedisLedger:
         self.prefix = f"{KEY_PREFIX}:{{{namespace}}}:"
         self._resolve = resolve
         self._start_full = start_full
+        self._seen_state = False  # after one exchange: a namespace missing from Redis means it came back empty
 
     def __repr__(self) -> str:
         return f"RedisLedger({self._redacted}, prefix={self.prefix!r})"
@@ -210,8 +225,12 @@ class RedisLedger:
         await self._call(self._client.ping())
 
     async def exchange(self, req: ExchangeRequest, now: float, new_lease_id: str) -> ExchangeReply:
-        payload = _request_json(req, now, new_lease_id, self.prefix, self._resolve, self._start_full)
-        return _reply(await self._call(self._script(keys=[], args=[payload])))
+        payload = _request_json(
+            req, now, new_lease_id, self.prefix, self._resolve, self._start_full, expect_state=self._seen_state
+        )
+        reply = _reply(await self._call(self._script(keys=[], args=[payload])))
+        self._seen_state = True
+        return reply
 
     async def status(self, day: str, now: float) -> LedgerStatus:
         # Expire dead leases first, so `outstanding` is what live executors hold.
@@ -238,6 +257,7 @@ class RedisLedger:
                 h.get("returned", 0.0),
                 h.get("written_off", 0.0),
                 h.get("clamped", 0.0),
+                h.get("debited", 0.0),
             )
         spend = {}
         for tenant in await self._call(self._client.smembers(f"{p}tenants:{day}")):

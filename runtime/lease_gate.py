@@ -7,6 +7,8 @@ and `ComposedGate`, which puts the run's cost cap in front of either.
 
 from __future__ import annotations
 
+import dataclasses
+
 from tailrace.policies.spend import Grant, Refusal, SpendAsk, Usage
 from tailrace.runtime._budget_common import LedgerClient, LocalLedgerClient
 from tailrace.runtime.lease_pool import LeasePool
@@ -15,12 +17,16 @@ __all__ = ["LeaseGate", "LeasePool", "LedgerClient", "LocalLedgerClient"]
 
 
 class LeaseGate:
-    """Reserve, settle and release through the executor's `LeasePool`."""
+    """Reserve, settle and release through the executor's `LeasePool`, for one step: `continuing` when
+    its run already has steps done (its attempts are served before runs' first steps)."""
 
-    def __init__(self, pool: LeasePool) -> None:
+    def __init__(self, pool: LeasePool, continuing: bool = False) -> None:
         self._pool = pool
+        self._continuing = continuing
 
     async def reserve(self, ask: SpendAsk) -> Grant | Refusal:
+        if self._continuing and not ask.continuing:
+            ask = dataclasses.replace(ask, continuing=True)
         return await self._pool.reserve(ask)
 
     async def settle(self, grant: Grant, used: Usage) -> None:

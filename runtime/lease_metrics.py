@@ -28,11 +28,16 @@ class LeaseCounters:
     used: defaultdict[str, float] = field(default_factory=_amounts)
     refunded: defaultdict[str, float] = field(default_factory=_amounts)
     wasted: defaultdict[str, float] = field(default_factory=_amounts)
-    refusals: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+    refusals: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))  # since the last flush
+    refused_total: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))  # since start
     grants: int = 0
     waited: int = 0
     leases_lost: int = 0
     flush_errors: int = 0  # metrics exports that failed (logged); never worth a lost report
+
+    def refused(self, reason: str) -> None:
+        self.refusals[reason] += 1
+        self.refused_total[reason] += 1
 
     def flush(self) -> None:
         for name, values, help_ in (

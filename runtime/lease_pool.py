@@ -22,10 +22,10 @@ import math
 from typing import Any
 
 from tailrace.engine.clock import SYSTEM_CLOCK, Clock
-from tailrace.policies.budget_config import BucketSpec, BudgetConfig, Charges, settled_amount, usage_unknown
+from tailrace.policies.budget_config import BucketSpec, BudgetConfig, Charges, settled_amount
 from tailrace.policies.leases import SpendDelta
-from tailrace.policies.priority import SPECULATIVE, FairQueue, Waiter, priority_class, speculative_allowed
-from tailrace.policies.spend import Grant, Refusal, SpendAsk, SpendGate, Usage
+from tailrace.policies.priority import SPECULATIVE, FairQueue, Waiter, priority_class, rank, speculative_allowed
+from tailrace.policies.spend import Grant, Refusal, SpendAsk, SpendGate, Usage, wasted_tokens
 from tailrace.runtime._budget_common import Held, LedgerClient, Today, bucket_label, needs, too_large
 from tailrace.runtime.lease_accounts import Unreported
 from tailrace.runtime.lease_demand import DemandEstimate
@@ -62,10 +62,11 @@ class LeasePool:
 
     # ---- the gate ---------------------------------------------------------------------------------
 
-    def gate(self) -> SpendGate:
+    def gate(self, continuing: bool = False) -> SpendGate:
+        """The gate one step's attempts use; `continuing`: its run already has steps done (served first)."""
         from tailrace.runtime.lease_gate import LeaseGate
 
-        return LeaseGate(self)
+        return LeaseGate(self, continuing)
 
     def now(self) -> float:
         return self.clock.monotonic()
@@ -102,7 +103,7 @@ class LeasePool:
             return Grant(ask, Held((), {}))
         refusal = too_large(specs, need)
         if refusal:
-            self.counters.refusals["too_large"] += 1
+            self.counters.refused("too_large")
             return Refusal(refusal)
         self.reporter.ensure_running()
         self.last_use = now
@@ -115,15 +116,15 @@ class LeasePool:
             )
             if usable and spare and holding.fits(need, now):
                 return self._take(ask, specs, need, now)
-            self.counters.refusals["no_spare_capacity"] += 1
+            self.counters.refused("no_spare_capacity")
             self.reporter.poke()
             return Refusal("no spare capacity for a duplicate near the rate limit")
         if usable and not self.queue and holding.fits(need, now):
             return self._take(ask, specs, need, now)
         deadline = ask.deadline_at
-        eta = holding.eta(need, self.queue.needs_ahead(deadline), now)
+        eta = holding.eta(need, self.queue.needs_ahead(deadline, rank(ask.role, ask.continuing)), now)
         if now + eta > deadline:
-            self.counters.refusals["never_in_time"] += 1
+            self.counters.refused("never_in_time")
             worst = holding.scarcest(need)
             return Refusal(
                 f"budget_exhausted: {need[worst]:,.4g} of {worst} cannot be granted before the run's "
@@ -136,8 +137,11 @@ class LeasePool:
     ) -> Grant | Refusal:
         future: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
         size = sum(a for k, a in need.items() if k.startswith(("tokens", "input_tokens", "output_tokens")))
-        waiter = Waiter(ask.tenant, deadline, need, size or 1.0, (future, ask, specs))
+        waiter = Waiter(ask.tenant, deadline, need, size or 1.0, (future, ask, specs), rank(ask.role, ask.continuing))
         self.queue.push(waiter)
+        self.pump()  # it may go ahead of those waiting (a step of a run under way)
+        if future.done():
+            return future.result()
         self.counters.waited += 1
         self.reporter.poke()
         timer = asyncio.ensure_future(self.clock.sleep(deadline - now))
@@ -155,7 +159,7 @@ class LeasePool:
             return future.result()
         self.queue.remove(waiter)
         future.cancel()
-        self.counters.refusals["deadline"] += 1
+        self.counters.refused("deadline")
         return Refusal("budget_exhausted: not granted before the run's deadline (the rate limit is saturated)")
 
     def pump(self) -> None:
@@ -196,7 +200,6 @@ class LeasePool:
     async def settle(self, grant: Grant, used: Usage) -> None:
         held: Held = grant.token  # type: ignore[assignment]
         ask = grant.ask
-        unknown = usage_unknown(used)
         if held.specs:
             self.in_flight -= 1
         for spec, charges in held.specs:
@@ -209,18 +212,9 @@ class LeasePool:
             if reserved > final:
                 self.counters.refunded[label] += reserved - final
             self._ended(spec.key, final, reserved, held)
-        wasted = (
-            int(sum(held.amounts.get(s.key, 0.0) for s, _ in held.specs if s.family == "tokens"))
-            if used.cancelled
-            else 0
-        )
+        # The tenant's spend is the attempt's cost as its record has it: one definition (`attempt_usage`).
         delta = SpendDelta(
-            ask.cost_usd if unknown else used.cost_usd,
-            used.input_tokens,
-            used.output_tokens,
-            1,
-            int(used.cancelled),
-            wasted,
+            used.cost_usd, used.input_tokens, used.output_tokens, 1, int(used.cancelled), wasted_tokens(used)
         )
         self.unreported.cost(self.today(), ask.tenant, delta)
         self._feedback(held, used)

@@ -71,19 +71,24 @@ def outcome(clock: FakeClock, run_id: str, input_tokens: int, latency_s: float, 
     )
 
 
-async def test_refuses_at_submission_with_a_reason_and_admits_what_fits():
+async def test_a_cold_workflow_is_refused_on_tokens_only_never_on_latency_priors():
     clock = FakeClock()
     adm = admission(clock)
+    # Before any run delivered, a run needs what its prompts surely cost, not prompt + max_tokens.
     need = adm.run_need()[KEY]
-    assert 300 < need < 400  # two steps: max_tokens 100 + a guess of the rendered prompt
+    assert 10 < need < 100
+    assert adm.critical_path_s == 0.0
     opts = WORKFLOW.defaults.model_copy(update={"tenant": "t"})
-    admitted = 0
+    # A deadline far below the priors' critical path (2 x 1.0 s) is no reason to refuse a cold workflow.
+    assert await adm.admit("quick", WORKFLOW, opts, RunDeadline.start(0.5, clock)) is None
+    admitted = 1
     while await adm.admit(f"r{admitted}", WORKFLOW, opts, RunDeadline.start(3.5, clock)) is None:
         admitted += 1
-    # 6000 free now, 100/s: what fits by the latest start (3.5 s - 1.5 x 2 s of critical path).
-    assert admitted == int((6000 + 100 * 0.5) // need)
+    # 6000 free now, 100/s until the deadline (less the return margin): what fits, by tokens alone.
+    assert admitted == pytest.approx((6000 + 100 * 3.45) / need, abs=2)
     why = await adm.admit("late", WORKFLOW, opts, RunDeadline.start(3.5, clock))
     assert why.startswith("budget_exhausted at submission") and KEY in why
+    assert "prompt estimates only" in why
 
 
 async def test_learns_the_real_need_and_gives_back_what_a_run_did_not_use():
@@ -95,21 +100,37 @@ async def test_learns_the_real_need_and_gives_back_what_a_run_did_not_use():
     before = adm._planner.free(KEY, clock.monotonic())
     adm.finished("r1", outcome(clock, "r1", input_tokens=10, latency_s=0.5))
     after = adm._planner.free(KEY, clock.monotonic())
-    assert after > before  # charged 2 x (10 + 100), planned more
+    assert after < before  # charged 2 x (10 + 20), planned less: the plan takes the difference
     for i in range(30):
         adm.finished(f"x{i}", outcome(clock, f"x{i}", input_tokens=10, latency_s=0.5))
-    assert adm.run_need()[KEY] == pytest.approx(2 * (10 + 100), rel=0.02)
+    # What runs use (prompt + output produced), not prompt + max_tokens: the provider corrects to use.
+    assert adm.run_need()[KEY] == pytest.approx(2 * (10 + 20), rel=0.02)
 
 
-async def test_late_admitted_runs_stretch_the_critical_path_and_slow_runs_teach_it():
+async def test_the_critical_path_is_measured_on_finished_runs_and_late_runs_stretch_it():
     clock = FakeClock()
     adm = admission(clock)
+    opts = WORKFLOW.defaults
+    adm.finished("s0", outcome(clock, "s0", 10, latency_s=0.5))
+    assert adm.critical_path_s == pytest.approx(1.2 * 2 * 0.5)  # two steps of 0.5 s, with a margin
+    why = await adm.admit("tight", WORKFLOW, opts, RunDeadline.start(1.0, clock))
+    assert why is not None and "take 1.20 s" in why and "measured on 1 delivered runs" in why
     prior = adm.critical_path_s
-    assert prior == pytest.approx(1.5 * 2.0)
     for i in range(3):
         adm.finished(f"l{i}", outcome(clock, f"l{i}", 10, 0.5, on_time=False))
     assert adm.critical_path_s == pytest.approx(prior * 1.25**3)
-    adm._late_scale = 1.0
+    adm.profile.late_scale = 1.0
     for i in range(40):
-        adm.finished(f"s{i}", outcome(clock, f"s{i}", 10, latency_s=3.0))  # the provider is slower than its prior
+        adm.finished(f"s{i}", outcome(clock, f"s{i}", 10, latency_s=3.0))  # the provider is slower now
     assert adm.critical_path_s == pytest.approx(1.2 * 6.0, rel=0.05)
+
+
+async def test_no_budget_can_be_had_while_the_ledger_does_not_answer():
+    clock = FakeClock()
+    adm = admission(clock)
+    adm._actor = object()  # an actor the sync cannot reach
+    adm._failed("RayActorError")
+    clock.advance(5.0)
+    why = await adm.admit("r", WORKFLOW, WORKFLOW.defaults, RunDeadline.start(30, clock))
+    assert why is not None and "no budget can be had" in why and "RayActorError" in why
+    adm._sync_task.cancel()

@@ -82,7 +82,7 @@ async def test_a_refused_duplicate_is_asked_again_later_not_in_a_busy_loop(simul
     elapsed = time.monotonic() - t0
     assert result.ok and [a.role for a in result.attempts] == ["primary"]
     assert policy.asked <= elapsed / 0.1 + 2, f"asked {policy.asked} times in {elapsed:.2f} s"
-    assert pool.counters.refusals["no_spare_capacity"] >= 1
+    assert pool.counters.refused_total["no_spare_capacity"] >= 1
     await pool.aclose()
     assert ledger.book.buckets[KEY].outstanding == 0  # settled and returned
 
