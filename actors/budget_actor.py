@@ -33,7 +33,7 @@ from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayEr
 
 from tailrace.engine.clock import SYSTEM_CLOCK, Clock, Deadline, wait_for
 from tailrace.policies.budget_config import BucketSpec, BudgetConfig, utc_day
-from tailrace.policies.leases import BucketOp, DemandBoard, ExchangeReply, ExchangeRequest, SpendDelta
+from tailrace.policies.leases import BucketOp, BucketView, DemandBoard, ExchangeReply, ExchangeRequest, SpendDelta
 from tailrace.runtime import metrics
 from tailrace.runtime.budget_ledger import LedgerStatus, LedgerUnavailable, MemoryLedger, RedisLedger
 from tailrace.runtime.direct_gate import DirectGate
@@ -57,6 +57,7 @@ class BudgetActor:
         self.restarts_seen = int(restarted)
         self._board = DemandBoard(ttl_s=config.lease_ttl_s)
         self._free: dict[str, float] = {}
+        self._views: dict[str, tuple[BucketView, float]] = {}  # the last view of each bucket, and when
         self._redis: RedisLedger | None = None
         self._memory: MemoryLedger | None = None
         if config.redis_url is not None:
@@ -94,6 +95,7 @@ class BudgetActor:
             self._board.granted(req.executor, reply.granted, now)
         for key, view in reply.buckets.items():
             self._free[key] = max(0.0, view.level) if view.blocked_s <= 0 else 0.0
+            self._views[key] = (view, now)
         self._exchanges += 1
         if now - self._last_metrics >= METRICS_INTERVAL_S:
             self._last_metrics = now
@@ -184,6 +186,25 @@ class BudgetActor:
             {},
             1.0 if self._fallback is not None else 0.0,
         )
+
+    async def free_for_planning(self) -> dict[str, float]:
+        """Per bucket, what could still be granted now: the free level (refilled since the last exchange)
+        plus what live executors hold unreserved. Tokens held by attempts in flight are not free -- the
+        provider holds their whole max_tokens until they end -- so admission must not plan with them."""
+        now = self._clock.time()
+        unreserved: dict[str, float] = {}
+        for _, held in self._board.live(now).values():
+            for key, amount in held.items():
+                unreserved[key] = unreserved.get(key, 0.0) + max(0.0, amount)
+        out = {}
+        for key, (view, at) in self._views.items():
+            since = max(0.0, now - at)
+            if view.blocked_s > since:
+                level = 0.0
+            else:
+                level = min(view.capacity - view.outstanding, max(0.0, view.level) + view.rate_per_s * since)
+            out[key] = level + min(unreserved.get(key, 0.0), view.outstanding)
+        return out
 
     # ---- admin ------------------------------------------------------------------------------------
 

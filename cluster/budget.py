@@ -5,8 +5,8 @@ submission that cannot be served before their deadline, and report tenants' spen
 (`tailrace.policies.admission.AdmissionPlanner`), so a refusal takes microseconds, not an actor round
 trip. It refuses only on evidence: tokens that cannot be had before the run's deadline, planned with
 what runs of the workflow really use (`tailrace.policies.run_profile.RunProfile`: per step, learned from
-delivered runs; before any, the prompts alone), or a critical path measured on finished runs. The
-latency priors of the spec are never a reason to refuse. In the background it lowers the plan to what
+delivered runs; before any, what the provider takes at admission), or a critical path measured on
+finished runs. The latency priors of the spec are never a reason to refuse. In the background it lowers the plan to what
 the budget actor says is really free (another cluster on the same account, provider feedback) and
 supervises the actor: one that died for good is replaced; while no budget can be had at all, runs are
 refused at once, saying why.
@@ -76,7 +76,7 @@ class BudgetAdmission:
     @property
     def critical_path_s(self) -> float:
         """How long runs take once they have their tokens: measured on finished runs (0 before any)."""
-        return self.profile.critical_path_s()
+        return self.profile.critical_path_s(self._clock.monotonic())
 
     def _buckets(self, provider: str, model: str) -> list[tuple[BucketSpec, Charges]]:
         key = (provider, model)
@@ -116,13 +116,13 @@ class BudgetAdmission:
                 f"{silent:.1f} s ({self._sync_error}; replaced {self.replaced} times)"
             )
         remaining = deadline.remaining() - deadline.return_margin_s
-        path = self.profile.critical_path_s()
+        path = self.profile.critical_path_s(now)
         if not self.profile.cold and remaining < path:
             return (
                 f"the deadline leaves {max(0.0, remaining):.2f} s; runs of this workflow take {path:.2f} s once "
                 f"they have their tokens (measured on {self.profile.delivered} delivered runs)"
             )
-        tails = self.profile.tails()
+        tails = self.profile.tails(now, remaining)
         parts = [
             Part(now + remaining - tails[s.id], self.profile.step_need(s.id), f"step {s.id!r}")
             for s in self._workflow.steps
@@ -136,7 +136,7 @@ class BudgetAdmission:
         """Replace the run's planned need with what its attempts were charged; learn from it."""
         charged = self.profile.charged(outcome)
         self._planner.done(run_id, per_bucket_total(charged), self._clock.monotonic())
-        self.profile.learn(outcome)
+        self.profile.learn(outcome, self._clock.monotonic())
 
     # ---- the real ledger lowers the plan; a dead actor is replaced -------------------------------
 
@@ -151,8 +151,8 @@ class BudgetAdmission:
 
     async def sync_once(self) -> None:
         try:
-            status: LedgerStatus = await wait_for(
-                self._actor.status.remote(), Deadline.after(SYNC_TIMEOUT_S, self._clock)
+            free: dict[str, float] = await wait_for(
+                self._actor.free_for_planning.remote(), Deadline.after(SYNC_TIMEOUT_S, self._clock)
             )
         except ActorDiedError as exc:
             self._failed(f"{type(exc).__name__}: the actor died")
@@ -163,8 +163,8 @@ class BudgetAdmission:
             return
         now = self._clock.monotonic()
         self._last_sync, self._sync_error = now, None
-        for key, b in status.buckets.items():
-            self._planner.sync(key, max(0.0, b.level) + b.outstanding, now)
+        for key, amount in free.items():
+            self._planner.sync(key, amount, now)
 
     def _failed(self, why: str) -> None:
         self.sync_failures += 1

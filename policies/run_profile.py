@@ -2,18 +2,23 @@
 
 Per step it learns the tokens its attempts were counted for against each bucket (retries and
 duplicates included, as the provider's window counts them) and how long the step took from its first
-attempt to its answer. Before any run has delivered, a step's need is its prompt estimate alone (what
-the run will surely use) and its time is unknown, so admission plans with those and refuses nothing
-on a guess; the first delivered runs replace both with what was measured (a running mean for the
-first `WARM_RUNS`, then an exponential average). A step's *tail* is the time from its start to the
-run's end: its own time plus the longest tail after it, with a margin, stretched while admitted runs
-come in late.
+attempt to its answer; the first delivered runs set both (a running mean for the first `WARM_RUNS`,
+then an exponential average), and from then on admission plans with what runs use.
 
-Pure: feed it `RunOutcome`s; no clock, no Ray.
+Before any run has delivered (a *cold* workflow) nothing is measured. A step is then planned at what
+the provider takes when the request is admitted (prompt estimate + max_tokens: an upper bound, never
+exceeded), and its time from the spec's latency priors, but scaled so the whole run's path takes at
+most `COLD_PATH_SHARE` of the time the run has: the priors are guesses, and a guess must never be the
+reason to refuse a run. A step's *tail* is the time from its start to the run's end: its own time
+plus the longest tail after it, with a margin, stretched while admitted runs come in late (relaxing
+with time, so a bad spell never refuses everything for good).
+
+Pure: feed it `RunOutcome`s with the time; no clock, no Ray.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -33,14 +38,18 @@ QUANTILE_AFTER = 20
 TAIL_MARGIN = 1.2
 LATE_STRETCH = 1.25  # per admitted run that ended late
 MAX_LATE_SCALE = 4.0
-TOKENS_PER_REFERENCE = 16  # a `{{...}}` the cold prompt estimate cannot see: count a little for it
+LATE_HALF_LIFE_S = 10.0  # the stretch relaxes toward 1 with time, so refusing everything never lasts
+COLD_PATH_SHARE = 0.5  # a cold run's planned path takes at most this share of its time, whatever the priors
+PRIOR_FACTOR = 1.5  # the priors are medians: a cold step is planned at this multiple
+TOKENS_PER_REFERENCE = 64  # a `{{...}}` the cold prompt estimate cannot see: what it may expand to
 _REFERENCE = re.compile(r"\{\{[^}]*\}\}")
 
 Buckets = Callable[[str, str], list[tuple[BucketSpec, Charges]]]
 
 
-def prompt_floor(step: StepSpec) -> int:
-    """The fewest prompt tokens the step's first rung can send: its templates with references nearly empty."""
+def prompt_guess(step: StepSpec) -> int:
+    """The prompt tokens the step's first rung sends, from its templates: each reference counted as a
+    short paragraph (the records and upstream answers are not known before the run)."""
     choice = step.models[0]
     prompt = choice.prompt or step.prompt
     system = choice.system or step.system or ""
@@ -73,14 +82,15 @@ class RunProfile:
         self._workflow = workflow
         self._buckets = buckets
         self._dag = Dag.from_spec(workflow)
-        self._need: dict[str, dict[str, float]] = {s.id: self._floor(s) for s in workflow.steps}
+        self._need: dict[str, dict[str, float]] = {s.id: self._admission_charge(s) for s in workflow.steps}
         self._times: dict[str, deque[float]] = {s.id: deque(maxlen=LATENCY_SAMPLES) for s in workflow.steps}
+        self._prior_times = {s.id: PRIOR_FACTOR * s.models[0].expected_latency_s for s in workflow.steps}
         self.delivered = 0  # runs learned from
-        self.late_scale = 1.0
+        self._late = (1.0, 0.0)  # (stretch, when it was set)
 
-    def _floor(self, step: StepSpec) -> dict[str, float]:
+    def _admission_charge(self, step: StepSpec) -> dict[str, float]:
         choice = step.models[0]
-        ask = SpendAsk(input_tokens=prompt_floor(step), max_output_tokens=0)
+        ask = SpendAsk(input_tokens=prompt_guess(step), max_output_tokens=choice.max_tokens)
         return {spec.key: reserve_amount(spec, ask) for spec, _ in self._buckets(choice.provider, choice.model)}
 
     @property
@@ -108,13 +118,28 @@ class RunProfile:
             return ordered[-1]
         return ordered[int(TAIL_QUANTILE * (len(ordered) - 1))]
 
-    def tails(self) -> dict[str, float]:
-        """Per step, the time from its start to the run's end (0 while nothing is learned)."""
-        times = {s.id: self.step_time(s.id) * TAIL_MARGIN * self.late_scale for s in self._workflow.steps}
+    def late_scale(self, now: float) -> float:
+        """How much admitted runs coming in late stretch the tails: relaxes toward 1 with time."""
+        stretch, at = self._late
+        return 1.0 + (stretch - 1.0) * 0.5 ** (max(0.0, now - at) / LATE_HALF_LIFE_S)
+
+    def _stretch(self, factor: float, now: float) -> None:
+        self._late = (min(MAX_LATE_SCALE, max(1.0, self.late_scale(now) * factor)), now)
+
+    def tails(self, now: float, remaining_s: float = math.inf) -> dict[str, float]:
+        """Per step, the time from its start to the run's end, for a run with `remaining_s` to go."""
+        late = self.late_scale(now)
+        if self.cold:
+            tails = self._dag.remaining_critical_paths(self._prior_times)
+            path = max(tails.values(), default=0.0)
+            scale = min(1.0, COLD_PATH_SHARE * max(0.0, remaining_s) / path) if path > 0 else 1.0
+            return {s: t * scale * late for s, t in tails.items()}
+        times = {s.id: self.step_time(s.id) * TAIL_MARGIN * late for s in self._workflow.steps}
         return self._dag.remaining_critical_paths(times)
 
-    def critical_path_s(self) -> float:
-        return max(self.tails().values(), default=0.0)
+    def critical_path_s(self, now: float) -> float:
+        """How long a run takes once it has its tokens: measured (0 while the workflow is cold)."""
+        return 0.0 if self.cold else max(self.tails(now).values(), default=0.0)
 
     def roots(self) -> list[str]:
         return self._dag.roots()
@@ -132,7 +157,7 @@ class RunProfile:
                 charged[spec.key] = charged.get(spec.key, 0.0) + attempt_charge(spec, charges, a, choice.max_tokens)
         return per_step
 
-    def learn(self, outcome: RunOutcome, admitted: bool = True) -> None:
+    def learn(self, outcome: RunOutcome, now: float, admitted: bool = True) -> None:
         if outcome.delivered:
             self.delivered += 1
             rate = max(LEARNING_RATE, 1.0 / min(self.delivered, WARM_RUNS))
@@ -145,9 +170,9 @@ class RunProfile:
         if not admitted:
             return
         if outcome.failure == FailureReason.DEADLINE_EXCEEDED:
-            self.late_scale = min(MAX_LATE_SCALE, self.late_scale * LATE_STRETCH)
+            self._stretch(LATE_STRETCH, now)
         elif outcome.on_time:
-            self.late_scale = max(1.0, self.late_scale * 0.99)
+            self._stretch(0.99, now)
 
     @staticmethod
     def _step_times(outcome: RunOutcome) -> dict[str, float]:
@@ -162,8 +187,8 @@ class RunProfile:
 
     def describe(self) -> str:
         if self.cold:
-            return "prompt estimates only: no run of this workflow has delivered yet"
-        return f"learned from {self.delivered} delivered runs"
+            return "prompt + max_tokens of each step, what the provider takes at admission: no run has delivered yet"
+        return f"what runs use, learned from {self.delivered} delivered runs"
 
 
 def per_bucket_total(per_step: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
@@ -174,4 +199,4 @@ def per_bucket_total(per_step: Mapping[str, Mapping[str, float]]) -> dict[str, f
     return total
 
 
-__all__ = ["RunProfile", "attempt_charge", "per_bucket_total", "prompt_floor"]
+__all__ = ["RunProfile", "attempt_charge", "per_bucket_total", "prompt_guess"]

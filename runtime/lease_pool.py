@@ -5,10 +5,11 @@ its worst-case cost before it is sent, and settles after with what it used. The 
 local subtraction from the lease's balance (microseconds, no actor call); `LeaseReporter` reports
 to the ledger and tops the lease up in the background.
 
-When the lease cannot serve everyone, primaries and retries wait in a `FairQueue` (tenants' weighted
-fair share, earliest deadline first within a tenant) until a top-up; a reservation that cannot be
-granted before its run's deadline, even with the whole rate, is refused at once. Duplicates never
-wait: they spend only spare capacity (`speculative_allowed`).
+When the lease cannot serve everyone, primaries and retries wait in a `FairQueue` until a top-up:
+steps of runs under way first, then earliest deadline first -- the order admission planned the runs
+in, having kept tenants to their shares already; with admission off, tenants share the queue by
+weight instead. A reservation that cannot be granted before its run's deadline, even with the whole
+rate, is refused at once. Duplicates never wait: they spend only spare capacity (`speculative_allowed`).
 
 The parts, each readable alone: `LeaseHolding` (the lease and its balances), `Unreported` (what
 ended attempts owe the ledger), `DemandEstimate` (how much to ask for), `read_feedback` (429s and
@@ -35,6 +36,7 @@ from tailrace.runtime.lease_metrics import LeaseCounters
 from tailrace.runtime.lease_reporter import LeaseReporter
 
 Specs = tuple[tuple[BucketSpec, Charges], ...]
+ADMITTED = "*admitted*"  # the one queue of a pool whose runs passed admission
 
 
 class LeasePool:
@@ -137,7 +139,10 @@ class LeasePool:
     ) -> Grant | Refusal:
         future: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
         size = sum(a for k, a in need.items() if k.startswith(("tokens", "input_tokens", "output_tokens")))
-        waiter = Waiter(ask.tenant, deadline, need, size or 1.0, (future, ask, specs), rank(ask.role, ask.continuing))
+        # With admission on, runs were admitted in deadline order, tenants' shares kept there: serve the plan
+        # (earliest deadline first). Without it, tenants share what waits here by weight.
+        tenant = ADMITTED if self.config.admission else ask.tenant
+        waiter = Waiter(tenant, deadline, need, size or 1.0, (future, ask, specs), rank(ask.role, ask.continuing))
         self.queue.push(waiter)
         self.pump()  # it may go ahead of those waiting (a step of a run under way)
         if future.done():

@@ -130,8 +130,8 @@ async def test_never_grantable_before_the_deadline_is_refused_at_once():
     await pool.aclose()
 
 
-async def test_waiting_primaries_are_served_edf_and_2_to_1_between_tenants():
-    _cfg, clock, _ledger, pool = setup(start_full=False)
+async def test_without_admission_waiting_primaries_are_served_edf_and_2_to_1_between_tenants():
+    _cfg, clock, _ledger, pool = setup(config(admission=False), start_full=False)
     await reserve(pool, ask(clock, tokens=5), clock)
     order: list[tuple[str, float]] = []
 
@@ -148,6 +148,30 @@ async def test_waiting_primaries_are_served_edf_and_2_to_1_between_tenants():
     assert gold / (len(served) - gold) == pytest.approx(2.0, abs=0.35)
     std = [d for t, d in order if t == "std"]
     assert std[:3] == [50.0, 51.0, 52.0] and std == sorted(std)  # EDF within the tenant
+    for t in tasks:
+        t.cancel()
+    await settle_loop()
+    await pool.aclose()
+
+
+async def test_a_run_under_way_is_served_before_new_runs_first_steps():
+    """Under contention, a later step of an admitted run goes ahead of every waiting first step, even
+    ones with earlier deadlines: a run that dies half-way wasted its tokens."""
+    _cfg, clock, _ledger, pool = setup(start_full=False)  # dry: 100 tokens/s
+    await reserve(pool, ask(clock, tokens=5), clock)
+    order: list[str] = []
+
+    async def one(name: str, gate, tenant: str, deadline: float) -> None:
+        g = await gate.reserve(ask(clock, tokens=50, tenant=tenant, deadline_in=deadline))
+        if isinstance(g, Grant):
+            order.append(name)
+
+    first_steps, later_steps = pool.gate(continuing=False), pool.gate(continuing=True)
+    tasks = [asyncio.ensure_future(one(f"new-{i}", first_steps, "std", 5.0 + i)) for i in range(20)]
+    await settle_loop()
+    tasks.append(asyncio.ensure_future(one("under-way", later_steps, "std", 30.0)))
+    await tick(clock, 1.5, step=0.05)
+    assert "under-way" in order and order.index("under-way") <= 1, order
     for t in tasks:
         t.cancel()
     await settle_loop()
