@@ -33,9 +33,9 @@ from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayEr
 
 from tailrace.engine.clock import SYSTEM_CLOCK, Clock, Deadline, wait_for
 from tailrace.policies.budget_config import BucketSpec, BudgetConfig, utc_day
-from tailrace.policies.leases import BucketOp, BucketView, DemandBoard, ExchangeReply, ExchangeRequest, SpendDelta
+from tailrace.policies.leases import BucketView, DemandBoard, ExchangeReply, ExchangeRequest, SpendDelta
 from tailrace.runtime import metrics
-from tailrace.runtime.budget_ledger import LedgerStatus, LedgerUnavailable, MemoryLedger, RedisLedger
+from tailrace.runtime.budget_ledger import LedgerStatus, LedgerUnavailable, MemoryLedger, RedisLedger, outage_debits
 from tailrace.runtime.direct_gate import DirectGate
 from tailrace.runtime.lease_gate import LeasePool
 
@@ -140,9 +140,7 @@ class BudgetActor:
         grants, so its ledger still adds up; then replay the spend recorded meanwhile under its original
         report ids (idempotent)."""
         assert self._redis is not None and self._fallback is not None
-        book = self._fallback.book
-        used = {key: b.granted_total - b.returned_total + b.debited_total for key, b in book.buckets.items()}
-        debits = {key: BucketOp(debit=amount) for key, amount in used.items() if amount > 1e-9}
+        debits = outage_debits(self._fallback.book)
         if debits:
             await self._redis.exchange(
                 ExchangeRequest(executor="resync", report_id=f"resync-{uuid.uuid4().hex}", ops=debits, close=True),

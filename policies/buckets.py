@@ -159,6 +159,7 @@ class TokenBucket:
             self.clamped_total += self.level
             self.level = 0.0
 
+    @property
     def unreconciled(self) -> float:
         """granted - (spent + returned + written_off + outstanding): 0 while the ledger adds up."""
         return self.granted_total - (self.spent_total + self.returned_total + self.written_off_total + self.outstanding)

@@ -23,6 +23,7 @@ from typing import Any
 
 from tailrace.policies.budget_config import redact_url
 from tailrace.policies.leases import (
+    BucketOp,
     BucketView,
     ExchangeReply,
     ExchangeRequest,
@@ -73,6 +74,14 @@ class LedgerStatus:
     spend: dict[str, SpendTotals] = field(default_factory=dict)  # tenant -> today's recorded spend
     leases: int = 0
     redis: str | None = None  # redacted URL
+
+
+def outage_debits(book: LeaseBook) -> dict[str, BucketOp]:
+    """What a local fallback ledger's executors used while the shared one was away, per bucket, to charge
+    the shared ledger with when it is back: granted less returned (spent, written off, or still held by
+    local leases, which the shared ledger never saw and its executors will find lost), plus debits."""
+    used = {key: b.granted_total - b.returned_total + b.debited_total for key, b in book.buckets.items()}
+    return {key: BucketOp(debit=amount) for key, amount in used.items() if amount > 1e-9}
 
 
 class MemoryLedger:

@@ -58,6 +58,7 @@ class LeasePool:
         self._day = Today()
         self._kinds: dict[tuple[str, str], Specs] = {}
         self.in_flight = 0
+        self._created = clock.monotonic()
         self.last_use = -math.inf
         self.degraded = False
         self.closed = False
@@ -109,6 +110,10 @@ class LeasePool:
             return Refusal(refusal)
         self.reporter.ensure_running()
         self.last_use = now
+        gone = self._ledger_gone(now)
+        if gone is not None:
+            self.counters.refused("ledger_unreachable")
+            return Refusal(gone)
         self.demand.asked(need)
         holding = self.holding
         usable = holding.usable(now)
@@ -137,7 +142,7 @@ class LeasePool:
     async def _wait(
         self, ask: SpendAsk, specs: Specs, need: dict[str, float], deadline: float, now: float
     ) -> Grant | Refusal:
-        future: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Grant | Refusal] = asyncio.get_running_loop().create_future()
         size = sum(a for k, a in need.items() if k.startswith(("tokens", "input_tokens", "output_tokens")))
         # With admission on, runs were admitted in deadline order, tenants' shares kept there: serve the plan
         # (earliest deadline first). Without it, tenants share what waits here by weight.
@@ -154,8 +159,8 @@ class LeasePool:
             await asyncio.wait([future, timer], return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             self.queue.remove(waiter)
-            if future.done() and not future.cancelled():
-                self.release(future.result())
+            if future.done() and not future.cancelled() and isinstance(granted := future.result(), Grant):
+                self.release(granted)
             future.cancel()
             raise
         finally:
@@ -181,8 +186,30 @@ class LeasePool:
             if not future.done():
                 future.set_result(self._take(ask, specs, dict(waiter.need), now))
 
+    def _ledger_gone(self, now: float) -> str | None:
+        """Why no budget can be had here, once the lease has run out and the ledger stayed silent past
+        `unreachable_after_s` (a restarting or replaced budget actor answers well within that)."""
+        if self.reporter.failures == 0 or self.holding.usable(now):
+            return None
+        silent = now - max(self.reporter.last_success, self._created)
+        if silent < max(2.0, 2 * self.config.lease_ttl_s):
+            return None
+        return (
+            f"budget_exhausted: no budget can be had: the budget ledger has not answered for {silent:.1f} s "
+            f"({self.reporter.last_error})"
+        )
+
     def ledger_unreachable(self) -> None:
-        """The reporter could not reach the ledger (hook for fail-fast policies; nothing to do yet)."""
+        """The reporter could not reach the ledger: once no budget can be had, waiting reservations are
+        refused at once rather than at their deadlines."""
+        why = self._ledger_gone(self.now())
+        if why is None:
+            return
+        while (waiter := self.queue.pop()) is not None:
+            future = waiter.payload[0]
+            if not future.done():
+                self.counters.refused("ledger_unreachable")
+                future.set_result(Refusal(why))
 
     # ---- settlement -------------------------------------------------------------------------------
 

@@ -297,3 +297,35 @@ async def test_direct_gate_one_call_per_attempt():
     assert ledger.book.outstanding(KEY) == 0
     assert ledger.book.buckets[KEY].spent_total == pytest.approx(170)
     assert isinstance(await gate.reserve(ask(clock, tokens=7000)), Refusal)
+
+
+class _Gone:
+    """A ledger that stopped answering (its actor died and nobody could replace it)."""
+
+    async def exchange(self, req):
+        from tailrace.runtime.budget_ledger import LedgerUnavailable
+
+        raise LedgerUnavailable("budget actor unavailable (ActorDiedError)")
+
+
+async def test_once_no_budget_can_be_had_reservations_are_refused_at_once_saying_why():
+    cfg = config()
+    clock = FakeClock()
+    ledger = MemoryLedger(cfg.bucket)
+    pool = LeasePool(cfg, LocalLedgerClient(ledger, clock), "ex1", clock)
+    assert isinstance(await reserve(pool, ask(clock, tokens=100), clock), Grant)
+    pool.ledger = _Gone()
+    # The lease is spent meanwhile: it was granted for lease_ttl_s.
+    assert isinstance(await pool.reserve(ask(clock, tokens=100)), Grant)
+    waiting = asyncio.ensure_future(pool.reserve(ask(clock, tokens=5000, deadline_in=60.0)))
+    await tick(clock, 1.5)
+    assert not waiting.done(), "a short silence (a restart) is waited out"
+    await tick(clock, 3.0)
+    refusal = waiting.result()
+    assert (
+        isinstance(refusal, Refusal) and "no budget can be had" in refusal.reason and "ActorDiedError" in refusal.reason
+    )
+    now_refused = await pool.reserve(ask(clock, tokens=10))
+    assert isinstance(now_refused, Refusal) and "has not answered" in now_refused.reason
+    pool.closed = True
+    await pool.reporter.stop()
