@@ -120,7 +120,7 @@ class BudgetAdmission:
         if not self.profile.cold and remaining < path:
             return (
                 f"the deadline leaves {max(0.0, remaining):.2f} s; runs of this workflow take {path:.2f} s once "
-                f"they have their tokens (measured on {self.profile.delivered} delivered runs)"
+                f"they have their tokens (measured on {self.profile.finished_runs()} finished runs)"
             )
         tails = self.profile.tails(now, remaining)
         parts = [

@@ -1,9 +1,9 @@
 """What runs of one workflow use and how long they take, learned from runs that finished: admission's evidence.
 
 Per step it learns the tokens its attempts were counted for against each bucket (retries and
-duplicates included, as the provider's window counts them) and how long the step took from its first
-attempt to its answer; the first delivered runs set both (a running mean for the first `WARM_RUNS`,
-then an exponential average), and from then on admission plans with what runs use.
+duplicates included, as the provider's window counts them), from delivered runs (a running mean for
+the first `WARM_RUNS`, then an exponential average), and how long the step took from its first attempt
+to its answer, from every run that got that far; from then on admission plans with what runs use.
 
 Before any run has delivered (a *cold* workflow) nothing is measured. A step is then planned at what
 the provider takes when the request is admitted (prompt estimate + max_tokens: an upper bound, never
@@ -95,7 +95,8 @@ class RunProfile:
 
     @property
     def cold(self) -> bool:
-        return self.delivered == 0
+        """Nothing measured yet: no run delivered (its need is unknown), or some step never answered."""
+        return self.delivered == 0 or any(not samples for samples in self._times.values())
 
     # ---- what a new run needs -------------------------------------------------------------------
 
@@ -141,6 +142,10 @@ class RunProfile:
         """How long a run takes once it has its tokens: measured (0 while the workflow is cold)."""
         return 0.0 if self.cold else max(self.tails(now).values(), default=0.0)
 
+    def finished_runs(self) -> int:
+        """Runs whose step times were measured (the critical path's evidence)."""
+        return min((len(samples) for samples in self._times.values()), default=0)
+
     def roots(self) -> list[str]:
         return self._dag.roots()
 
@@ -158,6 +163,9 @@ class RunProfile:
         return per_step
 
     def learn(self, outcome: RunOutcome, now: float, admitted: bool = True) -> None:
+        # A step's time is measured on every answer, in runs that failed too (a slow spell shows there first).
+        for step_id, seconds in self._step_times(outcome).items():
+            self._times[step_id].append(seconds)
         if outcome.delivered:
             self.delivered += 1
             rate = max(LEARNING_RATE, 1.0 / min(self.delivered, WARM_RUNS))
@@ -165,8 +173,6 @@ class RunProfile:
                 learned = self._need[step_id]
                 for key in set(learned) | set(charged):
                     learned[key] = (1 - rate) * learned.get(key, 0.0) + rate * charged.get(key, 0.0)
-            for step_id, seconds in self._step_times(outcome).items():
-                self._times[step_id].append(seconds)
         if not admitted:
             return
         if outcome.failure == FailureReason.DEADLINE_EXCEEDED:

@@ -114,7 +114,7 @@ async def test_the_critical_path_is_measured_on_finished_runs_and_late_runs_stre
     adm.finished("s0", outcome(clock, "s0", 10, latency_s=0.5))
     assert adm.critical_path_s == pytest.approx(1.2 * 2 * 0.5)  # two steps of 0.5 s, with a margin
     why = await adm.admit("tight", WORKFLOW, opts, RunDeadline.start(1.0, clock))
-    assert why is not None and "take 1.20 s" in why and "measured on 1 delivered runs" in why
+    assert why is not None and "take 1.20 s" in why and "measured on 1 finished runs" in why
     prior = adm.critical_path_s
     for i in range(3):
         adm.finished(f"l{i}", outcome(clock, f"l{i}", 10, 0.5, on_time=False))
