@@ -2,16 +2,16 @@
 
 Per step it learns the tokens its attempts were counted for against each bucket (retries and
 duplicates included, as the provider's window counts them), from delivered runs (a running mean for
-the first `WARM_RUNS`, then an exponential average), and how long the step took from its first attempt
-to its answer, from every run that got that far; from then on admission plans with what runs use.
+the first `WARM_RUNS`, then an exponential average), and the step's *tail*: the time from its start to
+the run's end, measured in each run that answered every step as that run's own critical path from the
+step (each step timed from its first attempt to its answer), then its 95th percentile over runs.
 
 Before any run has delivered (a *cold* workflow) nothing is measured. A step is then planned at what
 the provider takes when the request is admitted (prompt estimate + max_tokens: an upper bound, never
 exceeded), and its time from the spec's latency priors, but scaled so the whole run's path takes at
 most `COLD_PATH_SHARE` of the time the run has: the priors are guesses, and a guess must never be the
-reason to refuse a run. A step's *tail* is the time from its start to the run's end: its own time
-plus the longest tail after it, with a margin, stretched while admitted runs come in late (relaxing
-with time, so a bad spell never refuses everything for good).
+reason to refuse a run. Tails carry a margin and are stretched while admitted runs come in late
+(relaxing with time, so a bad spell never refuses everything for good).
 
 Pure: feed it `RunOutcome`s with the time; no clock, no Ray.
 """
@@ -32,8 +32,8 @@ from tailrace.policies.spend import SpendAsk, Usage
 
 WARM_RUNS = 10  # delivered runs averaged equally before the exponential average takes over
 LEARNING_RATE = 0.1
-LATENCY_SAMPLES = 200  # per step
-TAIL_QUANTILE = 0.95  # of a step's time, once there are enough samples (before: the longest seen)
+TAIL_SAMPLES = 200  # runs whose tails are remembered
+TAIL_QUANTILE = 0.95  # of a step's tail over runs, once there are enough samples (before: the longest seen)
 QUANTILE_AFTER = 20
 TAIL_MARGIN = 1.2
 LATE_STRETCH = 1.25  # per admitted run that ended late
@@ -83,7 +83,8 @@ class RunProfile:
         self._buckets = buckets
         self._dag = Dag.from_spec(workflow)
         self._need: dict[str, dict[str, float]] = {s.id: self._admission_charge(s) for s in workflow.steps}
-        self._times: dict[str, deque[float]] = {s.id: deque(maxlen=LATENCY_SAMPLES) for s in workflow.steps}
+        # Per step, its tail in each run that answered every step: the p95 of the path, not a sum of p95s.
+        self._tails: dict[str, deque[float]] = {s.id: deque(maxlen=TAIL_SAMPLES) for s in workflow.steps}
         self._prior_times = {s.id: PRIOR_FACTOR * s.models[0].expected_latency_s for s in workflow.steps}
         self.delivered = 0  # runs learned from
         self._late = (1.0, 0.0)  # (stretch, when it was set)
@@ -96,7 +97,7 @@ class RunProfile:
     @property
     def cold(self) -> bool:
         """Nothing measured yet: no run delivered (its need is unknown), or some step never answered."""
-        return self.delivered == 0 or any(not samples for samples in self._times.values())
+        return self.delivered == 0 or any(not samples for samples in self._tails.values())
 
     # ---- what a new run needs -------------------------------------------------------------------
 
@@ -110,11 +111,10 @@ class RunProfile:
                 total[key] = total.get(key, 0.0) + amount
         return total
 
-    def step_time(self, step_id: str) -> float:
-        samples = self._times[step_id]
-        if not samples:
+    def _tail(self, step_id: str) -> float:
+        ordered = sorted(self._tails[step_id])
+        if not ordered:
             return 0.0
-        ordered = sorted(samples)
         if len(ordered) < QUANTILE_AFTER:
             return ordered[-1]
         return ordered[int(TAIL_QUANTILE * (len(ordered) - 1))]
@@ -135,16 +135,15 @@ class RunProfile:
             path = max(tails.values(), default=0.0)
             scale = min(1.0, COLD_PATH_SHARE * max(0.0, remaining_s) / path) if path > 0 else 1.0
             return {s: t * scale * late for s, t in tails.items()}
-        times = {s.id: self.step_time(s.id) * TAIL_MARGIN * late for s in self._workflow.steps}
-        return self._dag.remaining_critical_paths(times)
+        return {s.id: self._tail(s.id) * TAIL_MARGIN * late for s in self._workflow.steps}
 
     def critical_path_s(self, now: float) -> float:
         """How long a run takes once it has its tokens: measured (0 while the workflow is cold)."""
         return 0.0 if self.cold else max(self.tails(now).values(), default=0.0)
 
     def finished_runs(self) -> int:
-        """Runs whose step times were measured (the critical path's evidence)."""
-        return min((len(samples) for samples in self._times.values()), default=0)
+        """Runs whose path was measured (the critical path's evidence)."""
+        return min((len(samples) for samples in self._tails.values()), default=0)
 
     def roots(self) -> list[str]:
         return self._dag.roots()
@@ -163,9 +162,11 @@ class RunProfile:
         return per_step
 
     def learn(self, outcome: RunOutcome, now: float, admitted: bool = True) -> None:
-        # A step's time is measured on every answer, in runs that failed too (a slow spell shows there first).
-        for step_id, seconds in self._step_times(outcome).items():
-            self._times[step_id].append(seconds)
+        # The path is measured on every run that answered every step, late ones too (a slow spell shows there).
+        times = self._step_times(outcome)
+        if len(times) == len(self._tails):
+            for step_id, tail in self._dag.remaining_critical_paths(times).items():
+                self._tails[step_id].append(tail)
         if outcome.delivered:
             self.delivered += 1
             rate = max(LEARNING_RATE, 1.0 / min(self.delivered, WARM_RUNS))
