@@ -63,7 +63,7 @@ class BudgetAdmission:
                 for spec, _ in self._buckets(choice.provider, choice.model):
                     buckets[spec.key] = (spec.capacity, spec.rate_per_s)
         self._planner = AdmissionPlanner(buckets, config.weight, clock.monotonic(), margin=config.admission_margin)
-        self.profile = RunProfile(workflow, self._buckets)
+        self.profile = RunProfile(workflow, self._buckets, config.admission_latency_factor)
         self._sync_task: asyncio.Task[None] | None = None
         # The ledger's health, as the sync loop sees it: no budget can be had while it stays unreachable.
         self._last_sync = clock.monotonic()

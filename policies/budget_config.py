@@ -96,8 +96,9 @@ class BudgetConfig(_Spec):
     spare_fraction: float = Field(default=0.25, ge=0, le=1)  # duplicates only while this much is free
     # Runs that cannot be served before their deadline are refused at submission.
     admission: bool = True
-    admission_margin: float = Field(default=0.05, ge=0, lt=1)  # plan with (1 - margin) of each rate
-    admission_latency_factor: float = Field(default=1.5, ge=1)  # critical path = factor x expected latencies
+    admission_margin: float = Field(default=0.03, ge=0, lt=1)  # plan with (1 - margin) of each rate
+    # A cold workflow's steps are planned at this multiple of their latency priors (at most half the run's time).
+    admission_latency_factor: float = Field(default=1.5, ge=1)
 
     @field_validator("redis_url", mode="before")
     @classmethod

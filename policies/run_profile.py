@@ -2,9 +2,9 @@
 
 Per step it learns the tokens its attempts were counted for against each bucket (retries and
 duplicates included, as the provider's window counts them), from delivered runs (a running mean for
-the first `WARM_RUNS`, then an exponential average), and the step's *tail*: the time from its start to
-the run's end, measured in each run that answered every step as that run's own critical path from the
-step (each step timed from its first attempt to its answer), then its 95th percentile over runs.
+the first `WARM_RUNS`, then an exponential average), and the step's *tail*: the time from its first
+attempt to the run's end (hops between steps and waits for budget included), measured in each run
+that answered every step, then its 95th percentile over runs.
 
 Before any run has delivered (a *cold* workflow) nothing is measured. A step is then planned at what
 the provider takes when the request is admitted (prompt estimate + max_tokens: an upper bound, never
@@ -35,12 +35,13 @@ LEARNING_RATE = 0.1
 TAIL_SAMPLES = 200  # runs whose tails are remembered
 TAIL_QUANTILE = 0.95  # of a step's tail over runs, once there are enough samples (before: the longest seen)
 QUANTILE_AFTER = 20
-TAIL_MARGIN = 1.2
-LATE_STRETCH = 1.25  # per admitted run that ended late
+TAIL_MARGIN = 1.1
+LATE_STRETCH = 1.25  # when admitted runs end late (at most once per LATE_STRETCH_EVERY_S: late runs come in clumps)
+LATE_STRETCH_EVERY_S = 1.0
 MAX_LATE_SCALE = 4.0
 LATE_HALF_LIFE_S = 10.0  # the stretch relaxes toward 1 with time, so refusing everything never lasts
 COLD_PATH_SHARE = 0.5  # a cold run's planned path takes at most this share of its time, whatever the priors
-PRIOR_FACTOR = 1.5  # the priors are medians: a cold step is planned at this multiple
+PRIOR_FACTOR = 1.5  # the priors are medians: a cold step is planned at this multiple (admission_latency_factor)
 TOKENS_PER_REFERENCE = 64  # a `{{...}}` the cold prompt estimate cannot see: what it may expand to
 _REFERENCE = re.compile(r"\{\{[^}]*\}\}")
 
@@ -78,16 +79,17 @@ def attempt_charge(spec: BucketSpec, charges: Charges, record: AttemptRecord, ma
 
 
 class RunProfile:
-    def __init__(self, workflow: WorkflowSpec, buckets: Buckets) -> None:
+    def __init__(self, workflow: WorkflowSpec, buckets: Buckets, prior_factor: float = PRIOR_FACTOR) -> None:
         self._workflow = workflow
         self._buckets = buckets
         self._dag = Dag.from_spec(workflow)
         self._need: dict[str, dict[str, float]] = {s.id: self._admission_charge(s) for s in workflow.steps}
         # Per step, its tail in each run that answered every step: the p95 of the path, not a sum of p95s.
         self._tails: dict[str, deque[float]] = {s.id: deque(maxlen=TAIL_SAMPLES) for s in workflow.steps}
-        self._prior_times = {s.id: PRIOR_FACTOR * s.models[0].expected_latency_s for s in workflow.steps}
+        self._prior_times = {s.id: prior_factor * s.models[0].expected_latency_s for s in workflow.steps}
         self.delivered = 0  # runs learned from
         self._late = (1.0, 0.0)  # (stretch, when it was set)
+        self._last_late = -math.inf
 
     def _admission_charge(self, step: StepSpec) -> dict[str, float]:
         choice = step.models[0]
@@ -162,11 +164,12 @@ class RunProfile:
         return per_step
 
     def learn(self, outcome: RunOutcome, now: float, admitted: bool = True) -> None:
-        # The path is measured on every run that answered every step, late ones too (a slow spell shows there).
-        times = self._step_times(outcome)
-        if len(times) == len(self._tails):
-            for step_id, tail in self._dag.remaining_critical_paths(times).items():
-                self._tails[step_id].append(tail)
+        # Tails are measured on every run that answered every step, late ones too (a slow spell shows there):
+        # from the step's first attempt to the run's end, hops between steps and waits for budget included.
+        starts = self._step_starts(outcome)
+        if len(starts) == len(self._tails):
+            for step_id, started in starts.items():
+                self._tails[step_id].append(max(0.0, outcome.ended_at - started))
         if outcome.delivered:
             self.delivered += 1
             rate = max(LEARNING_RATE, 1.0 / min(self.delivered, WARM_RUNS))
@@ -177,20 +180,22 @@ class RunProfile:
         if not admitted:
             return
         if outcome.failure == FailureReason.DEADLINE_EXCEEDED:
-            self._stretch(LATE_STRETCH, now)
+            if now - self._last_late >= LATE_STRETCH_EVERY_S:
+                self._last_late = now
+                self._stretch(LATE_STRETCH, now)
         elif outcome.on_time:
             self._stretch(0.99, now)
 
     @staticmethod
-    def _step_times(outcome: RunOutcome) -> dict[str, float]:
-        """From each step's first attempt to its answer (retries and failovers inside it count)."""
+    def _step_starts(outcome: RunOutcome) -> dict[str, float]:
+        """When each step that was answered started (its first attempt), wall clock."""
         first: dict[str, float] = {}
-        answered: dict[str, float] = {}
+        answered: set[str] = set()
         for a in outcome.attempts:
             first[a.step_id] = min(first.get(a.step_id, a.started_at), a.started_at)
             if a.outcome == AttemptOutcome.VALID:
-                answered[a.step_id] = min(answered.get(a.step_id, a.ended_at), a.ended_at)
-        return {s: max(0.0, answered[s] - first[s]) for s in answered}
+                answered.add(a.step_id)
+        return {s: first[s] for s in answered}
 
     def describe(self) -> str:
         if self.cold:
