@@ -185,10 +185,11 @@ class BudgetActor:
             1.0 if self._fallback is not None else 0.0,
         )
 
-    async def free_for_planning(self) -> dict[str, float]:
-        """Per bucket, what could still be granted now: the free level (refilled since the last exchange)
-        plus what live executors hold unreserved. Tokens held by attempts in flight are not free -- the
-        provider holds their whole max_tokens until they end -- so admission must not plan with them."""
+    async def free_for_planning(self) -> dict[str, tuple[float, float]]:
+        """Per bucket, (unspent, in flight): what is not spent -- the free level, refilled since the last
+        exchange, plus every lease -- and how much of the leases attempts in flight hold now (leases less
+        what live executors last reported holding unreserved). The provider holds an attempt's whole
+        max_tokens until it ends, so admission sets what is in flight aside while it is."""
         now = self._clock.time()
         unreserved: dict[str, float] = {}
         for _, held in self._board.live(now).values():
@@ -201,7 +202,8 @@ class BudgetActor:
                 level = 0.0
             else:
                 level = min(view.capacity - view.outstanding, max(0.0, view.level) + view.rate_per_s * since)
-            out[key] = level + min(unreserved.get(key, 0.0), view.outstanding)
+            in_flight = max(0.0, view.outstanding - unreserved.get(key, 0.0))
+            out[key] = (level + view.outstanding, in_flight)
         return out
 
     # ---- admin ------------------------------------------------------------------------------------

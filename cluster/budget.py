@@ -151,7 +151,7 @@ class BudgetAdmission:
 
     async def sync_once(self) -> None:
         try:
-            free: dict[str, float] = await wait_for(
+            free: dict[str, tuple[float, float]] = await wait_for(
                 self._actor.free_for_planning.remote(), Deadline.after(SYNC_TIMEOUT_S, self._clock)
             )
         except ActorDiedError as exc:
@@ -163,8 +163,9 @@ class BudgetAdmission:
             return
         now = self._clock.monotonic()
         self._last_sync, self._sync_error = now, None
-        for key, amount in free.items():
-            self._planner.sync(key, amount, now)
+        for key, (unspent, in_flight) in free.items():
+            # The plan counted what in-flight attempts use; the provider holds their whole reservation.
+            self._planner.sync(key, unspent, now, held=in_flight * self.profile.worst_case_share(key))
 
     def _failed(self, why: str) -> None:
         self.sync_failures += 1
@@ -247,6 +248,11 @@ def bucket_rows(status: LedgerStatus) -> list[dict[str, Any]]:
                 "utilisation": b.utilisation,
                 "written_off": b.written_off,
                 "clamped": b.clamped,
+                "debited": b.debited,
+                "granted": b.granted,
+                "spent": b.spent,
+                "returned": b.returned,
+                "unreconciled": b.unreconciled,
             }
         )
     return rows

@@ -10,13 +10,15 @@ by its latest start -- EDF feasibility, one resource per bucket. It runs in micr
 refusal is immediate, and the refusal names the figures that decided it.
 
 Under contention it also keeps tenants to their weighted shares: a run of a tenant that is ahead of
-its share (by recent admitted bucket-seconds, exponentially decayed) is refused while another
-backlogged tenant is behind. When only one tenant is asking, it may use everything.
+its share (by recent admitted bucket-seconds, exponentially decayed) is refused while another tenant
+is behind and backlogged (had a run refused in the last `backlog_window_s`). A tenant that gets all it
+asks for holds nothing back, so when only one tenant is short the other may use everything.
 
 When a run ends, `done` replaces what the plan drained for it with what it actually used, so an
 over-estimate is given back and an under-estimate (retries) is charged. `sync` lowers the model to
-what the real ledger says is free (provider feedback, another cluster on the same account). Pure;
-`now` in seconds.
+what the real ledger says is unspent (provider feedback, another cluster on the same account) and
+sets aside, for as long as they last, the worst-case holds of attempts in flight. Pure; `now` in
+seconds.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class _Bucket:
     capacity: float
     rate_per_s: float
     free: float
+    held: float = 0.0  # held now by attempts in flight beyond what the plan counted for them (not planned with)
 
 
 class AdmissionPlanner:
@@ -69,7 +72,7 @@ class AdmissionPlanner:
         self._last = now
         self._runs: dict[str, _Run] = {}
         self._served: dict[str, float] = {}  # tenant -> decayed bucket-seconds admitted
-        self._asked: dict[str, float] = {}  # tenant -> last time it asked for a servable run
+        self._backlogged: dict[str, float] = {}  # tenant -> last time a servable run of its was refused
         self._tau = fairness_half_life_s / math.log(2)
         self._backlog_window_s = backlog_window_s
 
@@ -110,7 +113,7 @@ class AdmissionPlanner:
         out, cum = [], 0.0
         for amount in amounts:
             cum += amount
-            short = cum - b.free
+            short = cum - (b.free - b.held)
             out.append(now if short <= 0 else (now + short / b.rate_per_s if b.rate_per_s > 0 else math.inf))
         return out
 
@@ -133,55 +136,55 @@ class AdmissionPlanner:
         for _, need, _ in mine:
             for key, amount in need.items():
                 total[key] = total.get(key, 0.0) + amount
-        first_latest = min((latest for latest, _, _ in mine), default=math.inf)
-        if self._servable(total, first_latest, mine, now):
-            self._asked[tenant] = now  # backlogged: it would fit if the capacity were its own
+        size = self._size(total)
+        refusal, contended = self._feasible(mine, total, now)
+        if refusal is None and contended:
+            refusal = self._fair_share(tenant, size, now)
+        if refusal is not None:
+            if self._servable(total, mine, now):
+                self._backlogged[tenant] = now  # it asked for more than it got: its share is held for it
+            return refusal
+        self._runs[run_id] = _Run(run_id, tenant, [(latest, dict(need), label) for latest, need, label in mine])
+        self._served[tenant] = self._served.get(tenant, 0.0) + size
+        return None
+
+    def _feasible(
+        self, mine: list[tuple[float, dict[str, float], str]], total: Mapping[str, float], now: float
+    ) -> tuple[str | None, bool]:
+        """(why not, whether the run would wait for tokens): EDF with its parts inserted, every bucket."""
         contended = False
         for key, amount in total.items():
             b = self._buckets[key]
             if amount > b.capacity and b.rate_per_s <= 0:
-                return f"{key}: the run needs {amount:,.0f}, more than the whole allowance {b.capacity:,.0f}"
+                return f"{key}: the run needs {amount:,.0f}, more than the whole allowance {b.capacity:,.0f}", False
             queue = [(latest, left, None) for latest, left, _, _ in self._queue(key)]
             new = [(latest, need[key], label) for latest, need, label in mine if need.get(key, 0.0) > 0]
             merged = sorted(queue + new, key=lambda p: (p[0], p[2] is not None))
             before = self._finish_times(key, [a for _, a, _ in queue], now)
             after = self._finish_times(key, [a for _, a, _ in merged], now)
             old_i = 0
-            waits = False
             for i, (latest, _, label) in enumerate(merged):
                 if label is not None:
-                    waits = waits or after[i] > now
+                    contended = contended or after[i] > now
                     if after[i] > latest + 1e-9:
-                        ahead = sum(a for d, a, lab in merged[:i] if lab is None)
+                        ahead = sum(a for _, a, lab in merged[:i] if lab is None)
                         return (
                             f"{key}: the run needs {sum(a for _, a, _ in new):,.0f}, "
                             f"{merged[i][1]:,.0f} of it for {label or 'a step'} within {latest - now:.2f} s; "
-                            f"with {ahead:,.0f} due earlier for admitted runs and {b.free:,.0f} free now at "
+                            f"with {ahead:,.0f} due earlier for admitted runs and {b.free - b.held:,.0f} free now at "
                             f"{b.rate_per_s:,.1f}/s, it could have it in {after[i] - now:.2f} s"
-                        )
+                        ), True
                 else:
                     if before[old_i] <= latest + 1e-9 < after[i]:
-                        return f"{key}: admitting it would make an admitted run late (it needs {amount:,.0f})"
+                        return f"{key}: admitting it would make an admitted run late (it needs {amount:,.0f})", True
                     old_i += 1
-            contended = contended or waits
-        size = self._size(total)
-        if contended:
-            refusal = self._fair_share(tenant, size, now)
-            if refusal is not None:
-                return refusal
-        self._runs[run_id] = _Run(run_id, tenant, [(latest, dict(need), label) for latest, need, label in mine])
-        self._served[tenant] = self._served.get(tenant, 0.0) + size
-        return None
+        return None, contended
 
     def _servable(
-        self,
-        total: Mapping[str, float],
-        first_latest: float,
-        parts: Sequence[tuple[float, dict[str, float], str]],
-        now: float,
+        self, total: Mapping[str, float], parts: Sequence[tuple[float, dict[str, float], str]], now: float
     ) -> bool:
         """Could this run make it if the whole rate were its own? (Else it holds nothing back.)"""
-        last = max((latest for latest, _, _ in parts), default=first_latest)
+        last = max((latest for latest, _, _ in parts), default=now)
         return all(
             amount <= b.capacity + b.rate_per_s * max(0.0, last - now)
             for key, amount in total.items()
@@ -190,8 +193,8 @@ class AdmissionPlanner:
 
     def _fair_share(self, tenant: str, size: float, now: float) -> str | None:
         mine = self._served.get(tenant, 0.0) / self._weight(tenant)
-        for other, asked in self._asked.items():
-            if other == tenant or now - asked > self._backlog_window_s:
+        for other, refused_at in self._backlogged.items():
+            if other == tenant or now - refused_at > self._backlog_window_s:
                 continue
             theirs = self._served.get(other, 0.0) / self._weight(other)
             if mine > theirs + size / self._weight(tenant):
@@ -208,12 +211,16 @@ class AdmissionPlanner:
             correction = run.drained.get(key, 0.0) - float(used.get(key, 0.0))
             b.free = min(b.capacity, b.free + correction)
 
-    def sync(self, key: str, free: float, now: float) -> None:
-        """The real ledger has only `free` left: never plan with more."""
+    def sync(self, key: str, free: float, now: float, held: float = 0.0) -> None:
+        """The real ledger has only `free` left (everything not spent: another cluster on the account or a
+        provider's clamp lowers it): never plan with more. `held`: what attempts in flight hold now beyond
+        what the plan counted for them (the provider holds their max_tokens until they end): not planned
+        with while it is held, and given back when it is not (it is never ratcheted into `free`)."""
         self._advance(now)
         b = self._buckets.get(key)
         if b is not None:
             b.free = min(b.free, free)
+            b.held = max(0.0, held)
 
     # ---- introspection -----------------------------------------------------------------------
 

@@ -83,7 +83,8 @@ class RunProfile:
         self._workflow = workflow
         self._buckets = buckets
         self._dag = Dag.from_spec(workflow)
-        self._need: dict[str, dict[str, float]] = {s.id: self._admission_charge(s) for s in workflow.steps}
+        self._worst = {s.id: self._admission_charge(s) for s in workflow.steps}  # what the provider takes
+        self._need: dict[str, dict[str, float]] = {step: dict(charge) for step, charge in self._worst.items()}
         # Per step, its tail in each run that answered every step: the p95 of the path, not a sum of p95s.
         self._tails: dict[str, deque[float]] = {s.id: deque(maxlen=TAIL_SAMPLES) for s in workflow.steps}
         self._prior_times = {s.id: prior_factor * s.models[0].expected_latency_s for s in workflow.steps}
@@ -102,6 +103,13 @@ class RunProfile:
         return self.delivered == 0 or any(not samples for samples in self._tails.values())
 
     # ---- what a new run needs -------------------------------------------------------------------
+
+    def worst_case_share(self, key: str) -> float:
+        """Of what an attempt reserves against `key`, the share a run does not use on average (learned):
+        what in-flight holds take beyond the plan. 0 while cold (the plan is the worst case then)."""
+        worst = sum(charge.get(key, 0.0) for charge in self._worst.values())
+        used = self.run_need().get(key, 0.0)
+        return max(0.0, 1.0 - used / worst) if worst > 0 else 0.0
 
     def step_need(self, step_id: str) -> dict[str, float]:
         return dict(self._need[step_id])

@@ -111,3 +111,29 @@ def test_a_lone_tenant_may_use_everything():
             got += 50
         now += 0.1
     assert got == pytest.approx(1000 + 100 * 60, rel=0.05)
+
+
+def test_a_tenant_that_is_never_refused_holds_no_share_back():
+    """Gold asks for 20 tokens/s with plenty of slack (never refused), std for far more than the rest:
+    std is not held back for a share gold never missed, so the whole rate is used."""
+    p = planner(capacity=1000, rate=100, weights={"gold": 2.0, "std": 1.0})
+    got, now, tick, gold_asked = {"gold": 0.0, "std": 0.0}, T0, 0, 0
+    while now < T0 + 60:
+        asks = [("std", now + 2.0)] + ([("gold", now + 30.0)] if tick % 10 == 0 else [])
+        gold_asked += 20 * (tick % 10 == 0)
+        for tenant, latest in asks:
+            run = f"{tenant}-{tick}"
+            if p.admit(run, tenant, whole({KEY: 20}, latest), now=now) is None:
+                got[tenant] += 20
+                p.done(run, {KEY: 20}, now)
+        now, tick = now + 0.1, tick + 1
+    assert got["gold"] == gold_asked  # everything it asked for
+    assert sum(got.values()) == pytest.approx(1000 + 100 * 60, rel=0.05)  # the whole rate is used
+
+
+def test_holds_of_attempts_in_flight_are_set_aside_while_they_last_never_ratcheted():
+    p = planner()
+    p.sync(KEY, 1000.0, T0, held=600.0)  # attempts in flight hold 600 beyond what the plan counted
+    assert p.admit("r1", "a", whole({KEY: 600}, T0 + 1), now=T0) is not None  # 400 + 1 s of refill
+    p.sync(KEY, 1000.0, T0, held=0.0)  # they ended: the provider corrected its window
+    assert p.admit("r1", "a", whole({KEY: 600}, T0 + 1), now=T0) is None
