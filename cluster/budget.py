@@ -89,11 +89,11 @@ class BudgetAdmission:
         return self.profile.run_need()
 
     def _unreachable_for(self, now: float) -> float:
-        """Seconds the ledger has not answered, once that is long enough that no lease can still be live."""
+        """Seconds the ledger has not answered, once past `ledger_timeout_s` (no lease is live by then)."""
         if self._actor is None or self._sync_error is None:
             return 0.0
         silent = now - self._last_sync
-        return silent if silent > max(2.0, 2 * self._config.lease_ttl_s) else 0.0
+        return silent if silent > max(self._config.ledger_timeout_s, self._config.lease_ttl_s) else 0.0
 
     async def admit(
         self, run_id: str, workflow: WorkflowSpec, options: RunOptions, deadline: RunDeadline

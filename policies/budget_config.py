@@ -93,6 +93,9 @@ class BudgetConfig(_Spec):
     lease_ttl_s: float = Field(default=2.0, gt=0)
     flush_interval_s: float = Field(default=0.05, gt=0)  # how often executors report and top up
     idle_release_s: float = Field(default=1.0, gt=0)  # return a lease unused for this long
+    # The ledger (budget actor) silent this long, with no lease left to spend: no budget can be had, and runs
+    # and reservations are refused at once, saying why. Long enough for Ray to restart or replace the actor.
+    ledger_timeout_s: float = Field(default=10.0, gt=0)
     spare_fraction: float = Field(default=0.25, ge=0, le=1)  # duplicates only while this much is free
     # Runs that cannot be served before their deadline are refused at submission.
     admission: bool = True

@@ -1,7 +1,8 @@
 """How much of each bucket an executor should ask its lease to hold: recent demand, smoothed.
 
 Demand is the rate reserved since the last report (units per second), halved toward the new figure
-at each report. A lease aims to hold `HORIZON_PERIODS` report periods of it, at least the largest
+at each report. A lease aims to hold `HORIZON_PERIODS` report periods of it plus two round trips to
+the ledger (a slow or busy ledger must not starve the executor between top-ups), at least the largest
 recent single need (so one big attempt is not starved by many small ones), plus what waits in the
 queue, less what it already holds. Pure: time is a `now` argument.
 """
@@ -36,9 +37,12 @@ class DemandEstimate:
             self._rate[key] = 0.5 * self._rate[key] + 0.5 * amount / elapsed_s
         self._since_report.clear()
 
-    def wants(self, balances: Mapping[str, float], queued: Mapping[str, float]) -> dict[str, float]:
+    def wants(
+        self, balances: Mapping[str, float], queued: Mapping[str, float], round_trip_s: float = 0.0
+    ) -> dict[str, float]:
+        horizon = self._horizon_s + 2 * max(0.0, round_trip_s)
         out = {}
         for key in set(self._rate) | set(queued) | set(self._largest):
-            want = max(self._rate[key] * self._horizon_s, self._largest[key]) + queued.get(key, 0.0)
+            want = max(self._rate[key] * horizon, self._largest[key]) + queued.get(key, 0.0)
             out[key] = max(0.0, want - balances.get(key, 0.0))
         return out

@@ -86,7 +86,7 @@ class LeasePool:
         return self.holding.balances
 
     def wants(self) -> dict[str, float]:
-        return self.demand.wants(self.holding.balances, self.queue.total_needs())
+        return self.demand.wants(self.holding.balances, self.queue.total_needs(), self.reporter.round_trip_s)
 
     def _take(self, ask: SpendAsk, specs: Specs, need: dict[str, float], now: float) -> Grant:
         self.holding.take(need)
@@ -188,11 +188,11 @@ class LeasePool:
 
     def _ledger_gone(self, now: float) -> str | None:
         """Why no budget can be had here, once the lease has run out and the ledger stayed silent past
-        `unreachable_after_s` (a restarting or replaced budget actor answers well within that)."""
+        `ledger_timeout_s` (a restarting or replaced budget actor answers within that)."""
         if self.reporter.failures == 0 or self.holding.usable(now):
             return None
         silent = now - max(self.reporter.last_success, self._created)
-        if silent < max(2.0, 2 * self.config.lease_ttl_s):
+        if silent < self.config.ledger_timeout_s:
             return None
         return (
             f"budget_exhausted: no budget can be had: the budget ledger has not answered for {silent:.1f} s "

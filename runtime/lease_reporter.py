@@ -39,6 +39,7 @@ class LeaseReporter:
         self._pending: ExchangeRequest | None = None  # sent, not acknowledged: resent as is
         self.last_exchange = -math.inf
         self.last_success = -math.inf
+        self.round_trip_s = 0.0  # smoothed time an exchange takes (the lease holds enough to cover two)
         self.failures = 0  # consecutive
         self.last_error = ""
         self.loop_errors = 0  # unexpected exceptions in the loop (logged)
@@ -180,6 +181,7 @@ class LeaseReporter:
         self._pending = None
         self.failures, self.last_error = 0, ""
         self.last_success = pool.now()
+        self.round_trip_s = 0.8 * self.round_trip_s + 0.2 * min(5.0, max(0.0, self.last_success - now))
         pool.degraded = reply.degraded
         if req.lease_id is not None and (reply.lost or req.close):
             pool.unreported.written_off(req.lease_id)

@@ -309,7 +309,7 @@ class _Gone:
 
 
 async def test_once_no_budget_can_be_had_reservations_are_refused_at_once_saying_why():
-    cfg = config()
+    cfg = config(ledger_timeout_s=4.0)
     clock = FakeClock()
     ledger = MemoryLedger(cfg.bucket)
     pool = LeasePool(cfg, LocalLedgerClient(ledger, clock), "ex1", clock)
