@@ -8,14 +8,20 @@ proportion to what executors want, and tells executors holding more than their s
 With `redis_url` the ledger lives in Redis: a restarted actor resumes where it was; two clusters
 (two actors) on one Redis enforce one limit. If Redis becomes unreachable the actor fails safe: it
 serves from a local ledger at `redis_fallback_fraction` of each limit, starting empty, and probes
-Redis every second; when Redis is back it charges Redis with everything granted meanwhile and
-replays the spend recorded meanwhile (idempotently), then switches back. Without Redis the ledger
+Redis every second; when Redis is back it charges Redis with what was used meanwhile (granted less
+returned: spent, written off, or still held by leases Redis never saw, which it writes off) and
+replays the spend recorded meanwhile (idempotently), then switches back. A Redis that came back
+empty (restarted without its data) gets its buckets created dry, not full. Without Redis the ledger
 is in memory; a restarted actor then starts every bucket empty, since it forgot recent spend.
+
+Supervision: Ray restarts the actor after a crash (`max_restarts=-1`). Killed for good (`ray.kill`,
+a lost node), whoever notices first -- an executor's `ActorLedgerClient` or the driver's admission --
+creates a replacement under the same name (`revive_budget_actor`), dry unless its state is in Redis;
+executors spend their leases meanwhile.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import uuid
@@ -23,13 +29,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayError
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayError
 
 from tailrace.engine.clock import SYSTEM_CLOCK, Clock, Deadline, wait_for
 from tailrace.policies.budget_config import BucketSpec, BudgetConfig, utc_day
-from tailrace.policies.leases import BucketOp, DemandBoard, ExchangeReply, ExchangeRequest, SpendDelta
+from tailrace.policies.leases import BucketView, DemandBoard, ExchangeReply, ExchangeRequest, SpendDelta
 from tailrace.runtime import metrics
-from tailrace.runtime.budget_ledger import LedgerStatus, LedgerUnavailable, MemoryLedger, RedisLedger
+from tailrace.runtime.budget_ledger import LedgerStatus, LedgerUnavailable, MemoryLedger, RedisLedger, outage_debits
 from tailrace.runtime.direct_gate import DirectGate
 from tailrace.runtime.lease_gate import LeasePool
 
@@ -37,18 +43,21 @@ log = logging.getLogger("tailrace.budget")
 
 RAY_NAMESPACE = "tailrace"
 PROBE_INTERVAL_S = 1.0
+REVIVE_INTERVAL_S = 1.0  # an executor tries to replace a dead budget actor at most this often
 METRICS_INTERVAL_S = 1.0
 
 
 @ray.remote(concurrency_groups={"admin": 1}, max_restarts=-1, max_task_retries=0)
 class BudgetActor:
-    def __init__(self, config: BudgetConfig, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(self, config: BudgetConfig, clock: Clock = SYSTEM_CLOCK, replacing: bool = False) -> None:
         self._config = config
         self._clock = clock
-        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        # Restarted by Ray, or created to replace one that died: recent spend is forgotten (unless in Redis).
+        restarted = ray.get_runtime_context().was_current_actor_reconstructed or replacing
         self.restarts_seen = int(restarted)
         self._board = DemandBoard(ttl_s=config.lease_ttl_s)
         self._free: dict[str, float] = {}
+        self._views: dict[str, tuple[BucketView, float]] = {}  # the last view of each bucket, and when
         self._redis: RedisLedger | None = None
         self._memory: MemoryLedger | None = None
         if config.redis_url is not None:
@@ -64,6 +73,7 @@ class BudgetActor:
         self._admin_redis: RedisLedger | None = None
         self._exchanges = 0
         self._last_metrics = 0.0
+        self._metrics_errors = 0
 
     def _resolve(self, key: str) -> BucketSpec | None:
         return self._config.bucket(key)
@@ -85,11 +95,15 @@ class BudgetActor:
             self._board.granted(req.executor, reply.granted, now)
         for key, view in reply.buckets.items():
             self._free[key] = max(0.0, view.level) if view.blocked_s <= 0 else 0.0
+            self._views[key] = (view, now)
         self._exchanges += 1
         if now - self._last_metrics >= METRICS_INTERVAL_S:
             self._last_metrics = now
-            with contextlib.suppress(Exception):  # metrics are never worth a failed exchange
+            try:
                 self._export_metrics(reply, now)
+            except Exception:  # metrics are never worth a failed exchange: log and count
+                self._metrics_errors += 1
+                log.warning("budget metrics export failed (%d so far)", self._metrics_errors, exc_info=True)
         return replace(reply, targets=targets, degraded=self._fallback is not None)
 
     async def _exchange(self, req: ExchangeRequest, now: float) -> ExchangeReply:
@@ -120,11 +134,13 @@ class BudgetActor:
         return await self._fallback.exchange(req, now, new_id)
 
     async def _resync(self, now: float) -> None:
-        """Redis is back: charge it with everything granted during the outage (conservative: it may all
-        be spent), then replay the spend recorded meanwhile under its original report ids."""
+        """Redis is back: charge it with what was used during the outage -- granted less returned, i.e.
+        spent, written off, or still held by local leases (Redis never saw those: executors find them
+        lost and give back what their attempts did not use as refunds) -- as debits, outside Redis's own
+        grants, so its ledger still adds up; then replay the spend recorded meanwhile under its original
+        report ids (idempotent)."""
         assert self._redis is not None and self._fallback is not None
-        book = self._fallback.book
-        debits = {key: BucketOp(debit=b.granted_total) for key, b in book.buckets.items() if b.granted_total > 0}
+        debits = outage_debits(self._fallback.book)
         if debits:
             await self._redis.exchange(
                 ExchangeRequest(executor="resync", report_id=f"resync-{uuid.uuid4().hex}", ops=debits, close=True),
@@ -169,6 +185,27 @@ class BudgetActor:
             1.0 if self._fallback is not None else 0.0,
         )
 
+    async def free_for_planning(self) -> dict[str, tuple[float, float]]:
+        """Per bucket, (unspent, in flight): what is not spent -- the free level, refilled since the last
+        exchange, plus every lease -- and how much of the leases attempts in flight hold now (leases less
+        what live executors last reported holding unreserved). The provider holds an attempt's whole
+        max_tokens until it ends, so admission sets what is in flight aside while it is."""
+        now = self._clock.time()
+        unreserved: dict[str, float] = {}
+        for _, held in self._board.live(now).values():
+            for key, amount in held.items():
+                unreserved[key] = unreserved.get(key, 0.0) + max(0.0, amount)
+        out = {}
+        for key, (view, at) in self._views.items():
+            since = max(0.0, now - at)
+            if view.blocked_s > since:
+                level = 0.0
+            else:
+                level = min(view.capacity - view.outstanding, max(0.0, view.level) + view.rate_per_s * since)
+            in_flight = max(0.0, view.outstanding - unreserved.get(key, 0.0))
+            out[key] = (level + view.outstanding, in_flight)
+        return out
+
     # ---- admin ------------------------------------------------------------------------------------
 
     async def configure(self, config: BudgetConfig) -> None:
@@ -209,6 +246,7 @@ class BudgetActor:
             "backend": "redis" if self._redis is not None else "memory",
             "degraded": self._fallback is not None,
             "exchanges": self._exchanges,
+            "metrics_errors": self._metrics_errors,
             "restarted": bool(self.restarts_seen),
             "redis": self._config.redacted_redis_url(),
         }
@@ -216,17 +254,35 @@ class BudgetActor:
 
 class ActorLedgerClient:
     """How an executor reaches the budget actor. Any failure (dead, restarting, slow) is
-    `LedgerUnavailable`: the executor keeps its report and sends the same one again."""
+    `LedgerUnavailable`: the executor keeps its report and sends the same one again. An actor that
+    died for good is looked up again by name, and replaced if nobody has replaced it yet."""
 
-    def __init__(self, actor: Any, timeout_s: float = 5.0) -> None:
+    def __init__(self, actor: Any, config: BudgetConfig | None = None, timeout_s: float = 5.0) -> None:
         self._actor = actor
+        self._config = config
         self._timeout_s = timeout_s
+        self._next_revive = 0.0
+        self.revived = 0
 
     async def exchange(self, req: ExchangeRequest) -> ExchangeReply:
         try:
             return await wait_for(self._actor.exchange.remote(req), Deadline.after(self._timeout_s, SYSTEM_CLOCK))
+        except ActorDiedError as exc:
+            await self._replace()
+            raise LedgerUnavailable(f"budget actor died ({type(exc).__name__}); replaced: {self.revived}") from None
         except (RayActorError, GetTimeoutError, TimeoutError, RayError) as exc:
             raise LedgerUnavailable(f"budget actor unavailable ({type(exc).__name__})") from None
+
+    async def _replace(self) -> None:
+        now = SYSTEM_CLOCK.monotonic()
+        if self._config is None or now < self._next_revive:
+            return
+        self._next_revive = now + REVIVE_INTERVAL_S
+        try:
+            self._actor = await revive_budget_actor(self._config)
+            self.revived += 1
+        except (RayError, TimeoutError, ValueError) as exc:
+            log.warning("could not replace the budget actor %r: %s", self._config.actor_name, type(exc).__name__)
 
 
 @dataclass(frozen=True)
@@ -237,23 +293,39 @@ class BudgetHandle:
     actor: Any
 
     def executor_gate(self, executor_id: str) -> LeasePool | DirectGate:
-        client = ActorLedgerClient(self.actor)
+        client = ActorLedgerClient(self.actor, self.config)
         if self.config.mode == "direct":
             return DirectGate(self.config, client, executor_id)
         return LeasePool(self.config, client, executor_id)
 
 
+def _options(config: BudgetConfig) -> dict[str, Any]:
+    return {
+        "name": config.actor_name,
+        "namespace": RAY_NAMESPACE,
+        "get_if_exists": True,
+        "lifetime": "detached",
+        "num_cpus": 0,
+        "max_concurrency": 1000,
+    }
+
+
 def budget_actor(config: BudgetConfig) -> Any:
     """Find the cluster's budget actor by name, or create it; then make sure it knows `config`'s limits."""
-    actor = BudgetActor.options(  # type: ignore[attr-defined]
-        name=config.actor_name,
-        namespace=RAY_NAMESPACE,
-        get_if_exists=True,
-        lifetime="detached",
-        num_cpus=0,
-        max_concurrency=1000,
-    ).remote(config)
+    actor = BudgetActor.options(**_options(config)).remote(config)  # type: ignore[attr-defined]
     ray.get(actor.configure.remote(config))
+    return actor
+
+
+async def revive_budget_actor(config: BudgetConfig, within_s: float = 10.0) -> Any:
+    """The budget actor died for good: the live one under its name (someone replaced it already), else
+    a replacement, which starts dry unless its ledger is in Redis."""
+    try:
+        actor = BudgetActor.options(**_options(config)).remote(config, replacing=True)  # type: ignore[attr-defined]
+    except ValueError:  # created by someone else at the same moment
+        actor = ray.get_actor(config.actor_name, namespace=RAY_NAMESPACE)
+    await wait_for(actor.configure.remote(config), Deadline.after(within_s, SYSTEM_CLOCK))
+    log.warning("budget actor %r replaced", config.actor_name)
     return actor
 
 

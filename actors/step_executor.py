@@ -75,7 +75,8 @@ class StepExecutor:
         from tailrace.runtime.direct_gate import ComposedGate
 
         assert self._budget is not None
-        return ComposedGate([RunCostGate(request.cost_remaining_usd), self._budget.gate()])
+        # A step with upstream outputs belongs to a run under way: its attempts go before runs' first steps.
+        return ComposedGate([RunCostGate(request.cost_remaining_usd), self._budget.gate(bool(request.upstream))])
 
     async def run_step(self, request: StepRequest) -> StepResult:
         if self._sync is not None:

@@ -2,41 +2,38 @@
 submission that cannot be served before their deadline, and report tenants' spend.
 
 `BudgetAdmission` is the driver's `RunAdmission`. It decides from a local plan
-(`tailrace.policies.admission.AdmissionPlanner`), so a refusal takes microseconds, not an actor round trip;
-in the background it lowers the plan to what the budget actor says is really free (another
-cluster on the same account, provider feedback). A run's need is learned per step from finished
-runs (what their attempts were charged, retries included), starting from the templates' size, and
-so is how long a run takes once it has its tokens (the critical path), starting from the models'
-latency priors; admitted runs that come in late stretch that estimate until they stop coming late.
+(`tailrace.policies.admission.AdmissionPlanner`), so a refusal takes microseconds, not an actor round
+trip. It refuses only on evidence: tokens that cannot be had before the run's deadline, planned with
+what runs of the workflow really use (`tailrace.policies.run_profile.RunProfile`: per step, learned from
+delivered runs; before any, what the provider takes at admission), or a critical path measured on
+finished runs. The latency priors of the spec are never a reason to refuse. In the background it lowers the plan to what
+the budget actor says is really free (another cluster on the same account, provider feedback) and
+supervises the actor: one that died for good is replaced; while no budget can be had at all, runs are
+refused at once, saying why.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import math
-import re
-from collections import deque
 from typing import Any
 
-from tailrace.actors.budget_actor import BudgetHandle, budget_actor, find_budget_actor
+from ray.exceptions import ActorDiedError, RayError
+
+from tailrace.actors.budget_actor import BudgetHandle, budget_actor, find_budget_actor, revive_budget_actor
 from tailrace.engine.clock import SYSTEM_CLOCK, Clock, Deadline, RunDeadline, wait_for
-from tailrace.engine.dag import Dag
-from tailrace.engine.outcomes import AttemptOutcome, FailureReason, RunOutcome
-from tailrace.engine.specs import RunOptions, StepSpec, WorkflowSpec
-from tailrace.engine.tokens import estimate_tokens
-from tailrace.policies.admission import AdmissionPlanner
-from tailrace.policies.budget_config import BucketSpec, BudgetConfig, reserve_amount, settled_amount, utc_day
-from tailrace.policies.spend import SpendAsk, Usage
+from tailrace.engine.outcomes import RunOutcome
+from tailrace.engine.specs import RunOptions, WorkflowSpec
+from tailrace.policies.admission import AdmissionPlanner, Part
+from tailrace.policies.budget_config import BucketSpec, BudgetConfig, Charges, utc_day
+from tailrace.policies.run_profile import RunProfile, per_bucket_total
 from tailrace.runtime import metrics
 from tailrace.runtime.budget_ledger import LedgerStatus, RedisLedger
 
-LEARNING_RATE = 0.2  # weight of each finished run in a step's learned need
-OBSERVED_RUNS = 200  # finished runs whose critical path latency is remembered
-PATH_MARGIN = 1.2  # on top of the observed p95 critical path
-MAX_LATE_SCALE = 4.0
-TOKENS_PER_INPUT_GUESS = 64  # before any run finished: tokens a template reference expands to
-_REFERENCE = re.compile(r"\{\{\s*(input|steps)\.([A-Za-z0-9_-]+)")
+log = logging.getLogger("tailrace.budget")
+
+SYNC_TIMEOUT_S = 2.0
 
 
 def ensure_budget(config: BudgetConfig, workflow: WorkflowSpec) -> BudgetHandle:
@@ -59,59 +56,51 @@ class BudgetAdmission:
         self._actor = actor
         self._clock = clock
         self._sync_interval_s = sync_interval_s
-        self._specs: dict[tuple[str, str], list[BucketSpec]] = {}
+        self._specs: dict[tuple[str, str], list[tuple[BucketSpec, Charges]]] = {}
         buckets: dict[str, tuple[float, float]] = {}
         for step in workflow.steps:
             for choice in step.models:
-                for spec in self._buckets(choice.provider, choice.model):
+                for spec, _ in self._buckets(choice.provider, choice.model):
                     buckets[spec.key] = (spec.capacity, spec.rate_per_s)
         self._planner = AdmissionPlanner(buckets, config.weight, clock.monotonic(), margin=config.admission_margin)
-        self._need: dict[str, dict[str, float]] = {s.id: self._first_guess(s) for s in workflow.steps}
-        first_latency = {s.id: s.models[0].expected_latency_s for s in workflow.steps}
-        self._dag = Dag.from_spec(workflow)
-        # The latency priors are medians: leave room for the tail.
-        self._prior_path_s = config.admission_latency_factor * self._dag.critical_path(first_latency)[1]
-        self._observed_paths: deque[float] = deque(maxlen=OBSERVED_RUNS)
-        self._observed_p95 = 0.0
-        self._late_scale = 1.0
+        self.profile = RunProfile(workflow, self._buckets, config.admission_latency_factor)
         self._sync_task: asyncio.Task[None] | None = None
+        # The ledger's health, as the sync loop sees it: no budget can be had while it stays unreachable.
+        self._last_sync = clock.monotonic()
+        self._sync_error: str | None = None
+        self.sync_failures = 0
+        self.replaced = 0
         self.refused = 0
         self.admitted = 0
 
     @property
     def critical_path_s(self) -> float:
-        """How long before its deadline a run must have its tokens: the critical path's latency (prior,
-        or the p95 observed on finished runs if longer), stretched while admitted runs come in late."""
-        return max(self._prior_path_s, PATH_MARGIN * self._observed_p95) * self._late_scale
+        """How long runs take once they have their tokens: measured on finished runs (0 before any)."""
+        return self.profile.critical_path_s(self._clock.monotonic())
 
-    def _buckets(self, provider: str, model: str) -> list[BucketSpec]:
+    def _buckets(self, provider: str, model: str) -> list[tuple[BucketSpec, Charges]]:
         key = (provider, model)
         if key not in self._specs:
-            self._specs[key] = self._config.buckets_for(provider, model)
+            specs = self._config.buckets_for(provider, model)
+            self._specs[key] = [(spec, spec.charges or "usage") for spec in specs]
         return self._specs[key]
 
-    def _first_guess(self, step: StepSpec) -> dict[str, float]:
-        choice = step.models[0]
-        text = (choice.prompt or step.prompt) + (choice.system or step.system or "")
-        references = len(_REFERENCE.findall(text))
-        prompt = estimate_tokens(_REFERENCE.sub("", text)) + 8 + TOKENS_PER_INPUT_GUESS * references
-        ask = SpendAsk(input_tokens=prompt, max_output_tokens=choice.max_tokens)
-        return {spec.key: reserve_amount(spec, ask) for spec in self._buckets(choice.provider, choice.model)}
-
     def run_need(self) -> dict[str, float]:
-        total: dict[str, float] = {}
-        for need in self._need.values():
-            for key, amount in need.items():
-                total[key] = total.get(key, 0.0) + amount
-        return total
+        return self.profile.run_need()
+
+    def _unreachable_for(self, now: float) -> float:
+        """Seconds the ledger has not answered, once past `ledger_timeout_s` (no lease is live by then)."""
+        if self._actor is None or self._sync_error is None:
+            return 0.0
+        silent = now - self._last_sync
+        return silent if silent > max(self._config.ledger_timeout_s, self._config.lease_ttl_s) else 0.0
 
     async def admit(
         self, run_id: str, workflow: WorkflowSpec, options: RunOptions, deadline: RunDeadline
     ) -> str | None:
         self._ensure_sync()
         now = self._clock.monotonic()
-        latest = now + deadline.remaining() - self.critical_path_s
-        refusal = self._planner.admit(run_id, options.tenant, self.run_need(), latest, now)
+        refusal = self._decide(run_id, options.tenant, deadline, now)
         if refusal is None:
             self.admitted += 1
             return None
@@ -119,65 +108,85 @@ class BudgetAdmission:
         metrics.count("tailrace_budget_refusals_total", "Reservations refused, by reason", {"reason": "admission"})
         return f"budget_exhausted at submission: {refusal}"
 
+    def _decide(self, run_id: str, tenant: str, deadline: RunDeadline, now: float) -> str | None:
+        silent = self._unreachable_for(now)
+        if silent:
+            return (
+                f"no budget can be had: the budget actor {self._config.actor_name!r} has not answered for "
+                f"{silent:.1f} s ({self._sync_error}; replaced {self.replaced} times)"
+            )
+        remaining = deadline.remaining() - deadline.return_margin_s
+        path = self.profile.critical_path_s(now)
+        if not self.profile.cold and remaining < path:
+            return (
+                f"the deadline leaves {max(0.0, remaining):.2f} s; runs of this workflow take {path:.2f} s once "
+                f"they have their tokens (measured on {self.profile.finished_runs()} finished runs)"
+            )
+        tails = self.profile.tails(now, remaining)
+        parts = [
+            Part(now + remaining - tails[s.id], self.profile.step_need(s.id), f"step {s.id!r}")
+            for s in self._workflow.steps
+        ]
+        refusal = self._planner.admit(run_id, tenant, parts, now)
+        if refusal is None:
+            return None
+        return f"{refusal} (need per run: {self.profile.describe()})"
+
     def finished(self, run_id: str, outcome: RunOutcome) -> None:
         """Replace the run's planned need with what its attempts were charged; learn from it."""
-        per_step: dict[str, dict[str, float]] = {}
-        for a in outcome.attempts:
-            step = self._workflow.step(a.step_id)
-            choice = step.models[a.tier] if a.tier < len(step.models) else step.models[0]
-            ask = SpendAsk(input_tokens=a.input_tokens, max_output_tokens=choice.max_tokens)
-            used = Usage(
-                a.input_tokens,
-                a.output_tokens,
-                a.cost_usd,
-                reported=a.usage_reported,
-                cancelled=a.outcome == AttemptOutcome.CANCELLED,
-            )
-            charged = per_step.setdefault(a.step_id, {})
-            for spec in self._buckets(a.provider, a.model):
-                charges = spec.charges or "admission"
-                charged[spec.key] = charged.get(spec.key, 0.0) + settled_amount(spec, charges, ask, used)
-        used_total: dict[str, float] = {}
-        for charged in per_step.values():
-            for key, amount in charged.items():
-                used_total[key] = used_total.get(key, 0.0) + amount
-        self._planner.done(run_id, used_total, self._clock.monotonic())
-        self._learn_latency(outcome)
-        if outcome.delivered:
-            for step_id, charged in per_step.items():
-                learned = self._need[step_id]
-                for key in set(learned) | set(charged):
-                    learned[key] = (1 - LEARNING_RATE) * learned.get(key, 0.0) + LEARNING_RATE * charged.get(key, 0.0)
+        charged = self.profile.charged(outcome)
+        self._planner.done(run_id, per_bucket_total(charged), self._clock.monotonic())
+        self.profile.learn(outcome, self._clock.monotonic())
 
-    def _learn_latency(self, outcome: RunOutcome) -> None:
-        """Slow providers or a starved machine make runs slower than the priors say: learn the critical
-        path from the winning attempts, and back off (multiplicatively) when admitted runs are late."""
-        winners = {a.step_id: a.latency_s for a in outcome.attempts if a.outcome == AttemptOutcome.VALID}
-        if outcome.delivered and len(winners) == len(self._workflow.steps):
-            self._observed_paths.append(self._dag.critical_path(winners)[1])
-            if len(self._observed_paths) >= 20 and len(self._observed_paths) % 10 == 0:
-                ordered = sorted(self._observed_paths)
-                self._observed_p95 = ordered[int(0.95 * (len(ordered) - 1))]
-        if outcome.failure == FailureReason.DEADLINE_EXCEEDED:
-            self._late_scale = min(MAX_LATE_SCALE, self._late_scale * 1.25)
-        elif outcome.on_time:
-            self._late_scale = max(1.0, self._late_scale * 0.99)
-
-    # ---- the real ledger lowers the plan ---------------------------------------------------------
+    # ---- the real ledger lowers the plan; a dead actor is replaced -------------------------------
 
     def _ensure_sync(self) -> None:
         if self._actor is None or (self._sync_task is not None and not self._sync_task.done()):
             return
-        with contextlib.suppress(RuntimeError):
-            self._sync_task = asyncio.get_running_loop().create_task(self._sync_forever())
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (a synchronous caller): plan without syncing
+        self._sync_task = loop.create_task(self._sync_forever())
+
+    async def sync_once(self) -> None:
+        try:
+            free: dict[str, tuple[float, float]] = await wait_for(
+                self._actor.free_for_planning.remote(), Deadline.after(SYNC_TIMEOUT_S, self._clock)
+            )
+        except ActorDiedError as exc:
+            self._failed(f"{type(exc).__name__}: the actor died")
+            await self._replace()
+            return
+        except (RayError, TimeoutError) as exc:
+            self._failed(type(exc).__name__)
+            return
+        now = self._clock.monotonic()
+        self._last_sync, self._sync_error = now, None
+        for key, (unspent, in_flight) in free.items():
+            # The plan counted what in-flight attempts use; the provider holds their whole reservation.
+            self._planner.sync(key, unspent, now, held=in_flight * self.profile.worst_case_share(key))
+
+    def _failed(self, why: str) -> None:
+        self.sync_failures += 1
+        if self._sync_error is None:
+            log.warning("budget admission: the budget actor did not answer (%s)", why)
+        self._sync_error = why
+
+    async def _replace(self) -> None:
+        try:
+            self._actor = await revive_budget_actor(self._config)
+            self.replaced += 1
+        except (RayError, TimeoutError, ValueError) as exc:
+            self._failed(f"could not replace the budget actor: {type(exc).__name__}")
 
     async def _sync_forever(self) -> None:
         while True:
-            with contextlib.suppress(Exception):  # a slow or restarting actor: plan on, sync later
-                status: LedgerStatus = await wait_for(self._actor.status.remote(), Deadline.after(2.0, self._clock))
-                now = self._clock.monotonic()
-                for key, b in status.buckets.items():
-                    self._planner.sync(key, max(0.0, b.level) + b.outstanding, now)
+            try:
+                await self.sync_once()
+            except Exception as exc:  # a bug must not stop the sync silently: logged, counted, retried
+                self._failed(f"internal error: {type(exc).__name__}")
+                log.exception("budget admission sync error")
             await self._clock.sleep(self._sync_interval_s)
 
     def close(self) -> None:
@@ -239,6 +248,11 @@ def bucket_rows(status: LedgerStatus) -> list[dict[str, Any]]:
                 "utilisation": b.utilisation,
                 "written_off": b.written_off,
                 "clamped": b.clamped,
+                "debited": b.debited,
+                "granted": b.granted,
+                "spent": b.spent,
+                "returned": b.returned,
+                "unreconciled": b.unreconciled,
             }
         )
     return rows

@@ -26,11 +26,13 @@ class TokenBucket:
     last: float
     outstanding: float = 0.0
     blocked_until: float = -math.inf
-    # Running totals, for metrics and status.
+    # Running totals, for metrics and status. Every grant ends one way: granted = spent + returned +
+    # written_off + outstanding, exactly. Debits (use beyond any grant) are counted on their own.
     granted_total: float = 0.0
     spent_total: float = 0.0
     returned_total: float = 0.0
     written_off_total: float = 0.0
+    debited_total: float = 0.0
     clamped_total: float = 0.0
 
     @classmethod
@@ -131,7 +133,7 @@ class TokenBucket:
         The level may go negative: a debt repaid by refill before anything else is granted."""
         self.refill(now)
         self.level -= max(0.0, amount)
-        self.spent_total += max(0.0, amount)
+        self.debited_total += max(0.0, amount)
 
     # ---- what the provider says ------------------------------------------------------------------
 
@@ -156,6 +158,11 @@ class TokenBucket:
         if self.level > 0:
             self.clamped_total += self.level
             self.level = 0.0
+
+    @property
+    def unreconciled(self) -> float:
+        """granted - (spent + returned + written_off + outstanding): 0 while the ledger adds up."""
+        return self.granted_total - (self.spent_total + self.returned_total + self.written_off_total + self.outstanding)
 
     def resize(self, capacity: float, rate_per_s: float, now: float) -> None:
         """New configured limits; a lower capacity takes effect at once."""

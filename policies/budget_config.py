@@ -7,9 +7,11 @@ Tenants have a weight (their fair share under contention) and an optional daily 
 which is a bucket of its own (`usd:<tenant>:<UTC day>`, no refill).
 
 An attempt is charged at reservation what the provider charges at admission: estimated prompt
-tokens + `max_tokens`. How it settles depends on how the provider bills the limit:
-`admission` (OpenAI: max_tokens stays charged; only our prompt over-estimate comes back) or
-`usage` (Anthropic: output is corrected to what was produced).
+tokens + `max_tokens`. How it settles depends on how the provider counts the limit: `usage` (OpenAI
+and Anthropic: the output reservation is corrected to what was produced when the request ends) or
+`admission` (a provider that keeps max_tokens charged; only our prompt over-estimate comes back).
+An attempt that failed still counts its prompt against the window; one cancelled before its usage
+was reported counts its whole reservation (the provider may have produced more than arrived).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ if TYPE_CHECKING:
 
 Charges = Literal["admission", "usage"]
 FAMILIES = ("tokens", "requests", "input_tokens", "output_tokens")
-DEFAULT_CHARGES: dict[str, Charges] = {"openai": "admission", "anthropic": "usage"}
+DEFAULT_CHARGES: dict[str, Charges] = {"openai": "usage", "anthropic": "usage"}
 ALL_MODELS = "*"
 
 
@@ -91,11 +93,15 @@ class BudgetConfig(_Spec):
     lease_ttl_s: float = Field(default=2.0, gt=0)
     flush_interval_s: float = Field(default=0.05, gt=0)  # how often executors report and top up
     idle_release_s: float = Field(default=1.0, gt=0)  # return a lease unused for this long
+    # The ledger (budget actor) silent this long, with no lease left to spend: no budget can be had, and runs
+    # and reservations are refused at once, saying why. Long enough for Ray to restart or replace the actor.
+    ledger_timeout_s: float = Field(default=10.0, gt=0)
     spare_fraction: float = Field(default=0.25, ge=0, le=1)  # duplicates only while this much is free
     # Runs that cannot be served before their deadline are refused at submission.
     admission: bool = True
-    admission_margin: float = Field(default=0.05, ge=0, lt=1)  # plan with (1 - margin) of each rate
-    admission_latency_factor: float = Field(default=1.5, ge=1)  # critical path = factor x expected latencies
+    admission_margin: float = Field(default=0.03, ge=0, lt=1)  # plan with (1 - margin) of each rate
+    # A cold workflow's steps are planned at this multiple of their latency priors (at most half the run's time).
+    admission_latency_factor: float = Field(default=1.5, ge=1)
 
     @field_validator("redis_url", mode="before")
     @classmethod
@@ -236,23 +242,19 @@ def reserve_amount(spec: BucketSpec, ask: SpendAsk) -> float:
     return float(ask.cost_usd)
 
 
-def usage_unknown(used: Usage) -> bool:
-    """A cancelled attempt that reported nothing and received nothing: it may have cost anything
-    up to its reservation."""
-    return used.cancelled and not used.reported and used.output_tokens == 0
-
-
 def settled_amount(spec: BucketSpec, charges: Charges, ask: SpendAsk, used: Usage) -> float:
-    """What the attempt finally costs against the bucket, after it ended (however it ended)."""
-    if usage_unknown(used):
-        return reserve_amount(spec, ask)
+    """What the attempt finally counts against the bucket, after it ended (however it ended)."""
     if spec.family == "requests":
         return 1.0
     if spec.family == "usd":
         return float(used.cost_usd)
+    if used.cancelled and not used.reported:
+        return reserve_amount(spec, ask)  # the provider may have produced more than arrived before the cancel
+    # Without reported usage (a failed attempt) the provider still counted the prompt it admitted.
+    prompt = float(used.input_tokens if used.reported else max(used.input_tokens, ask.input_tokens))
     output = float(used.output_tokens) if charges == "usage" else float(ask.max_output_tokens)
     if spec.family == "input_tokens":
-        return float(used.input_tokens)
+        return prompt
     if spec.family == "output_tokens":
         return output
-    return float(used.input_tokens) + output
+    return prompt + output

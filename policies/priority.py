@@ -1,8 +1,10 @@
 """Who gets budget first when there is not enough for everyone.
 
-* Primary attempts (and retries, which a run needs to finish) wait in a `FairQueue`: weighted fair
-  share between tenants (start-time fair queueing: a tenant with weight 2 is served twice the
-  tokens of a tenant with weight 1 while both wait), earliest deadline first within a tenant.
+* Primary attempts (and retries, which a run needs to finish) wait in a `FairQueue`. Steps of runs
+  already under way come first (`CONTINUING`): a run that dies at its fifth step wasted four, so a
+  new run's first step waits behind them. Within that, weighted fair share between tenants
+  (start-time fair queueing: a tenant with weight 2 is served twice the tokens of a tenant with
+  weight 1 while both wait), earliest deadline first within a tenant.
 * Duplicates (speculative attempts) never wait: they are granted only from spare capacity, when no
   primary is waiting and the bucket is comfortably below its ceiling (`speculative_allowed`), so
   near the ceiling they stop first.
@@ -20,11 +22,17 @@ from typing import Any
 
 PRIMARY = "primary"
 SPECULATIVE = "speculative"
+CONTINUING, STARTING = 0, 1  # waiter ranks: steps of runs under way, then runs' first steps
 
 
 def priority_class(role: str) -> str:
     """`duplicate` attempts are speculative; primaries and retries are what a run needs."""
     return SPECULATIVE if role == "duplicate" else PRIMARY
+
+
+def rank(role: str, continuing: bool) -> int:
+    """A retry, or any attempt of a run that already has steps done, continues a run: it goes first."""
+    return CONTINUING if continuing or role == "retry" else STARTING
 
 
 @dataclass(eq=False)
@@ -34,16 +42,17 @@ class Waiter:
     need: Mapping[str, float]  # bucket -> amount
     size: float  # what it counts for the tenant's fair share (tokens)
     payload: Any = None
+    rank: int = CONTINUING  # lower first, before fair share and deadlines
     removed: bool = field(default=False, repr=False)
 
 
 class FairQueue:
-    """Waiting primaries: weighted fair share across tenants, EDF within a tenant. Cancelled waiters are
-    removed lazily (O(1)), as aiolimiter prunes its heap."""
+    """Waiting primaries: by rank, then weighted fair share across tenants, EDF within a tenant. Cancelled
+    waiters are removed lazily (O(1)), as aiolimiter prunes its heap."""
 
     def __init__(self, weight: Callable[[str], float]) -> None:
         self._weight = weight
-        self._heaps: dict[str, list[tuple[float, int, Waiter]]] = {}
+        self._heaps: dict[str, list[tuple[int, float, int, Waiter]]] = {}
         self._vtime: dict[str, float] = {}  # each tenant's virtual time (start tag of its next request)
         self._virtual_now = 0.0  # start tag of the last request served
         self._seq = itertools.count()
@@ -57,7 +66,7 @@ class FairQueue:
         self._prune(waiter.tenant)
         if not heap:  # newly backlogged: no credit for the time it was idle
             self._vtime[waiter.tenant] = max(self._vtime.get(waiter.tenant, 0.0), self._virtual_now)
-        heapq.heappush(heap, (waiter.deadline, next(self._seq), waiter))
+        heapq.heappush(heap, (waiter.rank, waiter.deadline, next(self._seq), waiter))
         self._len += 1
 
     def remove(self, waiter: Waiter) -> None:
@@ -67,22 +76,22 @@ class FairQueue:
 
     def _prune(self, tenant: str) -> None:
         heap = self._heaps.get(tenant)
-        while heap and heap[0][2].removed:
+        while heap and heap[0][3].removed:
             heapq.heappop(heap)
 
     def head(self) -> Waiter | None:
         """The waiter to serve next (not removed from the queue)."""
-        best: tuple[float, float, str] | None = None
+        best: tuple[int, float, float, str] | None = None
         for tenant in list(self._heaps):
             self._prune(tenant)
             heap = self._heaps[tenant]
             if not heap:
                 del self._heaps[tenant]
                 continue
-            key = (self._vtime[tenant], heap[0][0], tenant)
+            key = (heap[0][0], self._vtime[tenant], heap[0][1], tenant)
             if best is None or key < best:
                 best = key
-        return None if best is None else self._heaps[best[2]][0][2]
+        return None if best is None else self._heaps[best[3]][0][3]
 
     def pop(self) -> Waiter | None:
         waiter = self.head()
@@ -96,18 +105,19 @@ class FairQueue:
         waiter.removed = True
         return waiter
 
-    def needs_ahead(self, deadline: float) -> dict[str, float]:
-        """What waiters due no later than `deadline` need in total (a lower bound on what is ahead)."""
+    def needs_ahead(self, deadline: float, rank: int = CONTINUING) -> dict[str, float]:
+        """What waiters ahead of one of `rank` due at `deadline` need in total (a lower bound on what is
+        ahead): every waiter of a lower rank, and those of its rank due no later."""
         total: dict[str, float] = {}
         for heap in self._heaps.values():
-            for due, _, w in heap:
-                if not w.removed and due <= deadline:
+            for r, due, _, w in heap:
+                if not w.removed and (r < rank or (r == rank and due <= deadline)):
                     for key, amount in w.need.items():
                         total[key] = total.get(key, 0.0) + amount
         return total
 
     def total_needs(self) -> dict[str, float]:
-        return self.needs_ahead(float("inf"))
+        return self.needs_ahead(float("inf"), rank=STARTING + 1)
 
 
 def speculative_allowed(

@@ -1,6 +1,8 @@
 -- One budget exchange, atomically: the Redis twin of policies.leases.LeaseBook.exchange.
 -- ARGV[1] is a JSON request (see actors/budget_ledger.py _request_json). Keys live under req.prefix:
 --   b:<bucket>  hash  capacity rate level last outstanding blocked_until granted spent returned written_off clamped
+--               debited (granted = spent + returned + written_off + outstanding; debits are use beyond grants)
+--   born        set once: a namespace missing it after the actor saw state means Redis came back empty
 --   l:<lease>   hash  executor expires h:<bucket>=held
 --   leases      zset  lease id by expiry
 --   r:<report>  the reply already given to this report id (a retried exchange gets it again)
@@ -17,6 +19,11 @@ if req.report_id ~= '' then
   local seen = redis.call('GET', P .. 'r:' .. req.report_id)
   if seen then return seen end
 end
+
+-- A Redis that lost this namespace's state while the actor was using it (restarted empty) must not
+-- open its buckets full: the provider's window still holds recent use.
+local fresh = redis.call('SETNX', P .. 'born', fmt(now)) == 1
+local start_full = req.start_full and not (fresh and req.expect_state)
 
 local buckets = {}
 
@@ -38,9 +45,9 @@ local function load(key, cap, rate)
       return nil
     else
       local level = 0
-      if req.start_full then level = cap end
+      if start_full then level = cap end
       b = {capacity = cap, rate = rate, level = level, last = now, outstanding = 0, blocked_until = 0,
-           granted = 0, spent = 0, returned = 0, written_off = 0, clamped = 0}
+           granted = 0, spent = 0, returned = 0, written_off = 0, clamped = 0, debited = 0}
       redis.call('SADD', P .. 'buckets', key)
     end
     buckets[key] = b
@@ -133,7 +140,7 @@ for key, op in pairs(req.ops) do
   refill(b)
   b.level = math.min(b.capacity - b.outstanding, b.level + math.max(0, num(op.refund)))
   b.level = b.level - math.max(0, num(op.debit))
-  b.spent = b.spent + math.max(0, num(op.debit))
+  b.debited = (b.debited or 0) + math.max(0, num(op.debit))
 end
 
 -- 5. Grants (all or nothing when exact).
@@ -202,7 +209,7 @@ for key, b in pairs(buckets) do
   redis.call('HSET', P .. 'b:' .. key, 'capacity', fmt(b.capacity), 'rate', fmt(b.rate), 'level', fmt(b.level),
     'last', fmt(b.last), 'outstanding', fmt(b.outstanding), 'blocked_until', fmt(b.blocked_until),
     'granted', fmt(b.granted), 'spent', fmt(b.spent), 'returned', fmt(b.returned),
-    'written_off', fmt(b.written_off), 'clamped', fmt(b.clamped))
+    'written_off', fmt(b.written_off), 'clamped', fmt(b.clamped), 'debited', fmt(b.debited or 0))
   if req.ops[key] ~= nil then
     refill(b)
     views[key] = {capacity = b.capacity, rate = b.rate, level = b.level, outstanding = b.outstanding,

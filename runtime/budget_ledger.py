@@ -13,9 +13,9 @@ redacted URL only.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
+import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +23,7 @@ from typing import Any
 
 from tailrace.policies.budget_config import redact_url
 from tailrace.policies.leases import (
+    BucketOp,
     BucketView,
     ExchangeReply,
     ExchangeRequest,
@@ -30,6 +31,8 @@ from tailrace.policies.leases import (
     Resolver,
     SpendTotals,
 )
+
+log = logging.getLogger("tailrace.budget")
 
 REPLY_TTL_S = 600  # how long a reply is kept for a retried exchange
 KEY_PREFIX = "tailrace:budget"
@@ -51,6 +54,12 @@ class BucketStatus:
     returned: float = 0.0
     written_off: float = 0.0
     clamped: float = 0.0
+    debited: float = 0.0  # used beyond any grant (under-estimates, use during a Redis outage)
+
+    @property
+    def unreconciled(self) -> float:
+        """granted - (spent + returned + written_off + outstanding): 0 while the ledger adds up."""
+        return self.granted - (self.spent + self.returned + self.written_off + self.outstanding)
 
     @property
     def utilisation(self) -> float:
@@ -65,6 +74,14 @@ class LedgerStatus:
     spend: dict[str, SpendTotals] = field(default_factory=dict)  # tenant -> today's recorded spend
     leases: int = 0
     redis: str | None = None  # redacted URL
+
+
+def outage_debits(book: LeaseBook) -> dict[str, BucketOp]:
+    """What a local fallback ledger's executors used while the shared one was away, per bucket, to charge
+    the shared ledger with when it is back: granted less returned (spent, written off, or still held by
+    local leases, which the shared ledger never saw and its executors will find lost), plus debits."""
+    used = {key: b.granted_total - b.returned_total + b.debited_total for key, b in book.buckets.items()}
+    return {key: BucketOp(debit=amount) for key, amount in used.items() if amount > 1e-9}
 
 
 class MemoryLedger:
@@ -96,6 +113,7 @@ class MemoryLedger:
                     b.returned_total,
                     b.written_off_total,
                     b.clamped_total,
+                    b.debited_total,
                 )
             spend = {t: dataclasses.replace(s) for (d, t), s in self.book.spend.items() if d == day}
             return LedgerStatus(self.backend, day, buckets, spend, len(self.book.leases))
@@ -105,7 +123,13 @@ class MemoryLedger:
 
 
 def _request_json(
-    req: ExchangeRequest, now: float, new_lease_id: str, prefix: str, resolve: Resolver, start_full: bool
+    req: ExchangeRequest,
+    now: float,
+    new_lease_id: str,
+    prefix: str,
+    resolve: Resolver,
+    start_full: bool,
+    expect_state: bool = False,
 ) -> str:
     ops = {}
     for key, op in req.ops.items():
@@ -139,6 +163,7 @@ def _request_json(
             "feedback": feedback,
             "reply_ttl": REPLY_TTL_S,
             "start_full": start_full,
+            "expect_state": expect_state,
             "spend": {t: d.as_dict() for t, d in req.spend.items()},
         }
     )
@@ -188,6 +213,7 @@ class RedisLedger:
         self.prefix = f"{KEY_PREFIX}:{{{namespace}}}:"
         self._resolve = resolve
         self._start_full = start_full
+        self._seen_state = False  # after one exchange: a namespace missing from Redis means it came back empty
 
     def __repr__(self) -> str:
         return f"RedisLedger({self._redacted}, prefix={self.prefix!r})"
@@ -208,8 +234,12 @@ class RedisLedger:
         await self._call(self._client.ping())
 
     async def exchange(self, req: ExchangeRequest, now: float, new_lease_id: str) -> ExchangeReply:
-        payload = _request_json(req, now, new_lease_id, self.prefix, self._resolve, self._start_full)
-        return _reply(await self._call(self._script(keys=[], args=[payload])))
+        payload = _request_json(
+            req, now, new_lease_id, self.prefix, self._resolve, self._start_full, expect_state=self._seen_state
+        )
+        reply = _reply(await self._call(self._script(keys=[], args=[payload])))
+        self._seen_state = True
+        return reply
 
     async def status(self, day: str, now: float) -> LedgerStatus:
         # Expire dead leases first, so `outstanding` is what live executors hold.
@@ -236,6 +266,7 @@ class RedisLedger:
                 h.get("returned", 0.0),
                 h.get("written_off", 0.0),
                 h.get("clamped", 0.0),
+                h.get("debited", 0.0),
             )
         spend = {}
         for tenant in await self._call(self._client.smembers(f"{p}tenants:{day}")):
@@ -252,8 +283,10 @@ class RedisLedger:
         return LedgerStatus(self.backend, day, buckets, spend, int(leases), self._redacted)
 
     async def aclose(self) -> None:
-        with contextlib.suppress(Exception):  # closing a client whose server is gone
+        try:
             await self._client.aclose()
+        except Exception as exc:  # closing a client whose server is gone: nothing left to release
+            log.debug("closing the Redis client of %s: %s", self._redacted, type(exc).__name__)
 
 
 def _s(value: Any) -> str:

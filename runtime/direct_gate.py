@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from tailrace.engine.clock import SYSTEM_CLOCK, Clock, Deadline
-from tailrace.policies.budget_config import BucketSpec, BudgetConfig, Charges, settled_amount, usage_unknown, utc_day
+from tailrace.policies.budget_config import BucketSpec, BudgetConfig, Charges, settled_amount, utc_day
 from tailrace.policies.leases import BucketOp, ExchangeReply, ExchangeRequest, SpendDelta
 from tailrace.policies.priority import SPECULATIVE, priority_class
-from tailrace.policies.spend import Grant, Refusal, SpendAsk, SpendGate, Usage
+from tailrace.policies.spend import Grant, Refusal, SpendAsk, SpendGate, Usage, wasted_tokens
 from tailrace.runtime._budget_common import Held, LedgerClient, needs, too_large
 from tailrace.runtime.budget_ledger import LedgerUnavailable
 
@@ -37,8 +37,8 @@ class DirectGate:
         self._clock = clock
         self._kinds: dict[tuple[str, str], tuple[tuple[BucketSpec, Charges], ...]] = {}
 
-    def gate(self) -> SpendGate:
-        return self
+    def gate(self, continuing: bool = False) -> SpendGate:
+        return self  # one call per attempt: no local queue to order
 
     async def aclose(self) -> None:
         return None
@@ -102,14 +102,9 @@ class DirectGate:
             ops[spec.key] = BucketOp(
                 spent=min(reserved, final), ret=max(0.0, reserved - final), debit=max(0.0, final - reserved)
             )
-        unknown = usage_unknown(used)
         spend = {
             ask.tenant: SpendDelta(
-                ask.cost_usd if unknown else used.cost_usd,
-                used.input_tokens,
-                used.output_tokens,
-                1,
-                int(used.cancelled),
+                used.cost_usd, used.input_tokens, used.output_tokens, 1, int(used.cancelled), wasted_tokens(used)
             )
         }
         with contextlib.suppress(LedgerUnavailable):

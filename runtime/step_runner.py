@@ -35,7 +35,7 @@ from tailrace.engine.specs import ModelChoice, StepSpec
 from tailrace.engine.tokens import estimate_prompt_tokens, estimate_tokens
 from tailrace.engine.validation import Verdict, validate
 from tailrace.policies.attempts import AttemptFeedback, AttemptPolicy, AttemptState, Cancel, GiveUp, Start
-from tailrace.policies.spend import Grant, Refusal, RunCostGate, SpendAsk, SpendGate, Usage
+from tailrace.policies.spend import Grant, Refusal, RunCostGate, SpendAsk, SpendGate, attempt_usage
 from tailrace.runtime import run_metrics
 
 
@@ -427,25 +427,20 @@ class StepRunner:
         self, run: _StepRun, attempt: _Attempt, outcome: AttemptOutcome, *, latency_s: float, **fields: Any
     ) -> AttemptRecord:
         p = attempt.progress
-        reported = p.input_tokens is not None and p.output_tokens is not None
-        # Without reported usage, settle conservatively: the prompt estimate plus what was received.
-        input_tokens = p.input_tokens if p.input_tokens is not None else attempt.grant.ask.input_tokens
-        output_tokens = p.output_tokens if p.output_tokens is not None else estimate_tokens(p.text)
-        cost = attempt.choice.cost_usd(input_tokens, output_tokens)
         error = fields.get("error")
-        await run.gate.settle(
-            attempt.grant,
-            Usage(
-                input_tokens,
-                output_tokens,
-                cost,
-                reported=reported,
-                cancelled=outcome == AttemptOutcome.CANCELLED,
-                rate_limit=dict(p.rate_limit),
-                status=None if error is None else error.status,
-                retry_after_s=None if error is None else error.retry_after_s,
-            ),
+        # One definition of what the attempt cost, for its record (the run's cost) and the budget's ledger.
+        used = attempt_usage(
+            attempt.choice.cost_usd,
+            attempt.grant.ask,
+            outcome,
+            reported_input=p.input_tokens,
+            reported_output=p.output_tokens,
+            received_tokens=estimate_tokens(p.text),
+            rate_limit=p.rate_limit,
+            status=None if error is None else error.status,
+            retry_after_s=None if error is None else error.retry_after_s,
         )
+        await run.gate.settle(attempt.grant, used)
         first = p.first_token_mono
         self.attempts_in_flight -= 1
         record = AttemptRecord(
@@ -460,10 +455,10 @@ class StepRunner:
             ended_at=attempt.started_at_epoch + latency_s,
             ttft_s=None if first is None else first - p.started_mono,
             latency_s=latency_s,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            usage_reported=reported,
-            cost_usd=cost,
+            input_tokens=used.input_tokens,
+            output_tokens=used.output_tokens,
+            usage_reported=used.reported,
+            cost_usd=used.cost_usd,
             outcome=outcome,
             request_id=p.request_id,
             rate_limit=dict(p.rate_limit),

@@ -1,9 +1,10 @@
 """Per-API-key rate limits (requests and tokens per minute) and the headers that report them.
 
 Limits are continuously refilled buckets over one *simulated* minute, charged at admission with
-prompt tokens + max_tokens (what OpenAI does; Anthropic reserves max_tokens the same way and
-corrects at the end, which `refund` models). Headers are written in *real* time, because the
-client acts on them: with time_scale 0.01 a 6 s simulated wait is reported as 60 ms.
+prompt tokens + max_tokens and corrected to what was produced when the request ends (`refund`), as
+OpenAI and Anthropic both do; a request rejected with 429 is not charged. One key is one window,
+whichever endpoint (OpenAI or Anthropic wire) it calls. Headers are written in *real* time, because
+the client acts on them: with time_scale 0.01 a 6 s simulated wait is reported as 60 ms.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ class RateLimiter:
         return Admission(True, self._snapshot(req, tok))
 
     def refund(self, key: str, tokens: int, now: float) -> None:
-        """Return reserved but unused tokens (Anthropic corrects output reservations at the end)."""
+        """Return reserved but unused output tokens (the correction to use at the end of a request)."""
         if key in self._tokens and tokens > 0:
             self._tokens[key].refill(now)
             self._tokens[key].give_back(tokens)

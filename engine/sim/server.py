@@ -357,8 +357,8 @@ class SimServer:
         arrival: float,
     ) -> None:
         output = self._generated_tokens(plan, prog)
-        if features is not None and wire.api == "anthropic" and prog.limited is None:
-            # Anthropic reserves max_tokens of output at admission and corrects it at the end.
+        if features is not None and prog.limited is None:
+            # Both providers reserve max_tokens of output at admission and correct it to use at the end.
             with self._limiter_lock:
                 self._limiter.refund(key, features.max_tokens - output, self.sim_time())
         h = request.headers

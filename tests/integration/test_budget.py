@@ -127,6 +127,131 @@ def test_budget_holds_the_tpm_limit_and_refuses_runs_at_once(simulator):
         kill("b-limit")
 
 
+def _ladder(provider: str, model: str) -> dict:
+    # No latency priors: the spec's defaults (5 s per step), as a new user leaves them.
+    return {
+        "provider": provider,
+        "model": model,
+        "max_tokens": 400,
+        "input_usd_per_mtok": 1.0,
+        "output_usd_per_mtok": 4.0,
+    }
+
+
+DAG = workflow_from_dict(
+    {
+        "name": "cold_dag",
+        "inputs": ["ticket_id", "message"],
+        "steps": [
+            {
+                "id": "classify",
+                "prompt": "Classify ticket {{input.ticket_id}}: {{input.message}}",
+                "models": [_ladder("openai", "gpt-4o-mini")],
+                "output": {"copy_ids": ["ticket_id"]},
+            },
+            *(
+                {"id": s, "depends_on": ["classify"], "prompt": f"{s} of {{{{steps.classify}}}}", "models": [m]}
+                for s, m in (
+                    ("sentiment", _ladder("anthropic", "claude-haiku-4-5")),
+                    ("policy", _ladder("openai", "gpt-4o-mini")),
+                    ("facts", _ladder("anthropic", "claude-haiku-4-5")),
+                )
+            ),
+            {
+                "id": "reply",
+                "depends_on": ["sentiment", "policy", "facts"],
+                "prompt": "Reply: {{steps.sentiment}} {{steps.policy}} {{steps.facts}}",
+                "models": [_ladder("openai", "gpt-4o-mini")],
+            },
+            {
+                "id": "crm_note",
+                "depends_on": ["reply"],
+                "prompt": "CRM note: {{steps.reply}}",
+                "models": [_ladder("anthropic", "claude-haiku-4-5")],
+            },
+        ],
+    }
+)
+
+
+def test_a_cold_workflow_with_default_priors_and_a_budget_delivers(simulator):
+    """Issue 9's new user: a 6-step DAG (4 levels) with the default latency priors (4 x 5 s, far beyond
+    the deadline), one `BudgetConfig` for two endpoints that share one key, run as the README shows.
+    Nothing is refused on the priors; the runs deliver and the provider's window is never overrun."""
+    sim = simulator("tpm", seed=5, time_scale=TIME_SCALE, tpm_limit=60_000)
+    budget = BudgetConfig(
+        limits=[LimitSpec(account="shared-key", tpm=60_000)],
+        accounts={"openai": "shared-key", "anthropic": "shared-key"},
+        window_s=60 * TIME_SCALE,
+        actor_name="b-cold",
+    )
+    outcomes: list[RunOutcome] = []
+    try:
+        summary = run_batch(
+            DAG,
+            [{"ticket_id": f"T-{i:04d}", "message": "My parcel never came.", "id": f"c{i}"} for i in range(40)],
+            options=RunOptions(deadline_s=6.0, tenant="acme"),
+            simulator=endpoints(sim),
+            max_in_flight=10,
+            budget=budget,
+            on_done=outcomes.append,
+        )
+        assert not [o.detail for o in outcomes if o.failure == FailureReason.BUDGET_EXHAUSTED]
+        assert summary.delivered == 40 and all(o.on_time for o in outcomes)
+        assert overruns(sim) == 0
+        apis = {r["api"] for r in sim.log_records()}
+        assert apis == {"openai", "anthropic"} and len(sim.stats()["keys"]) == 1  # one key, one window
+    finally:
+        kill("b-cold")
+
+
+def test_ledger_spend_is_the_outcomes_cost_over_many_batches_with_faults(simulator):
+    """One definition of an attempt's cost: after batches on a faulty provider (5xx, resets, hangs,
+    stragglers, invalid answers; hedged duplicates cancelled), the tenant's recorded spend, attempts and
+    wasted tokens are exactly what the outcomes say, batch after batch."""
+    from tailrace.engine.outcomes import AttemptOutcome
+    from tailrace.engine.sim import Fault
+
+    rates = {
+        Fault.HTTP_500: 0.05,
+        Fault.OVERLOADED: 0.03,
+        Fault.RESET: 0.03,
+        Fault.HANG: 0.02,
+        Fault.STRAGGLER: 0.08,
+        Fault.STREAM_ERROR: 0.03,
+        Fault.EMPTY: 0.03,
+    }
+    sim = simulator("tpm", seed=9, time_scale=0.02, tpm_limit=200_000, fault_rates=rates)
+    outcomes: list[RunOutcome] = []
+    try:
+        for batch in range(4):
+            run_batch(
+                WORKFLOW,
+                records(30, prefix=f"b{batch}-"),
+                options=RunOptions(deadline_s=4.0, tenant="acme"),
+                simulator=endpoints(sim),
+                max_in_flight=15,
+                budget=budget("b-cost"),
+                on_done=outcomes.append,
+            )
+            spend = budget_status(name="b-cost").spend["acme"]
+            attempts = [a for o in outcomes for a in o.attempts]
+            assert spend.usd == pytest.approx(sum(o.cost_usd for o in outcomes), rel=1e-9, abs=1e-12), batch
+            assert spend.attempts == len(attempts)
+            assert spend.input_tokens == sum(a.input_tokens for a in attempts)
+            assert spend.output_tokens == sum(a.output_tokens for a in attempts)
+            wasted = sum(a.input_tokens + a.output_tokens for a in attempts if a.outcome != AttemptOutcome.VALID)
+            assert spend.wasted_tokens == wasted
+        kinds = {a.outcome for o in outcomes for a in o.attempts}
+        assert {AttemptOutcome.ERROR, AttemptOutcome.VALID} <= kinds  # the faults happened
+        failed_early = [
+            a for o in outcomes for a in o.attempts if a.outcome == AttemptOutcome.ERROR and not a.output_tokens
+        ]
+        assert failed_early and all(a.cost_usd == 0 for a in failed_early)  # billed nothing
+    finally:
+        kill("b-cost")
+
+
 def test_killing_the_budget_actor_mid_batch_loses_no_spend(simulator, redis_server):
     redis = redis_server(password="kill-test-pw")
     sim = simulator("tpm", seed=2, time_scale=TIME_SCALE, tpm_limit=TPM)

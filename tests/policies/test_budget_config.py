@@ -70,23 +70,28 @@ def test_shared_account_for_two_provider_names():
     assert [b.key for b in config.buckets_for("oa", "x")] == [b.key for b in config.buckets_for("an", "y")]
 
 
-def test_reserve_and_settle_amounts_by_how_the_provider_bills():
+def test_reserve_and_settle_amounts_by_how_the_provider_counts_the_window():
     config = BudgetConfig(limits=[LimitSpec(account="a", tpm=10_000, rpm=10, input_tpm=10_000, output_tpm=10_000)])
     buckets = {b.family: b for b in config.buckets_for("a", "m")}
     ask, used = Ask(), Used()
     assert reserve_amount(buckets["tokens"], ask) == 500
     assert reserve_amount(buckets["requests"], ask) == 1
-    # OpenAI keeps max_tokens charged; only the prompt over-estimate comes back.
-    assert settled_amount(buckets["tokens"], "admission", ask, used) == 490
-    # Anthropic corrects output to what was produced.
+    # OpenAI and Anthropic correct the output reservation to what was produced (the default).
     assert settled_amount(buckets["tokens"], "usage", ask, used) == 140
     assert settled_amount(buckets["output_tokens"], "usage", ask, used) == 50
-    # A cancelled attempt with nothing received and nothing reported: the full reservation.
-    unknown = Used(input_tokens=100, output_tokens=0, reported=False, cancelled=True)
-    assert settled_amount(buckets["tokens"], "usage", ask, unknown) == 500
-    # Cancelled mid-stream: prompt + what was received.
-    partial = Used(input_tokens=100, output_tokens=30, reported=False, cancelled=True)
-    assert settled_amount(buckets["tokens"], "usage", ask, partial) == 130
+    assert BudgetConfig().charges_for(LimitSpec(account="a"), "openai") == "usage"
+    # A provider that keeps max_tokens charged: only the prompt over-estimate comes back.
+    assert settled_amount(buckets["tokens"], "admission", ask, used) == 490
+    # Cancelled before usage was reported, with or without tokens received: the full reservation (the
+    # provider may have produced more than arrived).
+    for received in (0, 30):
+        cancelled = Used(input_tokens=100, output_tokens=received, reported=False, cancelled=True)
+        assert settled_amount(buckets["tokens"], "usage", ask, cancelled) == 500
+    # Failed before any token: billed nothing, but the prompt still counted against the window.
+    failed = Used(input_tokens=0, output_tokens=0, cost_usd=0.0, reported=False)
+    assert settled_amount(buckets["tokens"], "usage", ask, failed) == 100
+    assert settled_amount(buckets["input_tokens"], "usage", ask, failed) == 100
+    assert settled_amount(buckets["requests"], "usage", ask, failed) == 1
 
 
 def test_redis_url_is_secret_and_redacted():

@@ -1,10 +1,18 @@
-"""Priority under contention: EDF among primaries, weighted fair share 2:1, duplicates last."""
+"""Priority under contention: runs under way first, EDF among primaries, weighted fair share 2:1, duplicates last."""
 
 from __future__ import annotations
 
 import pytest
 
-from tailrace.policies.priority import FairQueue, Waiter, priority_class, speculative_allowed
+from tailrace.policies.priority import (
+    CONTINUING,
+    STARTING,
+    FairQueue,
+    Waiter,
+    priority_class,
+    rank,
+    speculative_allowed,
+)
 
 KEY = "tokens:acct:*"
 
@@ -89,3 +97,19 @@ def test_duplicates_are_speculative_and_only_use_spare_capacity():
     assert not speculative_allowed(need, balances, {KEY: 0.9}, spare_fraction=0.25, primaries_waiting=True)
     # Never waits for a top-up.
     assert not speculative_allowed(need, {KEY: 50.0}, {KEY: 0.9}, spare_fraction=0.25, primaries_waiting=False)
+
+
+def test_steps_of_runs_under_way_are_served_before_runs_first_steps():
+    q = FairQueue(lambda t: 2.0 if t == "gold" else 1.0)
+    for i in range(5):
+        q.push(Waiter("gold", 1.0 + i, {KEY: 10}, 10, f"new-gold-{i}", rank=STARTING))
+    q.push(Waiter("std", 50.0, {KEY: 10}, 10, "continuing-std", rank=rank("primary", continuing=True)))
+    q.push(Waiter("gold", 60.0, {KEY: 10}, 10, "retry-gold", rank=rank("retry", continuing=False)))
+    served = [q.pop().payload for _ in range(7)]
+    assert served[:2] == ["retry-gold", "continuing-std"] or served[:2] == ["continuing-std", "retry-gold"]
+    assert served[2:] == [f"new-gold-{i}" for i in range(5)]
+    assert rank("primary", continuing=False) == STARTING
+    # What is ahead of a run's first step includes every step of runs under way, whatever its deadline.
+    q.push(Waiter("std", 99.0, {KEY: 7}, 7, "late-continuing", rank=CONTINUING))
+    assert q.needs_ahead(1.0, STARTING) == {KEY: 7}
+    assert q.needs_ahead(1.0, CONTINUING) == {}

@@ -10,7 +10,7 @@ import pytest
 
 from tailrace.policies.budget_config import BudgetConfig, LimitSpec, TenantBudget
 from tailrace.policies.leases import BucketOp, ExchangeRequest, ProviderFeedback, SpendDelta
-from tailrace.runtime.budget_ledger import LedgerUnavailable, MemoryLedger, RedisLedger
+from tailrace.runtime.budget_ledger import LedgerUnavailable, MemoryLedger, RedisLedger, outage_debits
 
 CONFIG = BudgetConfig(
     limits=[LimitSpec(account="acct", tpm=6000, rpm=60)], tenants={"acme": TenantBudget(daily_usd=2.0)}
@@ -87,6 +87,10 @@ async def test_redis_lua_matches_the_in_memory_ledger_step_for_step(redis_server
         for key, b in ms.buckets.items():
             assert rs.buckets[key].written_off == pytest.approx(b.written_off, abs=1e-6)
             assert rs.buckets[key].spent == pytest.approx(b.spent, abs=1e-6)
+            assert rs.buckets[key].debited == pytest.approx(b.debited, abs=1e-6)
+            # Every grant ends one way, in both: granted = spent + returned + written_off + outstanding.
+            assert b.unreconciled == pytest.approx(0, abs=1e-6)
+            assert rs.buckets[key].unreconciled == pytest.approx(0, abs=1e-6)
         assert rs.leases == ms.leases
     finally:
         await shared.aclose()
@@ -183,3 +187,59 @@ async def test_an_unreachable_redis_fails_fast_with_a_redacted_error(redis_serve
     assert time.monotonic() - t0 < 3.0
     assert "hunter22" not in str(err.value) and "***" in str(err.value)
     await ledger.aclose()
+
+
+async def test_a_redis_that_came_back_empty_opens_its_buckets_dry(redis_server):
+    """A namespace Redis lost while the actor was using it (restarted without its data) must not open full:
+    the provider's window still holds recent use. A namespace seen for the first time opens full."""
+    import redis as redis_client
+
+    server = redis_server()
+    ledger = redis_ledger(server.url)
+    try:
+        first = await ledger.exchange(
+            ExchangeRequest(executor="e", report_id="a", ops={TOK: BucketOp(want=10)}), T0, "L"
+        )
+        assert first.buckets[TOK].level == pytest.approx(6000 - 10)  # new: full
+        client = redis_client.Redis.from_url(server.url)
+        client.flushall()  # what a restart without persistence leaves
+        client.close()
+        again = await ledger.exchange(
+            ExchangeRequest(executor="e", report_id="b", lease_id=first.lease_id, ops={TOK: BucketOp(want=10)}), T0, "M"
+        )
+        assert again.lost and again.buckets[TOK].level == pytest.approx(0) and not again.granted
+        # It refills from empty at the bucket's rate (6000 per minute).
+        later = await ledger.exchange(
+            ExchangeRequest(executor="e", report_id="c", ops={TOK: BucketOp(want=10)}), T0 + 6, "N"
+        )
+        assert later.granted[TOK] == pytest.approx(10) and later.buckets[TOK].level == pytest.approx(590)
+    finally:
+        await ledger.aclose()
+
+
+async def test_what_was_used_during_an_outage_is_charged_back_and_both_ledgers_add_up(redis_server):
+    server = redis_server()
+    shared = redis_ledger(server.url)
+    fallback = MemoryLedger(CONFIG.bucket, start_full=False, scale=0.5)
+    try:
+        await shared.exchange(
+            ExchangeRequest(executor="e", report_id="before", ops={TOK: BucketOp(want=100)}), T0, "L0"
+        )
+        now = T0
+        for now, _executor, req, new_id, _leases in random_requests(seed=5, n=120):
+            await fallback.exchange(req, now, new_id)
+        book = fallback.book
+        debits = outage_debits(book)
+        for key, b in book.buckets.items():
+            assert b.unreconciled == pytest.approx(0, abs=1e-6)
+            # Used = what was granted and not given back, plus use beyond grants.
+            assert debits[key].debit == pytest.approx(
+                b.spent_total + b.written_off_total + b.outstanding + b.debited_total, rel=1e-9
+            )
+        await shared.exchange(ExchangeRequest(executor="resync", report_id="r", ops=debits, close=True), now, "R")
+        status = await shared.status("2026-01-02", now)
+        for key, op in debits.items():
+            assert status.buckets[key].debited == pytest.approx(op.debit)
+            assert status.buckets[key].unreconciled == pytest.approx(0, abs=1e-6)
+    finally:
+        await shared.aclose()

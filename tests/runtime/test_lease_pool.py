@@ -103,11 +103,12 @@ async def test_reservations_are_served_from_the_lease_not_one_ledger_call_each()
 async def test_spend_is_reported_refunds_come_back_and_idle_lease_is_returned():
     _, clock, ledger, pool = setup()
     g = await reserve(pool, ask(clock, tokens=400), clock)
-    # OpenAI-style billing: max_tokens stays charged, our prompt over-estimate (200 -> 150) comes back.
+    # The provider corrects the window to use: our prompt over-estimate (200 -> 150) and the unused
+    # output (200 -> 20) come back.
     await pool.settle(g, Usage(input_tokens=150, output_tokens=20, cost_usd=0.0005))
     await tick(clock, 0.2)
     bucket = ledger.book.buckets[KEY]
-    assert bucket.spent_total == pytest.approx(350)
+    assert bucket.spent_total == pytest.approx(170)
     await tick(clock, 1.0)  # idle for longer than idle_release_s: the lease goes back
     assert pool.lease_id is None
     assert bucket.outstanding == 0 and not ledger.book.leases
@@ -129,8 +130,8 @@ async def test_never_grantable_before_the_deadline_is_refused_at_once():
     await pool.aclose()
 
 
-async def test_waiting_primaries_are_served_edf_and_2_to_1_between_tenants():
-    _cfg, clock, _ledger, pool = setup(start_full=False)
+async def test_without_admission_waiting_primaries_are_served_edf_and_2_to_1_between_tenants():
+    _cfg, clock, _ledger, pool = setup(config(admission=False), start_full=False)
     await reserve(pool, ask(clock, tokens=5), clock)
     order: list[tuple[str, float]] = []
 
@@ -147,6 +148,30 @@ async def test_waiting_primaries_are_served_edf_and_2_to_1_between_tenants():
     assert gold / (len(served) - gold) == pytest.approx(2.0, abs=0.35)
     std = [d for t, d in order if t == "std"]
     assert std[:3] == [50.0, 51.0, 52.0] and std == sorted(std)  # EDF within the tenant
+    for t in tasks:
+        t.cancel()
+    await settle_loop()
+    await pool.aclose()
+
+
+async def test_a_run_under_way_is_served_before_new_runs_first_steps():
+    """Under contention, a later step of an admitted run goes ahead of every waiting first step, even
+    ones with earlier deadlines: a run that dies half-way wasted its tokens."""
+    _cfg, clock, _ledger, pool = setup(start_full=False)  # dry: 100 tokens/s
+    await reserve(pool, ask(clock, tokens=5), clock)
+    order: list[str] = []
+
+    async def one(name: str, gate, tenant: str, deadline: float) -> None:
+        g = await gate.reserve(ask(clock, tokens=50, tenant=tenant, deadline_in=deadline))
+        if isinstance(g, Grant):
+            order.append(name)
+
+    first_steps, later_steps = pool.gate(continuing=False), pool.gate(continuing=True)
+    tasks = [asyncio.ensure_future(one(f"new-{i}", first_steps, "std", 5.0 + i)) for i in range(20)]
+    await settle_loop()
+    tasks.append(asyncio.ensure_future(one("under-way", later_steps, "std", 30.0)))
+    await tick(clock, 1.5, step=0.05)
+    assert "under-way" in order and order.index("under-way") <= 1, order
     for t in tasks:
         t.cancel()
     await settle_loop()
@@ -177,7 +202,7 @@ async def test_a_dead_executors_lease_expires_and_the_limit_holds():
     await reserve(pool, ask(clock, tokens=3000), clock)
     held = ledger.book.outstanding(KEY)
     assert held >= 3000
-    pool._task.cancel()  # the executor dies: no more reports, no close
+    pool.reporter.task.cancel()  # the executor dies: no more reports, no close
     await settle_loop()
     bucket = ledger.book.buckets[KEY]
     assert bucket.level + bucket.outstanding <= bucket.capacity + 1e-6
@@ -219,16 +244,19 @@ async def test_rate_limit_headers_lower_the_ledger_when_the_provider_has_less():
 
 
 async def test_cancelled_attempt_without_usage_settles_the_full_reservation():
-    _cfg, clock, ledger, pool = setup(cfg=config(limits=[LimitSpec(account="sim", tpm=6000, charges="usage")]))
+    _cfg, clock, ledger, pool = setup()
     g = await reserve(pool, ask(clock, tokens=400), clock)
-    await pool.settle(g, Usage(200, 0, 0.0, reported=False, cancelled=True))
+    await pool.settle(g, Usage(200, 0, 0.00003, reported=False, cancelled=True, valid=False))
     g2 = await pool.reserve(ask(clock, tokens=400))
-    await pool.settle(g2, Usage(200, 30, 0.0, reported=False, cancelled=True))  # 30 tokens received
+    # 30 tokens received before the cancel: the provider may have produced more than arrived.
+    await pool.settle(g2, Usage(200, 30, 0.00005, reported=False, cancelled=True, valid=False))
     await tick(clock, 0.2)
-    assert ledger.book.buckets[KEY].spent_total == pytest.approx(400 + 230)
+    assert ledger.book.buckets[KEY].spent_total == pytest.approx(400 + 400)
     day = next(iter(ledger.book.spend))[0]
-    assert ledger.book.spend[(day, "std")].cancelled == 2
-    assert ledger.book.spend[(day, "std")].wasted_tokens == 800
+    spend = ledger.book.spend[(day, "std")]
+    assert spend.cancelled == 2
+    # The tenant's spend is what the attempts' records say they cost, not the reservations.
+    assert spend.usd == pytest.approx(0.00008) and spend.wasted_tokens == 200 + 230
     await pool.aclose()
 
 
@@ -267,5 +295,37 @@ async def test_direct_gate_one_call_per_attempt():
     assert ledger.book.outstanding(KEY) == 400
     await gate.settle(g, Usage(150, 20, 0.0005))
     assert ledger.book.outstanding(KEY) == 0
-    assert ledger.book.buckets[KEY].spent_total == pytest.approx(350)
+    assert ledger.book.buckets[KEY].spent_total == pytest.approx(170)
     assert isinstance(await gate.reserve(ask(clock, tokens=7000)), Refusal)
+
+
+class _Gone:
+    """A ledger that stopped answering (its actor died and nobody could replace it)."""
+
+    async def exchange(self, req):
+        from tailrace.runtime.budget_ledger import LedgerUnavailable
+
+        raise LedgerUnavailable("budget actor unavailable (ActorDiedError)")
+
+
+async def test_once_no_budget_can_be_had_reservations_are_refused_at_once_saying_why():
+    cfg = config(ledger_timeout_s=4.0)
+    clock = FakeClock()
+    ledger = MemoryLedger(cfg.bucket)
+    pool = LeasePool(cfg, LocalLedgerClient(ledger, clock), "ex1", clock)
+    assert isinstance(await reserve(pool, ask(clock, tokens=100), clock), Grant)
+    pool.ledger = _Gone()
+    # The lease is spent meanwhile: it was granted for lease_ttl_s.
+    assert isinstance(await pool.reserve(ask(clock, tokens=100)), Grant)
+    waiting = asyncio.ensure_future(pool.reserve(ask(clock, tokens=5000, deadline_in=60.0)))
+    await tick(clock, 1.5)
+    assert not waiting.done(), "a short silence (a restart) is waited out"
+    await tick(clock, 3.0)
+    refusal = waiting.result()
+    assert (
+        isinstance(refusal, Refusal) and "no budget can be had" in refusal.reason and "ActorDiedError" in refusal.reason
+    )
+    now_refused = await pool.reserve(ask(clock, tokens=10))
+    assert isinstance(now_refused, Refusal) and "has not answered" in now_refused.reason
+    pool.closed = True
+    await pool.reporter.stop()

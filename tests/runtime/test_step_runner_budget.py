@@ -82,7 +82,7 @@ async def test_a_refused_duplicate_is_asked_again_later_not_in_a_busy_loop(simul
     elapsed = time.monotonic() - t0
     assert result.ok and [a.role for a in result.attempts] == ["primary"]
     assert policy.asked <= elapsed / 0.1 + 2, f"asked {policy.asked} times in {elapsed:.2f} s"
-    assert pool.counters.refusals["no_spare_capacity"] >= 1
+    assert pool.counters.refused_total["no_spare_capacity"] >= 1
     await pool.aclose()
     assert ledger.book.buckets[KEY].outstanding == 0  # settled and returned
 
@@ -101,6 +101,6 @@ async def test_waiting_for_budget_ends_when_the_run_stops(simulator):
     result = await asyncio.wait_for(task, 2.0)
     assert not result.ok and result.failure == FailureReason.CANCELLED
     assert "stopped while waiting" in result.detail
-    assert len(pool._queue) == 0
+    assert len(pool.queue) == 0
     assert sim.log_records() == []  # nothing was sent
     await pool.aclose()
