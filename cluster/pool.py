@@ -176,6 +176,7 @@ class ExecutorPool:
         executor_clock: Clock | None = None,
         executor_kwargs: Mapping[str, Any] | None = None,
         name: str = "executor",
+        runtime_env: Mapping[str, Any] | None = None,
     ) -> None:
         self.config = config or PoolConfig()
         self.clock = clock
@@ -183,6 +184,7 @@ class ExecutorPool:
         self._providers = dict(providers)
         self._executor_clock = executor_clock
         self._executor_kwargs = dict(executor_kwargs or {})  # tail control settings for every executor
+        self._runtime_env = dict(runtime_env) if runtime_env else None  # e.g. the user's modules (py_modules)
         self._name = name
         self._members: dict[int, _Member] = {}
         self._keys = itertools.count()
@@ -319,6 +321,8 @@ class ExecutorPool:
             options["resources"] = dict(self.config.executor_resources)
         if self.config.spread:
             options["scheduling_strategy"] = "SPREAD"
+        if self._runtime_env:
+            options["runtime_env"] = self._runtime_env
         handle = StepExecutor.options(**options).remote(
             self._providers, f"{self._name}-{key}", self._executor_clock, **self._executor_kwargs
         )

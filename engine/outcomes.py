@@ -61,6 +61,9 @@ class ProviderError(BaseModel):
     status: int | None = None
     message: str = ""
     retry_after_s: float | None = None
+    # Set when the provider's endpoint could not be reached at all (refused, no such host): nothing was
+    # sent, so nothing is charged; a base URL that refuses every connection is a configuration error.
+    endpoint: str | None = None
 
 
 class AttemptOutcome(StrEnum):
@@ -84,6 +87,10 @@ class FailureReason(StrEnum):
     PROVIDER_ERROR = "provider_error"
     BUDGET_EXHAUSTED = "budget_exhausted"
     CANCELLED = "cancelled"
+    # Every attempt of a step failed the same way no retry can fix: a key the provider rejects, an unknown
+    # model, an endpoint that refuses connections, a validator that is missing or raises (see
+    # `tailrace.engine.config_errors`). A batch stops at the first one.
+    CONFIGURATION_ERROR = "configuration_error"
 
 
 class AttemptRequest(BaseModel):

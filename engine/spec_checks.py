@@ -9,7 +9,8 @@ each under a field path that names steps by id (`steps[summarize].models[1].prov
 instead of folding it into a ValidationError with positional paths.
 
 Whether the custom validators a contract names are registered is checked at run start
-(`check_validators_registered`), since user code may register them after the spec is loaded.
+(`check_validators_registered`), since user code may register them after the spec is loaded; every
+executor then checks that it can resolve them (`tailrace.engine.user_code`).
 """
 
 from __future__ import annotations
@@ -45,16 +46,20 @@ def check_workflow(spec: WorkflowSpec) -> None:
 
 
 def check_validators_registered(spec: WorkflowSpec) -> None:
-    """Raise `SpecErrors` when an output contract names a custom validator nobody registered."""
+    """Raise `SpecErrors` when an output contract names a custom validator that is neither registered in
+    this (the driver's) process nor an import path. Import paths are resolved where validation runs: on
+    every executor, before the first run."""
     known = registered_validators()
     errors = [
         SpecError(
             f"steps[{step.id}].output.validators[{i}]",
-            f"validator {name!r} is not registered; registered: {_listing(known)}",
+            f"validator {name!r} is not registered; registered: {_listing(known)} (register it with "
+            "tailrace.register_validator before the batch starts, or name it by import path "
+            "'package.module:function')",
         )
         for step in spec.steps
         for i, name in enumerate(step.output.validators)
-        if name not in known
+        if name not in known and ":" not in name
     ]
     if errors:
         raise SpecErrors(errors)
