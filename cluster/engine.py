@@ -282,9 +282,19 @@ class Engine:
         if not self.config.user_modules:
             return None
         import ray
+        from ray._private.runtime_env.py_modules import upload_py_modules_if_needed
 
+        # An actor's runtime env takes URIs only: upload the modules as `ray.init(runtime_env=...)` does
+        # (Ray's own helper; content-addressed, so an unchanged module is uploaded once per cluster).
+        node = ray._private.worker.global_worker.node
+        uploaded = upload_py_modules_if_needed(
+            {"py_modules": list(self.config.user_modules)},
+            include_gitignore=True,
+            scratch_dir=node.get_runtime_env_dir_path(),
+            logger=log,
+        )
         job_env = dict(ray.get_runtime_context().runtime_env or {})
-        return {"py_modules": [*job_env.get("py_modules", []), *self.config.user_modules]}
+        return {"py_modules": [*job_env.get("py_modules", []), *uploaded["py_modules"]]}
 
 
 async def _on_every_executor(pool: ExecutorPool, method: str, within_s: float = 10.0) -> None:

@@ -302,8 +302,11 @@ class ExecutorPool:
         ready = [m for m in self._members.values() if m.state == MemberState.READY]
         if not ready:
             return None
-        tie = next(self._tie)
-        return min(ready, key=lambda m: (m.handle is avoid, m.in_flight, (m.key - tie) % 997))
+        # Ties go round: one turn per pick, counted over the ready members (a modulus larger than their
+        # number would hand every tie to the first member once the turn passed them all).
+        turn = next(self._tie) % len(ready)
+        order = {m.key: i for i, m in enumerate(ready)}
+        return min(ready, key=lambda m: (m.handle is avoid, m.in_flight, (order[m.key] - turn) % len(ready)))
 
     def _count(self, state: MemberState) -> int:
         return sum(1 for m in self._members.values() if m.state == state)
