@@ -48,6 +48,10 @@ def settle_auth_mode(*, new_cluster: bool) -> str | None:
         return current
     if new_cluster or auth_token_configured():
         os.environ[AUTH_MODE] = "token"
+        # Ray caches its config when first imported: refresh it, as Ray's own `ray start` does.
+        from ray._raylet import Config
+
+        Config.initialize("")
         return "token"
     return None
 

@@ -73,8 +73,8 @@ def resume(
     earlier = _read(sidecar_path(path))
     if done and earlier is not None and (changed := identity.differences(earlier)):
         raise InputError(
-            f"{path} holds {len(done)} runs of another batch ({'; '.join(changed)}): pass --fresh "
-            "(run_batch(..., fresh=True)) to replace them, or write to another file with --out"
+            f"{path} holds {len(done)} runs of another batch ({'; '.join(changed)}): start over with "
+            "--fresh (fresh=True in Python), or write to another file (--out)"
         )
     _write(sidecar_path(path), identity)
     if not done:
@@ -83,7 +83,7 @@ def resume(
     return Resume(
         done,
         f"{path} already holds {len(done)} finished runs of {why}: skipping them "
-        "(--fresh, or run_batch(..., fresh=True), runs them again)",
+        "(--fresh, or fresh=True in Python, runs them again)",
     )
 
 

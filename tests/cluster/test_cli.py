@@ -46,3 +46,35 @@ def test_bad_input_is_one_clear_error(files, capsys, argv, expected):
     assert code == 2
     assert expected in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["demo", "--deadlin", "5"], ["run", str(DEMO_WORKFLOW), "--input", "x.jsonl"]])
+def test_flags_are_never_matched_by_prefix(capsys, argv):
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments" in err or "the following arguments are required: --inputs" in err
+
+
+def test_budget_status_without_a_cluster_says_how_to_name_one_and_starts_none(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TAILRACE_REDIS_URL")}
+    env["RAY_TMPDIR"] = str(tmp_path)  # no `ray start` cluster recorded here
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "tailrace.cluster.cli", "budget", "status"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    err = " ".join(done.stderr.split())
+    assert "no Ray cluster is running on this machine" in err and "--address" in err and "Traceback" not in err
+    assert time.monotonic() - started < 30
+    assert not (tmp_path / "ray").exists()  # no throwaway cluster was started
