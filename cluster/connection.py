@@ -43,17 +43,15 @@ def auth_token_configured() -> bool:
 
 def settle_auth_mode(*, new_cluster: bool) -> str | None:
     """Set `RAY_AUTH_MODE` for this process when the user left it unset; the mode in force."""
-    current = os.environ.get(AUTH_MODE)
-    if current:
-        return current
-    if new_cluster or auth_token_configured():
-        os.environ[AUTH_MODE] = "token"
-        # Ray caches its config when first imported: refresh it, as Ray's own `ray start` does.
-        from ray._raylet import Config
+    mode = os.environ.get(AUTH_MODE) or None
+    if mode is None and (new_cluster or auth_token_configured()):
+        os.environ[AUTH_MODE] = mode = "token"
+    # Ray reads its config once, when first imported (maybe before the mode was set): refresh it, as
+    # Ray's own `ray start` does after choosing a mode.
+    from ray._raylet import Config
 
-        Config.initialize("")
-        return "token"
-    return None
+    Config.initialize("")
+    return mode
 
 
 def connect(
@@ -65,7 +63,7 @@ def connect(
 
     if ray.is_initialized():
         return
-    joining = bool(address or os.environ.get("RAY_ADDRESS"))
+    joining = address != "local" and bool(address or os.environ.get("RAY_ADDRESS"))
     settle_auth_mode(new_cluster=not joining)
     try:
         ray.init(
