@@ -1,7 +1,9 @@
 """`tailrace run`, `tailrace demo` (a batch on this machine's Ray, or one `--address` names) and
 `tailrace sim` (the provider simulator on its own).
 
-`run` and `demo` write results as runs finish. Running the same command again resumes: the runs
+`run` and `demo` write results as runs finish. User code a workflow names by import path
+(`validators: ["checks:ticket_ok"]`, `schema_model: "checks:Triage"`) may live in modules next to the
+workflow file: they are importable here and shipped with the executors. Running the same command again resumes: the runs
 already in the results file are skipped, and it says so. A results file written by a different batch
 (another workflow, other inputs, other options) is refused until `--fresh` (start over) or another
 `--out`. Exit status: 0 when every run of the batch is delivered, 1 when some run is not, 2 on bad
@@ -20,7 +22,7 @@ from tailrace.cluster.results import BatchSummary
 from tailrace.cluster.resume import BatchIdentity, resume
 from tailrace.cluster.trace import default_trace_path
 from tailrace.engine.errors import InputError
-from tailrace.engine.loading import check_inputs, load_inputs, load_workflow
+from tailrace.engine.loading import check_inputs, load_inputs
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 DEMO_WORKFLOW = EXAMPLES / "support_triage" / "workflow.yaml"
@@ -72,7 +74,7 @@ def run_batch_command(args: argparse.Namespace) -> int:
     from tailrace.cluster.config import BatchConfig
     from tailrace.cluster.pool import PoolConfig
 
-    workflow = load_workflow(args.workflow)
+    workflow, beside = common.load_workflow_beside(args.workflow)
     if not Path(args.inputs).is_file():
         raise InputError(f"inputs file {args.inputs!r} does not exist")
     options = common.run_options(workflow.defaults, args)
@@ -88,7 +90,7 @@ def run_batch_command(args: argparse.Namespace) -> int:
     done = state.skip & set(ids)
     if len(done) == len(ids):
         return _report_whole(out, workflow.name, options.deadline_s, 0)
-    config = BatchConfig(pool=PoolConfig.fixed(args.executors), max_in_flight=args.concurrency)
+    config = BatchConfig(pool=PoolConfig.fixed(args.executors), max_in_flight=args.concurrency, user_modules=beside)
     with common.simulator_for(workflow, args) as simulator, common.library_notes(), common.progress() as bar:
         task = bar.add_task(workflow.name, total=len(ids) - len(done))
         summary = run_batch(
