@@ -25,7 +25,7 @@ from typing import Any
 from tailrace.cluster.budget import budget_status
 from tailrace.cluster.config import BatchConfig, EngineConfig
 from tailrace.cluster.connection import connect
-from tailrace.cluster.engine import Engine, Providers
+from tailrace.cluster.engine import Engine, Providers, load_workflow_beside
 from tailrace.cluster.pool import ExecutorPool, PoolConfig
 from tailrace.cluster.providers import needs_simulator
 from tailrace.cluster.results import BatchSummary, ResultWriter
@@ -33,7 +33,7 @@ from tailrace.cluster.resume import BatchIdentity, resume
 from tailrace.cluster.trace import TraceConfig, TraceWriter, default_trace_path
 from tailrace.engine.clock import Clock
 from tailrace.engine.errors import ConfigurationError
-from tailrace.engine.loading import check_inputs, load_inputs, load_workflow
+from tailrace.engine.loading import check_inputs, load_inputs
 from tailrace.engine.outcomes import FailureReason, RunOutcome
 from tailrace.engine.providers.base import AdapterSettings
 from tailrace.engine.spec_checks import check_validators_registered
@@ -111,7 +111,11 @@ def run_batch(
     that shows it.
     """
     config, providers, hooks = _with_legacy(config, providers, legacy)
-    spec = workflow if isinstance(workflow, WorkflowSpec) else load_workflow(workflow)
+    if isinstance(workflow, WorkflowSpec):
+        spec = workflow
+    else:  # a file: modules beside it that the spec names travel with the executors
+        spec, beside = load_workflow_beside(workflow)
+        config = config.model_copy(update={"user_modules": tuple(dict.fromkeys([*config.user_modules, *beside]))})
     check_validators_registered(spec)  # before anything starts, in this process
     options = options or spec.defaults
     trace = config.trace

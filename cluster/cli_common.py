@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -72,29 +70,6 @@ def library_notes() -> Iterator[None]:
     finally:
         logger.removeHandler(handler)
         logger.propagate = propagate
-
-
-def load_workflow_beside(path: str | Path) -> tuple[WorkflowSpec, list[str]]:
-    """Load a workflow file whose user code (validators, schema models named by import path) may live in
-    modules next to it: that directory is made importable here, and the modules the spec names from it
-    are returned, to ship with the executors (`BatchConfig.user_modules`)."""
-    from tailrace.engine.loading import load_workflow
-
-    directory = Path(path).resolve().parent
-    if str(directory) not in sys.path:
-        sys.path.insert(0, str(directory))
-    workflow = load_workflow(path)
-    beside = []
-    for step in workflow.steps:
-        named = [*step.output.validators, *([step.output.schema_model] if step.output.schema_model else [])]
-        for ref in named:
-            if not isinstance(ref, str) or ":" not in ref:
-                continue
-            top = ref.partition(":")[0].split(".")[0]
-            for candidate in (directory / f"{top}.py", directory / top):
-                if candidate.is_file() or (candidate / "__init__.py").is_file():
-                    beside.append(str(candidate))
-    return workflow, list(dict.fromkeys(beside))
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:

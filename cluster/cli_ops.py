@@ -139,7 +139,9 @@ def _address(p: argparse.ArgumentParser) -> None:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    workflow, _ = common.load_workflow_beside(args.workflow)  # the job's working directory ships those modules
+    from tailrace.cluster.engine import load_workflow_beside  # imports Ray: not before the input is checked
+
+    workflow, _ = load_workflow_beside(args.workflow)  # the job's working directory ships those modules
     if not Path(args.inputs).is_file():
         raise InputError(f"inputs file {args.inputs!r} does not exist")
     for line, record in load_inputs(args.inputs):  # every record checked before anything is sent

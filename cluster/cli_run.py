@@ -72,9 +72,10 @@ def demo_command(args: argparse.Namespace) -> int:
 def run_batch_command(args: argparse.Namespace) -> int:
     from tailrace.cluster.api import run_batch
     from tailrace.cluster.config import BatchConfig
+    from tailrace.cluster.engine import load_workflow_beside
     from tailrace.cluster.pool import PoolConfig
 
-    workflow, beside = common.load_workflow_beside(args.workflow)
+    workflow, beside = load_workflow_beside(args.workflow)
     if not Path(args.inputs).is_file():
         raise InputError(f"inputs file {args.inputs!r} does not exist")
     options = common.run_options(workflow.defaults, args)

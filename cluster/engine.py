@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import sys
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -63,12 +64,20 @@ class Engine:
     ) -> None:
         """`workflows`: what this engine will serve (their providers and limits are set up at start, and
         they are prepared before `start` returns); `engine.run` accepts others whose providers it has.
-        `providers`: explicit endpoints, or the simulator's (default: from the environment, and the
-        built-in simulator when nothing is configured). `address`: the Ray cluster to join (default: the
-        one Ray is connected to, `RAY_ADDRESS`, else a new local cluster). `executor_clock`: the clock
-        executors run on (tests and clock-skew drills)."""
+        A workflow given as a file may name user code in modules beside it (`"checks:Triage"`): they are
+        importable here and shipped with the executors. `providers`: explicit endpoints, or the
+        simulator's (default: from the environment, and the built-in simulator when nothing is
+        configured). `address`: the Ray cluster to join (default: the one Ray is connected to,
+        `RAY_ADDRESS`, else a new local cluster). `executor_clock`: the clock executors run on (tests and
+        clock-skew drills)."""
         self.config = config or EngineConfig()
-        self._workflows = [w if isinstance(w, WorkflowSpec) else load_workflow(w) for w in workflows]
+        self._workflows: list[WorkflowSpec] = []
+        for workflow in workflows:
+            if not isinstance(workflow, WorkflowSpec):  # a file: modules beside it travel with the executors
+                workflow, beside = load_workflow_beside(workflow)
+                shipped = list(dict.fromkeys([*self.config.user_modules, *beside]))
+                self.config = self.config.model_copy(update={"user_modules": tuple(shipped)})
+            self._workflows.append(workflow)
         self._address = address
         self._executor_clock = executor_clock
         self._serving = serving_spec(self._workflows)
@@ -295,6 +304,27 @@ class Engine:
         )
         job_env = dict(ray.get_runtime_context().runtime_env or {})
         return {"py_modules": [*job_env.get("py_modules", []), *uploaded["py_modules"]]}
+
+
+def load_workflow_beside(path: str | Path) -> tuple[WorkflowSpec, list[str]]:
+    """Load a workflow file whose user code (validators, schema models named by import path) may live in
+    modules next to it: that directory is made importable here, and the modules the spec names from it
+    are returned, to ship with the executors (`BatchConfig.user_modules`)."""
+    directory = Path(path).resolve().parent
+    if str(directory) not in sys.path:
+        sys.path.insert(0, str(directory))
+    workflow = load_workflow(path)
+    beside = []
+    for step in workflow.steps:
+        named = [*step.output.validators, *([step.output.schema_model] if step.output.schema_model else [])]
+        for ref in named:
+            if not isinstance(ref, str) or ":" not in ref:
+                continue
+            top = ref.partition(":")[0].split(".")[0]
+            for candidate in (directory / f"{top}.py", directory / top):
+                if candidate.is_file() or (candidate / "__init__.py").is_file():
+                    beside.append(str(candidate))
+    return workflow, list(dict.fromkeys(beside))
 
 
 async def _on_every_executor(pool: ExecutorPool, method: str, within_s: float = 10.0) -> None:
