@@ -49,7 +49,7 @@ def register(sub: Any) -> dict[str, Any]:
 
 
 def interrupted(args: argparse.Namespace) -> str:
-    if args.command in ("run", "demo"):
+    if args.command in ("run", "demo") and getattr(args, "out", None):
         return f"interrupted: the finished runs are in {args.out}; run the same command again to resume"
     return "interrupted"
 

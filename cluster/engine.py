@@ -104,23 +104,27 @@ class Engine:
         self.pool: ExecutorPool | None = None
         self.simulator: SimulatorEndpoints | None = None
 
+    @property
+    def workflows(self) -> dict[str, WorkflowSpec]:
+        """The workflows given at construction, by name (files loaded): what to pass to `run`."""
+        return {w.name: w for w in self._workflows}
+
     # -- lifecycle -----------------------------------------------------------------------------------
 
     async def start(self) -> Engine:
         from tailrace.actors.latency_stats import stats_actor
-        from tailrace.cluster.budget import ensure_budget
 
         connect(self._address)
         if self._simulate:
             self._providers = resolve_providers(self._serving, self._start_simulator())
         self._stats = stats_actor(self.stats_name, self.config.tuning.latency)  # owned here, not by an executor
         if self.config.budget is not None:
-            budget = self.config.budget
-            self._budget = ensure_budget(budget, self._workflows[0]) if self._workflows else None
-            if self._budget is None:
-                from tailrace.actors.budget_actor import BudgetHandle, budget_actor
+            from tailrace.actors.budget_actor import BudgetHandle, budget_actor
 
-                self._budget = BudgetHandle(budget, budget_actor(budget))
+            budget = self.config.budget
+            for workflow in self._workflows:  # the limits their providers declare
+                budget = budget.for_workflow(workflow)
+            self._budget = BudgetHandle(budget, budget_actor(budget))
         self.pool = ExecutorPool(
             self._providers,
             self.config.pool,
@@ -195,12 +199,15 @@ class Engine:
         driver = self._driver(spec, options)
         return await driver.run(run_id, dict(inputs), deadline)
 
-    async def prepare(self, workflow: WorkflowSpec | str | Path) -> WorkflowSpec:
+    async def prepare(self, workflow: WorkflowSpec) -> WorkflowSpec:
         """Ship the user code `workflow` names to every executor and have each resolve it; the spec as
         executors run it. Done once per workflow (`run` calls it). Raises `ConfigurationError` naming
         whatever an executor cannot use, and where."""
         if not isinstance(workflow, WorkflowSpec):
-            workflow = load_workflow(workflow)
+            raise TypeError(
+                f"expected a WorkflowSpec, got {type(workflow).__name__}: load a workflow file once (it is "
+                "then reused), e.g. Engine(workflows=['workflow.yaml']) or load_workflow('workflow.yaml')"
+            )
         ready = self._prepared.get(id(workflow))
         if ready is not None:
             return ready
