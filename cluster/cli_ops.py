@@ -249,16 +249,16 @@ def _stop(args: argparse.Namespace) -> int:
 
 def _results(args: argparse.Namespace) -> int:
     out = Path(args.out or f"results-{args.submission_id}.jsonl")
-    common = {
+    where = {
         "address": args.address,
         "results_dir": args.results_dir or jobs.DEFAULT_RESULTS_DIR,
         "python": args.python,
         "via_job": True if args.via_job else None,
     }
-    jobs.fetch_results(args.submission_id, out, **common)
+    jobs.fetch_results(args.submission_id, out, **where)
     trace = default_trace_path(out)
     try:
-        jobs.fetch_results(args.submission_id, trace, what="trace", **common)
+        jobs.fetch_results(args.submission_id, trace, what="trace", **where)
     except jobs.JobError:
         trace = None  # type: ignore[assignment]
     summary = BatchSummary()
