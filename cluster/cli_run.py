@@ -23,6 +23,7 @@ from tailrace.cluster.resume import BatchIdentity, resume
 from tailrace.cluster.trace import default_trace_path
 from tailrace.engine.errors import InputError
 from tailrace.engine.loading import check_inputs, load_inputs
+from tailrace.engine.spec_checks import check_validators_registered
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 DEMO_WORKFLOW = EXAMPLES / "support_triage" / "workflow.yaml"
@@ -76,6 +77,7 @@ def run_batch_command(args: argparse.Namespace) -> int:
     from tailrace.cluster.pool import PoolConfig
 
     workflow, beside = load_workflow_beside(args.workflow)
+    check_validators_registered(workflow)  # names only Python can register: say so before anything starts
     if not Path(args.inputs).is_file():
         raise InputError(f"inputs file {args.inputs!r} does not exist")
     options = common.run_options(workflow.defaults, args)
