@@ -4,6 +4,10 @@ Many steps run concurrently in one executor (asyncio); health and admin calls ha
 concurrency group so a busy executor still answers them. Steps are hedged by default (see
 `tailrace.runtime.tail_control`); `hedge=HedgeConfig(enabled=False)` runs the same policy without duplicates.
 With `stats_name`, the executor shares its latency windows with the others through that stats actor.
+
+Start-up never fails on the user's setup: the user code the driver shipped (`shipped`, see
+`tailrace.actors.user_code`) is installed and a provider without a key on this node is noted, and
+`preflight` reports both, with this executor's name and node, before the driver starts a run.
 """
 
 from __future__ import annotations
@@ -16,12 +20,15 @@ from typing import Any
 
 import ray
 
+from tailrace.actors import user_code
 from tailrace.actors.attempt_journal import JournalingObserver, JournalReporter
 from tailrace.actors.latency_stats import StatsSync
 from tailrace.engine.clock import SYSTEM_CLOCK, Clock
-from tailrace.engine.outcomes import CancelReason, StepResult
+from tailrace.engine.errors import TailraceError
+from tailrace.engine.outcomes import CancelReason, FailureReason, StepResult
 from tailrace.engine.providers.base import AdapterSettings, ProviderAdapter, build_adapter
 from tailrace.engine.specs import HedgeConfig
+from tailrace.engine.user_code import CodeRef
 from tailrace.policies.hedging import TailTuning
 from tailrace.policies.spend import RunCostGate, SpendGate
 from tailrace.runtime.step_runner import RunStop, StepRequest, StepRunner
@@ -40,14 +47,20 @@ class StepExecutor:
         stats_name: str | None = None,
         budget: Any = None,
         journal_name: str | None = None,
+        shipped: Mapping[str, bytes] | None = None,
     ) -> None:
         # `clock` is this process's view of time; tests inject a skewed one to play a node whose
         # wall clock is off (the deadline each step gets is converted with it, once, on arrival).
         clock = clock or SYSTEM_CLOCK
         self._name = name
-        self._adapters: dict[str, ProviderAdapter] = {
-            provider: build_adapter(settings, clock) for provider, settings in providers.items()
-        }
+        self._code_problems = user_code.install(shipped or {})
+        self._adapters: dict[str, ProviderAdapter] = {}
+        self._provider_problems: dict[str, str] = {}
+        for provider, settings in providers.items():
+            try:
+                self._adapters[provider] = build_adapter(settings, clock)
+            except TailraceError as exc:  # e.g. no API key in this node's environment
+                self._provider_problems[provider] = str(exc)
         self.tail = TailControl(hedge, tuning, clock)
         # With a cluster budget (an `tailrace.actors.budget_actor.BudgetHandle`), every attempt also reserves
         # from this executor's lease, after the run's cost cap.
@@ -70,6 +83,7 @@ class StepExecutor:
         self._stops: dict[str, RunStop] = {}  # run id -> stop signal for its steps here
         self._steps_per_run: Counter[str] = Counter()
         self._in_flight = 0
+        self._served = 0
 
     def _gate(self, request: StepRequest) -> SpendGate:
         from tailrace.runtime.direct_gate import ComposedGate
@@ -83,6 +97,16 @@ class StepExecutor:
             self._sync.start()  # in this actor's event loop; the first sync warms the windows
         if self._journal is not None:
             self._journal.start()
+        self._served += 1
+        unusable = [m.provider for m in request.step.models if m.provider in self._provider_problems]
+        if unusable:  # an executor that joined after the driver's preflight, on a node without the key
+            problem = self._provider_problems[unusable[0]]
+            return StepResult(
+                step_id=request.step.id,
+                ok=False,
+                failure=FailureReason.CONFIGURATION_ERROR,
+                detail=f"step {request.step.id!r}: {problem} (executor {self._name} on node {_node()})",
+            )
         run_id = request.run_id
         stop = self._stops.setdefault(run_id, RunStop())
         self._steps_per_run[run_id] += 1
@@ -104,12 +128,32 @@ class StepExecutor:
         if stop is not None:
             stop.set(CancelReason(reason))
 
+    async def preflight(
+        self, refs: list[CodeRef], providers: list[str], shipped: Mapping[str, bytes] | None = None
+    ) -> list[dict[str, str]]:
+        """What this executor cannot use of a workflow: its user code (`refs`, after installing what the
+        driver ships with it) and its providers. Empty when the workflow can run here."""
+        if shipped:
+            self._code_problems.update(user_code.install(shipped))
+        where = {"executor": self._name, "node": _node(), "ip": ray.util.get_node_ip_address()}
+        problems = [
+            {"field": ref.field, "kind": ref.kind, "name": ref.name, "problem": problem, **where}
+            for ref, problem in user_code.check(refs, self._code_problems)
+        ]
+        problems += [
+            {"field": f"providers.{p}", "kind": "provider", "name": p, "problem": self._provider_problems[p], **where}
+            for p in providers
+            if p in self._provider_problems
+        ]
+        return problems
+
     @ray.method(concurrency_group="admin")
     async def health(self) -> dict[str, object]:
         return {
             "name": self._name,
             "pid": os.getpid(),
-            "node": ray.get_runtime_context().get_node_id(),
+            "node": _node(),
+            "served": self._served,
             "in_flight": self._in_flight,
             "attempts_in_flight": self._runner.attempts_in_flight,
             **({"budget": self._budget.snapshot()} if self._budget is not None else {}),
@@ -140,3 +184,7 @@ class StepExecutor:
         if self._budget is not None:
             await self._budget.aclose()  # return the lease and report the last spend
         await asyncio.gather(*(a.aclose() for a in self._adapters.values()), return_exceptions=True)
+
+
+def _node() -> str:
+    return ray.get_runtime_context().get_node_id()

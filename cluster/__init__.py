@@ -10,8 +10,11 @@ from typing import Any
 
 _EXPORTS = {
     "run_batch": "tailrace.cluster.api",
-    "connect": "tailrace.cluster.api",
+    "connect": "tailrace.cluster.connection",
     "start_executors": "tailrace.cluster.api",
+    "Engine": "tailrace.cluster.engine",
+    "EngineConfig": "tailrace.cluster.config",
+    "BatchConfig": "tailrace.cluster.config",
     "WorkflowDriver": "tailrace.cluster.driver",
     "ExecutorPool": "tailrace.cluster.pool",
     "PoolConfig": "tailrace.cluster.pool",
@@ -21,7 +24,10 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "BatchConfig",
     "BatchSummary",
+    "Engine",
+    "EngineConfig",
     "ExecutorPool",
     "PoolConfig",
     "TraceConfig",

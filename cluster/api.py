@@ -1,11 +1,15 @@
-"""`run_batch`: the Python API to run a batch of records through a workflow on a Ray cluster.
+"""`run_batch`: run a batch of records through a workflow on a Ray cluster; a loop over an `Engine`.
 
 `ray.init()` starts a local cluster unless Ray is already initialised or `address` names one. With no
-provider configured, the embedded simulator serves the calls (see `tailrace.cluster.providers`).
+provider key or URL configured, the engine starts the built-in simulator and says so (see
+`tailrace.cluster.providers`). Settings come as one typed `BatchConfig` (executor pool, hedging and
+tuning, cluster budget, trace, runs in flight, user modules shipped to executors).
 
-Steps are hedged by default (`hedge=HedgeConfig(...)` tunes it, `HedgeConfig(enabled=False)` runs the
-sequential retry policy). Executors share latency windows through a stats actor: one per batch unless
-`stats_name` names a longer-lived one to share (and start warm from) across batches.
+Results stream to `out` as runs finish. Running the same batch again (same workflow, inputs and
+options) skips the runs already there; a different batch is refused until `fresh=True` (see
+`tailrace.cluster.resume`). The batch stops at its first configuration error (a key the provider
+rejects, an endpoint that refuses connections, a validator that is missing or raises) with a
+`ConfigurationError` saying what to fix; the runs finished before it are kept.
 """
 
 from __future__ import annotations
@@ -13,45 +17,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import ray
-
-from tailrace.actors.attempt_journal import start_journal
-from tailrace.actors.budget_actor import BudgetHandle
-from tailrace.actors.latency_stats import stats_actor
-from tailrace.actors.step_executor import StepExecutor
-from tailrace.cluster.budget import BudgetAdmission, budget_status, ensure_budget
-from tailrace.cluster.driver import WorkflowDriver, run_records
-from tailrace.cluster.loopback import local_cluster_on_loopback
+from tailrace.cluster.budget import budget_status
+from tailrace.cluster.config import BatchConfig, EngineConfig
+from tailrace.cluster.connection import connect
+from tailrace.cluster.engine import Engine, Providers, load_workflow_beside, shipped_module_names
 from tailrace.cluster.pool import ExecutorPool, PoolConfig
-from tailrace.cluster.providers import SimulatorEndpoints, needs_simulator, resolve_providers
-from tailrace.cluster.results import BatchSummary, ResultWriter, finished_run_ids
+from tailrace.cluster.providers import needs_simulator
+from tailrace.cluster.results import BatchSummary, ResultWriter
+from tailrace.cluster.resume import BatchIdentity, resume
 from tailrace.cluster.trace import TraceConfig, TraceWriter, default_trace_path
-from tailrace.engine.clock import DEFAULT_GRACE_S, SYSTEM_CLOCK, Clock, Deadline, wait_for
-from tailrace.engine.loading import load_workflow
-from tailrace.engine.outcomes import RunOutcome
+from tailrace.engine.clock import Clock
+from tailrace.engine.errors import ConfigurationError
+from tailrace.engine.outcomes import FailureReason, RunOutcome
 from tailrace.engine.providers.base import AdapterSettings
 from tailrace.engine.records import Numbered, RejectedRecord, numbered_records
 from tailrace.engine.spec_checks import check_schema_models, check_validators_registered
 from tailrace.engine.specs import HedgeConfig, RunOptions, WorkflowSpec
 from tailrace.policies.budget_config import BudgetConfig
-from tailrace.policies.hedging import TailTuning
 
 log = logging.getLogger("tailrace")
 
 Records = Iterable[Mapping[str, Any]] | str | Path
-
-
-def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
-    """Start or join a Ray cluster, once per process."""
-    if ray.is_initialized():
-        return
-    with local_cluster_on_loopback(address):  # a cluster started here serves its metrics on 127.0.0.1 only
-        ray.init(address=address, num_cpus=num_cpus, logging_level=logging.WARNING, log_to_driver=False)
+# run_batch's keyword arguments before BatchConfig, accepted for now and mapped onto it.
+_LEGACY_CONFIG = ("pool", "trace", "hedge", "tuning", "budget", "grace_s", "stats_name", "max_in_flight")
+_LEGACY_HOOKS = ("simulator", "executor_clock", "on_pool", "num_executors")
 
 
 def start_executors(
@@ -60,11 +54,16 @@ def start_executors(
     num_cpus: float = 0.5,
     *,
     hedge: HedgeConfig | None = None,
-    tuning: TailTuning | None = None,
+    tuning: Any = None,
     stats_name: str | None = None,
-    budget: BudgetHandle | None = None,
+    budget: Any = None,
 ) -> list[Any]:
-    """Start executors and wait until they answer, so actor start-up is not charged to the first runs."""
+    """Start executors and wait until they answer, so actor start-up is not charged to the first runs
+    (for drivers that manage executors themselves; `Engine` does this with a pool)."""
+    import ray
+
+    from tailrace.actors.step_executor import StepExecutor
+
     executors = [
         StepExecutor.options(max_concurrency=1000, num_cpus=num_cpus).remote(
             dict(providers), f"executor-{i}", hedge=hedge, tuning=tuning, stats_name=stats_name, budget=budget
@@ -73,16 +72,6 @@ def start_executors(
     ]
     ray.get([e.health.remote() for e in executors])
     return executors
-
-
-async def _on_every_executor(pool: ExecutorPool, method: str, within_s: float = 10.0) -> None:
-    calls = asyncio.gather(*(getattr(h, method).remote() for h in pool.handles()), return_exceptions=True)
-    try:
-        for error in await wait_for(calls, Deadline.after(within_s, SYSTEM_CLOCK)):
-            if isinstance(error, BaseException):
-                log.warning("an executor failed %s: %s", method, type(error).__name__)
-    except TimeoutError:
-        log.warning("executors did not finish %s within %.0f s", method, within_s)
 
 
 def _numbered(workflow: WorkflowSpec, records: Records, skip: set[str]) -> Numbered:
@@ -96,55 +85,44 @@ def run_batch(
     *,
     options: RunOptions | None = None,
     out: str | Path | None = None,
+    config: BatchConfig | None = None,
+    providers: Providers | None = None,
     address: str | None = None,
-    providers: Mapping[str, AdapterSettings] | None = None,
-    simulator: SimulatorEndpoints | None = None,
-    num_executors: int = 2,
-    max_in_flight: int = 64,
-    grace_s: float = DEFAULT_GRACE_S,
     on_done: Callable[[RunOutcome], None] | None = None,
-    pool: PoolConfig | None = None,
-    trace: TraceConfig | Literal[False] | None = None,
-    executor_clock: Clock | None = None,
-    on_pool: Callable[[ExecutorPool], None] | None = None,
-    hedge: HedgeConfig | None = None,
-    tuning: TailTuning | None = None,
-    stats_name: str | None = None,
-    budget: BudgetConfig | None = None,
+    fresh: bool = False,
+    **legacy: Any,
 ) -> BatchSummary:
-    """Run every record through the workflow; outcomes stream to `out` (JSONL) as runs finish.
+    """Run every record (a JSONL path or an iterable of dicts) through the workflow; outcomes stream to
+    `out` (JSONL) as runs finish and `on_done` hears each. Returns the summary of this call's runs.
 
-    Runs already present in `out` are skipped, so an interrupted batch resumes where it stopped.
-    Executors come from an `ExecutorPool` (`pool`; default: `num_executors` of them, fixed, dead ones
-    replaced). Every attempt is traced to `trace` (default: `<out>.trace.jsonl` next to `out`; False:
-    no trace). `executor_clock` is the clock executors run on (tests inject a skewed one).
-    `hedge` is the executors' default tail control (steps override fields with their own `hedge`);
-    `tuning` sets the latency windows, circuit breakers and retry throttle they share.
-    With `budget`, every attempt is counted against the cluster's budget actor (TPM, RPM, tenants'
-    daily spend; found or created by name) and runs that cannot be served before their deadline
-    are refused at submission (`budget_exhausted`).
+    `options` default to the workflow's `defaults`; `config` holds everything else (`BatchConfig`);
+    `providers` are explicit endpoints or the simulator's (default: from the environment, else the
+    built-in simulator); `address` names a Ray cluster; `fresh=True` replaces an earlier batch's results
+    in `out` instead of resuming it. Raises `ConfigurationError` when the setup cannot work (user code
+    an executor cannot resolve, a rejected key, a refused endpoint, ...), before or at the first run
+    that shows it.
     """
-    spec = workflow if isinstance(workflow, WorkflowSpec) else load_workflow(workflow)
-    check_validators_registered(spec)
-    check_schema_models(spec)  # imports the modules schema models are named by, if the user allowed them
+    config, providers, hooks = _with_legacy(config, providers, legacy)
+    if isinstance(workflow, WorkflowSpec):
+        spec = workflow
+    else:  # a file: modules beside it that the spec names travel with the executors
+        spec, beside = load_workflow_beside(workflow)
+        config = config.model_copy(update={"user_modules": tuple(dict.fromkeys([*config.user_modules, *beside]))})
+    check_validators_registered(spec)  # before anything starts, in this process
+    # Imports the modules schema models are named by, if the user allowed them (or ships them).
+    check_schema_models(spec, allowed=shipped_module_names(config.user_modules))
     options = options or spec.defaults
-    if providers is None:
-        providers = resolve_providers(spec, simulator)
-    skip = finished_run_ids(out) if out else set()
+    trace = config.trace
     if trace is None and out is not None:
         trace = TraceConfig(path=str(default_trace_path(out)))
-    connect(address)
-    hedge = hedge or HedgeConfig()
-    tuning = tuning or TailTuning()
-    batch_stats = stats_name is None
-    stats_name = stats_name or f"tailrace-latency-stats-{uuid.uuid4().hex[:12]}"
-    stats = stats_actor(stats_name, tuning.latency)  # owned by this driver, not by one executor
-    journal_name = f"tailrace-attempt-journal-{uuid.uuid4().hex[:12]}"
-    journal = start_journal(journal_name)  # where a dead executor's attempts are found
-    handle = ensure_budget(budget, spec) if budget is not None else None
-    admission = (
-        BudgetAdmission(handle.config, spec, handle.actor) if handle is not None and handle.config.admission else None
-    )
+    skip: set[str] = set()
+    if out is not None:
+        inputs_file = records if isinstance(records, str | Path) else None
+        state = resume(out, BatchIdentity.of(spec, inputs_file, options), fresh=fresh, trace=trace and trace.path)
+        skip = state.skip
+        if state.note:
+            log.warning("tailrace: %s", state.note)
+    engine = Engine(config, workflows=[spec], providers=providers, address=address, **hooks.engine_kwargs())
     writer = ResultWriter(out)
     tracer = TraceWriter(trace, spec) if trace else None
     summary = BatchSummary()
@@ -157,57 +135,118 @@ def run_batch(
 
     def finished(outcome: RunOutcome) -> None:
         record = inputs_of.pop(outcome.run_id, None)
+        writer.write(outcome)
+        summary.add(outcome)
         if tracer is not None:
             tracer.write(outcome, record)
         if on_done is not None:
             on_done(outcome)
 
     async def drive() -> None:
-        async with ExecutorPool(
-            providers,
-            pool or PoolConfig.fixed(num_executors),
-            executor_clock=executor_clock,
-            executor_kwargs={
-                "hedge": hedge,
-                "tuning": tuning,
-                "stats_name": stats_name,
-                "budget": handle,
-                "journal_name": journal_name,
-            },
-        ) as executors:
-            if on_pool is not None:
-                on_pool(executors)
-            driver = WorkflowDriver(
-                spec, options, executors, grace_s=grace_s, hedge=hedge, admission=admission, journal=journal
-            )
-            await run_records(driver, remembered(), writer, summary, max_in_flight, finished)
-            if handle is not None:  # executors return their leases and report their last spend
-                await _on_every_executor(executors, "shutdown")
-            if not batch_stats:  # a shared stats actor outlives the batch: hand it the last samples
-                await _on_every_executor(executors, "sync_stats")
+        async with engine:
+            if hooks.on_pool is not None and engine.pool is not None:
+                hooks.on_pool(engine.pool)
+            await run_all(engine, spec, options, remembered(), config.max_in_flight, finished)
 
     try:
         asyncio.run(drive())
+    except ConfigurationError as exc:
+        kept = f"; the {summary.runs} runs finished before it are in {out}" if out and summary.runs else ""
+        raise ConfigurationError(f"{exc}{kept}") from None
     finally:
         writer.close()
         if tracer is not None:
             tracer.close()
-        with contextlib.suppress(Exception):
-            ray.kill(journal)
-        if batch_stats:
-            with contextlib.suppress(Exception):
-                ray.kill(stats)
     return summary
 
 
+async def run_all(
+    engine: Engine,
+    workflow: WorkflowSpec,
+    options: RunOptions,
+    records: Iterable[tuple[str, dict[str, Any] | RejectedRecord]],
+    max_in_flight: int,
+    finished: Callable[[RunOutcome], None],
+) -> None:
+    """Run records through the engine, at most `max_in_flight` at once, each outcome to `finished` as it
+    ends. At the first run that ended in a configuration error the rest are cancelled and not recorded
+    (so running again after the fix runs them), and `ConfigurationError` says what to fix."""
+    in_flight: set[asyncio.Task[RunOutcome]] = set()
+
+    def absorb(done: set[asyncio.Task[RunOutcome]]) -> None:
+        for task in done:
+            outcome = task.result()
+            if outcome.failure == FailureReason.CONFIGURATION_ERROR:
+                raise ConfigurationError(
+                    f"the batch stopped at its first configuration error (run {outcome.run_id}): {outcome.detail}"
+                )
+            finished(outcome)
+
+    try:
+        for run_id, record in records:
+            while len(in_flight) >= max_in_flight:
+                done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                absorb(done)
+            in_flight.add(asyncio.ensure_future(engine.run(workflow, record, options=options, run_id=run_id)))
+        while in_flight:
+            done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+            absorb(done)
+    finally:
+        for task in in_flight:
+            task.cancel()
+        for task in in_flight:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+class _Hooks:
+    """Test and drill hooks that are not configuration: the executors' clock, a look at the pool."""
+
+    def __init__(self, executor_clock: Clock | None = None, on_pool: Callable[[ExecutorPool], None] | None = None):
+        self.executor_clock = executor_clock
+        self.on_pool = on_pool
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        return {"executor_clock": self.executor_clock}
+
+
+def _with_legacy(
+    config: BatchConfig | None, providers: Providers | None, legacy: Mapping[str, Any]
+) -> tuple[BatchConfig, Providers | None, _Hooks]:
+    """Map the keyword arguments run_batch took before `BatchConfig` onto it (deprecated)."""
+    unknown = sorted(set(legacy) - set(_LEGACY_CONFIG) - set(_LEGACY_HOOKS))
+    if unknown:
+        raise TypeError(f"run_batch() got unexpected keyword argument(s): {', '.join(unknown)}")
+    config = config or BatchConfig()
+    fields = {k: legacy[k] for k in _LEGACY_CONFIG if legacy.get(k) is not None}
+    if "trace" in legacy and legacy["trace"] is False:
+        fields["trace"] = False
+    if legacy.get("num_executors") is not None and "pool" not in fields:
+        fields["pool"] = PoolConfig.fixed(legacy["num_executors"])
+    if fields:
+        warnings.warn(
+            f"run_batch({', '.join(sorted(fields))}=...) is deprecated: pass config=BatchConfig(...)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        config = config.model_copy(update=fields)
+    if legacy.get("simulator") is not None:
+        providers = providers or legacy["simulator"]
+    return config, providers, _Hooks(legacy.get("executor_clock"), legacy.get("on_pool"))
+
+
 __all__ = [
+    "BatchConfig",
     "BudgetConfig",
+    "Engine",
+    "EngineConfig",
     "ExecutorPool",
     "PoolConfig",
     "TraceConfig",
     "budget_status",
     "connect",
     "needs_simulator",
+    "run_all",
     "run_batch",
     "start_executors",
 ]

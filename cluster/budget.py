@@ -221,9 +221,9 @@ def budget_status(
         return asyncio.run(read())
     import ray
 
-    from tailrace.cluster.api import connect
+    from tailrace.cluster.connection import connect_existing
 
-    connect(address)
+    connect_existing(address)  # a running cluster's actor: never start a throwaway cluster to ask it
     actor = find_budget_actor(name)
     if actor is None:
         raise LookupError(f"no budget actor named {name!r} is running on this cluster")

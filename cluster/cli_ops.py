@@ -1,5 +1,9 @@
 """The `tailrace` subcommands for living with a cluster: submit, status, logs, results, stop (batches
-as Ray jobs), report (the tail report and its plot) and replay (behaviour rates of one request)."""
+as Ray jobs), report (the tail report and its plot) and replay (behaviour rates of one request).
+
+`status` exits 1 when the batch's job failed (and shows the end of its logs), 0 otherwise. Every hint
+printed for following a job carries the `--address` it was submitted to.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +13,27 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.markup import escape
 
+from tailrace.cluster import cli_common as common
+from tailrace.cluster import jobs
+from tailrace.cluster.pool import PoolConfig
+from tailrace.cluster.providers import resolve_providers
+from tailrace.cluster.replay import load_target, run_replay, worst_case_cost_usd
+from tailrace.cluster.replay import render as render_replay
+from tailrace.cluster.report import PLOT_INSTALL_HINT, build_report, plot_cdf, read_results, render, report_json
+from tailrace.cluster.results import BatchSummary
+from tailrace.cluster.trace import default_trace_path, read_trace
 from tailrace.engine.errors import InputError
+from tailrace.engine.loading import check_inputs, load_inputs, load_workflow
+from tailrace.engine.specs import WorkflowSpec
 
 COMMANDS = ("submit", "status", "logs", "results", "stop", "report", "replay")
-console = Console(stderr=False)
+console = common.console
 
 
-def add_commands(sub: Any, scenario_names: tuple[str, ...]) -> None:
+def register(sub: Any) -> dict[str, Any]:
+    scenario_names = common.SCENARIO_NAMES
     submit = sub.add_parser("submit", help="submit a batch to a Ray cluster as a job (idempotent)")
     submit.add_argument("workflow", help="workflow spec (.yaml or .json)")
     submit.add_argument("--inputs", required=True, help="input records, one JSON object per line")
@@ -29,12 +44,14 @@ def add_commands(sub: Any, scenario_names: tuple[str, ...]) -> None:
     submit.add_argument(
         "--no-ship-tailrace", action="store_true", help="the cluster has tailrace installed: do not ship its packages"
     )
-    submit.add_argument("--python", default="python", help="the cluster's Python interpreter (default: python)")
+    submit.add_argument(
+        "--python",
+        help="the Python interpreter that runs the job on the head node (default: this one for a cluster on this "
+        "machine, else `python`, checked for Ray before the batch starts)",
+    )
     submit.add_argument("--results-dir", default=None, help="on the head node (default: ~/.tailrace/jobs)")
     submit.add_argument("--wait", action="store_true", help="wait for the job to finish")
-    submit.add_argument("--deadline", type=float, help="end-to-end deadline per run, seconds")
-    submit.add_argument("--max-cost", type=float, help="cost cap per run, USD")
-    submit.add_argument("--tenant", help="tenant name")
+    common.add_run_options(submit)
     submit.add_argument("--concurrency", type=int, default=64, help="runs in flight at once")
     submit.add_argument("--scenario", choices=scenario_names, help="run against the built-in simulator")
     submit.add_argument("--seed", type=int, default=0)
@@ -70,7 +87,7 @@ def add_commands(sub: Any, scenario_names: tuple[str, ...]) -> None:
     _address(results)
     results.add_argument("--results-dir", default=None, help="where the job wrote them on the head node")
     results.add_argument("--out", help="local results file (default: results-<id>.jsonl)")
-    results.add_argument("--python", default="python", help="the cluster's Python interpreter")
+    results.add_argument("--python", help="the head node's Python interpreter for the helper job (as for submit)")
     results.add_argument("--via-job", action="store_true", help="always fetch through a helper job")
 
     report = sub.add_parser("report", help="the tail report of a results file, with a latency CDF plot")
@@ -94,6 +111,23 @@ def add_commands(sub: Any, scenario_names: tuple[str, ...]) -> None:
     replay.add_argument("--seed", type=int, default=0)
     replay.add_argument("--time-scale", type=float, default=1.0)
     replay.add_argument("--json", action="store_true")
+    return {
+        "submit": _submit,
+        "status": _status,
+        "logs": _logs,
+        "results": _results,
+        "stop": _stop,
+        "report": _report,
+        "replay": _replay,
+    }
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    if args.command == "replay":
+        return "interrupted: the replay stopped; nothing was written"
+    if args.command in ("status", "logs"):
+        return "interrupted (the job itself goes on: `tailrace stop` stops it)"
+    return "interrupted"
 
 
 def _address(p: argparse.ArgumentParser) -> None:
@@ -104,31 +138,15 @@ def _address(p: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    return {
-        "submit": _submit,
-        "status": _status,
-        "logs": _logs,
-        "results": _results,
-        "stop": _stop,
-        "report": _report,
-        "replay": _replay,
-    }[args.command](args)
-
-
 def _submit(args: argparse.Namespace) -> int:
-    from tailrace.cluster import jobs
-    from tailrace.cluster.cli import _options
-    from tailrace.cluster.pool import PoolConfig
-    from tailrace.engine.loading import check_inputs, load_inputs, load_workflow
+    from tailrace.cluster.engine import load_workflow_beside  # imports Ray: not before the input is checked
 
-    workflow = load_workflow(args.workflow)
+    workflow, _ = load_workflow_beside(args.workflow)  # the job's working directory ships those modules
     if not Path(args.inputs).is_file():
         raise InputError(f"inputs file {args.inputs!r} does not exist")
     for line, record in load_inputs(args.inputs):  # every record checked before anything is sent
         check_inputs(workflow, record, line, source=args.inputs)
-    options = _options(workflow.defaults, args)
-    overrides = options.model_dump()
+    options = common.run_options(workflow.defaults, args)
     resources = {}
     for item in args.executor_resource:
         name, _, value = item.partition("=")
@@ -146,7 +164,7 @@ def _submit(args: argparse.Namespace) -> int:
     batch = jobs.BatchArgs(
         "",
         "",
-        overrides,
+        options.model_dump(),
         concurrency=args.concurrency,
         scenario=args.scenario,
         seed=args.seed,
@@ -171,28 +189,33 @@ def _submit(args: argparse.Namespace) -> int:
         "resubmitted": "submitted again (finished runs are skipped)",
         "already_running": "already running; not submitted twice",
     }[submission.action]
-    console.print(f"{submission.submission_id}: {verb}")
+    sid = submission.submission_id
+    console.print(f"{sid}: {verb}", highlight=False)
+    where = f" --address {args.address}" if args.address else ""
     console.print(
-        f"follow it: tailrace status {submission.submission_id}   tailrace logs "
-        f"{submission.submission_id} -f   tailrace results {submission.submission_id}"
+        f"follow it: tailrace status {sid}{where}   tailrace logs {sid}{where} -f   tailrace results {sid}{where}",
+        highlight=False,
     )
     if args.wait:
-        final = jobs.wait(submission.submission_id, args.address)
-        console.print(f"{submission.submission_id}: {final}")
+        final = jobs.wait(sid, args.address)
+        console.print(f"{sid}: {final}", highlight=False)
         if final != "SUCCEEDED":
-            tail = next(jobs.logs(submission.submission_id, args.address)).rstrip().splitlines()[-15:]
-            console.print("last lines of its logs:\n" + "\n".join(tail), markup=False, highlight=False)
-        return 0 if final == "SUCCEEDED" else 1
-    return 0
+            _last_log_lines(sid, args.address)
+        return common.EXIT_OK if final == "SUCCEEDED" else common.EXIT_NOT_ALL_DELIVERED
+    return common.EXIT_OK
+
+
+def _last_log_lines(sid: str, address: str | None, n: int = 15) -> None:
+    tail = next(jobs.logs(sid, address)).rstrip().splitlines()[-n:]
+    console.print("last lines of its logs:\n" + "\n".join(tail), markup=False, highlight=False)
 
 
 def _status(args: argparse.Namespace) -> int:
-    from tailrace.cluster import jobs
-
     state = jobs.status(args.submission_id, args.address)
+    failed = state.status == "FAILED"
     if args.json:
         console.print_json(json.dumps(state.as_dict()))
-        return 0
+        return common.EXIT_NOT_ALL_DELIVERED if failed else common.EXIT_OK
     console.print(f"{state.submission_id}: [bold]{state.status}[/]" + (f" ({state.message})" if state.message else ""))
     if state.attempts > 1:
         console.print(f"attempt {state.attempts} (Ray job {state.job_id})")
@@ -203,46 +226,39 @@ def _status(args: argparse.Namespace) -> int:
         console.print(
             f"summary: {s['runs']} runs, {s['delivered']} delivered, {s['on_time']} on time, cost ${s['cost_usd']:.4f}"
         )
-    return 0
+    if failed:
+        _last_log_lines(state.submission_id, args.address)
+        return common.EXIT_NOT_ALL_DELIVERED
+    return common.EXIT_OK
 
 
 def _logs(args: argparse.Namespace) -> int:
-    from tailrace.cluster import jobs
-
     for chunk in jobs.logs(args.submission_id, args.address, follow=args.follow):
         sys.stdout.write(chunk)
-    return 0
+    return common.EXIT_OK
 
 
 def _stop(args: argparse.Namespace) -> int:
-    from tailrace.cluster import jobs
-
     stopped = jobs.stop(args.submission_id, args.address)
     console.print(
         f"{args.submission_id}: {'stopping' if stopped else 'not running'}; finished runs are kept, "
         "submit it again to resume"
     )
-    return 0
+    return common.EXIT_OK
 
 
 def _results(args: argparse.Namespace) -> int:
-    from tailrace.cluster import jobs
-    from tailrace.cluster.cli import summary_table
-    from tailrace.cluster.report import read_results
-    from tailrace.cluster.results import BatchSummary
-    from tailrace.cluster.trace import default_trace_path
-
     out = Path(args.out or f"results-{args.submission_id}.jsonl")
-    common = {
+    where = {
         "address": args.address,
         "results_dir": args.results_dir or jobs.DEFAULT_RESULTS_DIR,
         "python": args.python,
         "via_job": True if args.via_job else None,
     }
-    jobs.fetch_results(args.submission_id, out, **common)
+    jobs.fetch_results(args.submission_id, out, **where)
     trace = default_trace_path(out)
     try:
-        jobs.fetch_results(args.submission_id, trace, what="trace", **common)
+        jobs.fetch_results(args.submission_id, trace, what="trace", **where)
     except jobs.JobError:
         trace = None  # type: ignore[assignment]
     summary = BatchSummary()
@@ -251,17 +267,12 @@ def _results(args: argparse.Namespace) -> int:
         summary.add(outcome)
         deadlines.append(outcome.deadline_at - outcome.started_at)
     name = next(iter(read_results(out))).workflow if summary.runs else args.submission_id
-    console.print(summary_table(summary, name, sorted(deadlines)[len(deadlines) // 2] if deadlines else 0))
+    console.print(common.summary_table(summary, name, sorted(deadlines)[len(deadlines) // 2] if deadlines else 0))
     console.print(f"results: {out}" + (f"   trace: {trace}" if trace else "") + f"   report: tailrace report {out}")
-    return 0
+    return common.EXIT_OK
 
 
 def _report(args: argparse.Namespace) -> int:
-    from tailrace.cluster.report import PLOT_INSTALL_HINT, build_report, plot_cdf, read_results, render, report_json
-    from tailrace.cluster.trace import default_trace_path, read_trace
-    from tailrace.engine.loading import load_workflow
-    from tailrace.engine.specs import WorkflowSpec
-
     results = Path(args.results)
     if not results.is_file():
         raise InputError(f"results file {args.results!r} does not exist")
@@ -283,33 +294,34 @@ def _report(args: argparse.Namespace) -> int:
             console.print(f"[yellow]no plot:[/] {escape(PLOT_INSTALL_HINT)}")
     if args.json:
         console.print_json(json.dumps({**report_json(report), "plot": str(plot) if plot else None}))
-        return 0
+        return common.EXIT_OK
     for renderable in render(report):
         console.print(renderable)
     if plot is not None:
         console.print(f"latency CDF: {plot}")
-    return 0
+    return common.EXIT_OK
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from tailrace.cluster.cli import _endpoints
-    from tailrace.cluster.providers import resolve_providers
-    from tailrace.cluster.replay import load_target, render, run_replay, worst_case_cost_usd
-
     if not Path(args.trace).is_file():
         raise InputError(f"trace file {args.trace!r} does not exist")
     if args.n < 1:
         raise InputError("--n must be at least 1")
     target = load_target(args.trace, args.step, args.run, args.attempt)
-    with _endpoints(target.workflow, args) as simulator:
+    with common.simulator_for(target.workflow, args) as simulator:
         worst = worst_case_cost_usd(target, args.n)
         if simulator is None and worst > args.max_cost:
             raise InputError(
                 f"replaying {args.n} times may cost up to ${worst:.2f}, over --max-cost "
                 f"${args.max_cost:.2f}; raise --max-cost or lower --n"
             )
-        providers = resolve_providers(target.workflow, simulator)  # type: ignore[arg-type]
-        result = run_replay(target, providers, args.n, args.concurrency)
+        providers = resolve_providers(target.workflow, simulator)
+        if args.json:
+            result = run_replay(target, providers, args.n, args.concurrency)
+        else:
+            with common.progress() as bar:
+                task = bar.add_task(f"replay {target.step.id} ({target.request.model})", total=args.n)
+                result = run_replay(target, providers, args.n, args.concurrency, on_done=lambda: bar.advance(task))
     if args.json:
         rows = [{"outcome": k, "count": c, "rate": r, "low": lo, "high": hi} for k, c, r, lo, hi in result.rates()]
         console.print_json(
@@ -324,7 +336,7 @@ def _replay(args: argparse.Namespace) -> int:
                 }
             )
         )
-        return 0
-    for renderable in render(result):
+        return common.EXIT_OK
+    for renderable in render_replay(result):
         console.print(renderable)
-    return 0
+    return common.EXIT_OK

@@ -26,6 +26,7 @@ from tailrace.actors.attempt_journal import lost_attempts
 from tailrace.cluster.pool import ExecutorSource, Lease, NoExecutorError
 from tailrace.cluster.results import BatchSummary, ResultWriter
 from tailrace.engine.clock import DEFAULT_GRACE_S, SYSTEM_CLOCK, Clock, Deadline, RunDeadline, wait_all, wait_first
+from tailrace.engine.config_errors import step_configuration_error
 from tailrace.engine.dag import Dag
 from tailrace.engine.outcomes import AttemptRecord, CancelReason, FailureReason, RunOutcome, StepResult
 from tailrace.engine.records import RejectedRecord
@@ -78,6 +79,8 @@ class _StepCall:
 
 
 _Pending = dict[asyncio.Task[StepResult], _StepCall]
+# A step stopped by its run, its budget or the driver: its attempts say nothing about the setup.
+_NOT_THE_SETUP = frozenset({FailureReason.BUDGET_EXHAUSTED, FailureReason.CANCELLED})
 
 
 class ExecutorChooser:
@@ -86,15 +89,17 @@ class ExecutorChooser:
     def __init__(self, executors: Sequence[Any]) -> None:
         self.executors = list(executors)
         self._load = [0] * len(self.executors)
-        self._tie = itertools.count()
+        self._turn = itertools.count()
 
     def acquire(self, avoid: Any = None) -> int:
-        order = sorted(
+        # One turn per choice, the same for every candidate: the idle executor after the last one chosen wins.
+        turn = next(self._turn) % len(self.executors)
+        best = min(
             range(len(self.executors)),
-            key=lambda i: (self.executors[i] is avoid, self._load[i], (i - next(self._tie)) % 997),
+            key=lambda i: (self.executors[i] is avoid, self._load[i], (i - turn) % len(self.executors)),
         )
-        self._load[order[0]] += 1
-        return order[0]
+        self._load[best] += 1
+        return best
 
     def release(self, index: int) -> None:
         self._load[index] -= 1
@@ -147,16 +152,27 @@ class WorkflowDriver:
         self.clock = clock
         self.grace_s = grace_s
 
-    async def run(self, run_id: str, inputs: dict[str, Any] | RejectedRecord) -> RunOutcome:
+    async def run(
+        self, run_id: str, inputs: dict[str, Any] | RejectedRecord, deadline: RunDeadline | None = None
+    ) -> RunOutcome:
+        """Run one record to its outcome by its deadline: `options.deadline_s` from now, or `deadline`
+        (e.g. one an online caller derived from its own client's deadline; bound here to this clock).
+        A record that cannot be a run (`RejectedRecord`) ends at once, typed `invalid_input`."""
         started_mono = self.clock.monotonic()
-        deadline = RunDeadline.start(self.options.deadline_s, self.clock, grace_s=self.grace_s)
+        if deadline is None:
+            deadline = RunDeadline.start(self.options.deadline_s, self.clock, grace_s=self.grace_s)
+            started_at = deadline.epoch_s - self.options.deadline_s
+        else:
+            if deadline.at is None or deadline.clock is not self.clock:
+                deadline = deadline.arrive(self.clock)
+            started_at = self.clock.time()
         rejected = inputs if isinstance(inputs, RejectedRecord) else None
         inputs = {} if rejected is not None else inputs
         state = _RunState(
             run_id,
             inputs,
             deadline,
-            deadline.epoch_s - self.options.deadline_s,
+            started_at,
             started_mono,
             extra_allowance=None if rejected is not None else self._extra_allowance(inputs),
         )
@@ -294,6 +310,9 @@ class WorkflowDriver:
                 state.degraded[step_id] = result.model or ""
         elif state.failure is None:
             state.failure, state.detail, state.failed_step = result.failure, result.detail, step_id
+            misconfigured = step_configuration_error(step_id, result.attempts)
+            if misconfigured is not None and result.failure not in _NOT_THE_SETUP:
+                state.failure, state.detail = FailureReason.CONFIGURATION_ERROR, misconfigured
 
     async def _stop_pending(self, state: _RunState, pending: _Pending) -> None:
         """Cancel the run's outstanding steps and keep the attempt records that come back while the

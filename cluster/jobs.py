@@ -33,9 +33,11 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import sys
 import tempfile
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -141,6 +143,40 @@ def default_address() -> str:
     return address if address.startswith(("http://", "https://")) else DEFAULT_ADDRESS
 
 
+def job_python(python: str | None, address: str | None) -> tuple[str, bool]:
+    """The interpreter a job runs with, and whether it is known to have Ray: `python` as given; else this
+    process's own when the job server is on this machine (the cluster was started from this install,
+    activated or not); else `python` on the head node's PATH, to be checked before the batch starts."""
+    if python:
+        return python, False
+    if _is_this_machine(urllib.parse.urlparse(address or default_address()).hostname or ""):
+        return sys.executable, True
+    return "python", False
+
+
+def _is_this_machine(host: str) -> bool:
+    if host in ("127.0.0.1", "localhost", "::1", "0.0.0.0", socket.gethostname()):
+        return True
+    try:
+        return host in socket.gethostbyname_ex(socket.gethostname())[2]
+    except OSError:
+        return False
+
+
+def entrypoint(python: str, verified: bool, argv: Sequence[str]) -> str:
+    """The job's shell command; an interpreter not known to have Ray is checked first, so a job on the
+    wrong one fails at once with what to do instead of a traceback."""
+    command = " ".join(shlex.quote(a) for a in [python, "-m", "tailrace.cluster.jobs", *argv])
+    if verified:
+        return command
+    py = shlex.quote(python)
+    advice = shlex.quote(
+        f"tailrace: {python!r} on the head node cannot import ray: pass --python with the interpreter "
+        "the cluster runs on (e.g. /path/to/venv/bin/python)"
+    )
+    return f"{py} -c 'import ray' >/dev/null 2>&1 || {{ echo {advice}; exit 3; }}; exec {command}"
+
+
 def client(address: str | None = None) -> Any:
     from ray.job_submission import JobSubmissionClient
 
@@ -240,12 +276,13 @@ def submit(
     address: str | None = None,
     submission_id: str | None = None,
     working_dir: str | Path | None = None,
-    python: str = "python",
+    python: str | None = None,
     pip: Sequence[str] = (),
     ship_tailrace: bool = True,
     results_dir: str = DEFAULT_RESULTS_DIR,
 ) -> Submission:
-    """Submit a batch as a Ray job (idempotent: see the module docstring)."""
+    """Submit a batch as a Ray job (idempotent: see the module docstring). `python`: the head node's
+    interpreter (default: see `job_python`)."""
     workflow, inputs = Path(workflow).resolve(), Path(inputs).resolve()
     for what, path in (("workflow", workflow), ("inputs", inputs)):
         if not path.is_file():
@@ -267,11 +304,11 @@ def submit(
     if earlier and earlier[-1][2] not in _TERMINAL:
         return Submission(sid, earlier[-1][1], "already_running", earlier[-1][2])
     job_id = f"{sid}.{earlier[-1][0] + 1}" if earlier else sid
-    entrypoint = " ".join(shlex.quote(a) for a in [python, "-m", "tailrace.cluster.jobs", *args.argv(sid, results_dir)])
+    entrypoint_command = entrypoint(*job_python(python, address), args.argv(sid, results_dir))
     try:
         _submit_job(
             jobs,
-            entrypoint=entrypoint,
+            entrypoint=entrypoint_command,
             submission_id=job_id,
             runtime_env=runtime_env(root, ship_tailrace=ship_tailrace, pip=pip, env_vars=forwarded_env()),
             metadata={"tailrace": "batch", "batch": sid, "workflow": rel["workflow"], "inputs": rel["inputs"]},
@@ -406,7 +443,7 @@ def fetch_results(
     address: str | None = None,
     results_dir: str = DEFAULT_RESULTS_DIR,
     what: str = "results",
-    python: str = "python",
+    python: str | None = None,
     via_job: bool | None = None,
     timeout_s: float = 300.0,
 ) -> Path:
@@ -424,21 +461,10 @@ def fetch_results(
         return target
     jobs = client(address)
     helper = f"{submission_id}-fetch-{uuid.uuid4().hex[:8]}"
-    argv = [
-        python,
-        "-m",
-        "tailrace.cluster.jobs",
-        "cat",
-        "--submission-id",
-        submission_id,
-        "--results-dir",
-        results_dir,
-        "--what",
-        what,
-    ]
+    argv = ["cat", "--submission-id", submission_id, "--results-dir", results_dir, "--what", what]
     _submit_job(
         jobs,
-        entrypoint=" ".join(shlex.quote(a) for a in argv),
+        entrypoint=entrypoint(*job_python(python, address), argv),
         submission_id=helper,
         runtime_env=runtime_env(None, ship_tailrace=True),
         metadata={"tailrace": "fetch"},
@@ -505,6 +531,7 @@ def job_main(argv: Sequence[str] | None = None) -> int:
 
 def _run_job(args: argparse.Namespace) -> int:
     from tailrace.cluster.api import run_batch
+    from tailrace.cluster.config import BatchConfig
     from tailrace.cluster.pool import PoolConfig
     from tailrace.cluster.providers import SimulatorEndpoints
     from tailrace.cluster.report import read_results
@@ -554,16 +581,13 @@ def _run_job(args: argparse.Namespace) -> int:
             )
             simulator = SimulatorEndpoints(sim.openai_base_url, sim.anthropic_base_url)
             print(f"using the built-in provider simulator: scenario {args.scenario!r}", flush=True)
-        summary = run_batch(
-            workflow,
-            args.inputs,
-            options=options,
-            out=out,
-            simulator=simulator,
-            max_in_flight=args.concurrency,
+        config = BatchConfig(
             pool=pool,
-            on_done=progress,
+            max_in_flight=args.concurrency,
             trace=TraceConfig(path=str(default_trace_path(out)), redact_prompts=args.redact_prompts),
+        )
+        summary = run_batch(
+            workflow, args.inputs, options=options, out=out, config=config, providers=simulator, on_done=progress
         )
     progress(None, force=True)
     whole = BatchSummary()  # over every run in the results file, this job's and earlier ones'

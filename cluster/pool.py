@@ -176,6 +176,7 @@ class ExecutorPool:
         executor_clock: Clock | None = None,
         executor_kwargs: Mapping[str, Any] | None = None,
         name: str = "executor",
+        runtime_env: Mapping[str, Any] | None = None,
     ) -> None:
         self.config = config or PoolConfig()
         self.clock = clock
@@ -183,6 +184,7 @@ class ExecutorPool:
         self._providers = dict(providers)
         self._executor_clock = executor_clock
         self._executor_kwargs = dict(executor_kwargs or {})  # tail control settings for every executor
+        self._runtime_env = dict(runtime_env) if runtime_env else None  # e.g. the user's modules (py_modules)
         self._name = name
         self._members: dict[int, _Member] = {}
         self._keys = itertools.count()
@@ -300,8 +302,11 @@ class ExecutorPool:
         ready = [m for m in self._members.values() if m.state == MemberState.READY]
         if not ready:
             return None
-        tie = next(self._tie)
-        return min(ready, key=lambda m: (m.handle is avoid, m.in_flight, (m.key - tie) % 997))
+        # Ties go round: one turn per pick, counted over the ready members (a modulus larger than their
+        # number would hand every tie to the first member once the turn passed them all).
+        turn = next(self._tie) % len(ready)
+        order = {m.key: i for i, m in enumerate(ready)}
+        return min(ready, key=lambda m: (m.handle is avoid, m.in_flight, (order[m.key] - turn) % len(ready)))
 
     def _count(self, state: MemberState) -> int:
         return sum(1 for m in self._members.values() if m.state == state)
@@ -319,6 +324,8 @@ class ExecutorPool:
             options["resources"] = dict(self.config.executor_resources)
         if self.config.spread:
             options["scheduling_strategy"] = "SPREAD"
+        if self._runtime_env:
+            options["runtime_env"] = self._runtime_env
         handle = StepExecutor.options(**options).remote(
             self._providers, f"{self._name}-{key}", self._executor_clock, **self._executor_kwargs
         )

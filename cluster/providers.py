@@ -8,11 +8,12 @@ fallback.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tailrace.engine.errors import ProviderConfigError
 from tailrace.engine.providers.base import DEFAULT_KEY_ENV, DEFAULT_URL_ENV, AdapterSettings
-from tailrace.engine.specs import ProviderSpec, WorkflowSpec
+from tailrace.engine.specs import DEFAULT_PROVIDERS, ProviderSpec, WorkflowSpec
 
 SIMULATOR_KEY = "tailrace-simulator"
 
@@ -41,6 +42,27 @@ def _configured(spec: ProviderSpec) -> bool:
 def needs_simulator(workflow: WorkflowSpec) -> bool:
     """True when no provider the workflow uses has a key or a URL configured."""
     return not any(_configured(spec) for spec in used_providers(workflow).values())
+
+
+def serving_spec(workflows: Sequence[WorkflowSpec]) -> WorkflowSpec:
+    """One spec whose providers are every provider the workflows use (an engine serving them all); with
+    no workflows, the default `openai` and `anthropic` providers."""
+    providers: dict[str, ProviderSpec] = {}
+    for workflow in workflows:
+        for name, spec in used_providers(workflow).items():
+            if providers.setdefault(name, spec) != spec:
+                raise ProviderConfigError(
+                    f"provider {name!r} is configured differently by two workflows ({workflow.name!r} and "
+                    "an earlier one): give them different provider names"
+                )
+    if not providers:
+        providers = dict(DEFAULT_PROVIDERS)
+    names = sorted(providers)
+    steps = [
+        {"id": f"p{i}", "prompt": "-", "models": [{"provider": name, "model": "-", "max_tokens": 1}]}
+        for i, name in enumerate(names)
+    ]
+    return WorkflowSpec.model_validate({"name": "engine", "providers": providers, "steps": steps})
 
 
 def resolve_providers(

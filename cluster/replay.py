@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,6 +153,7 @@ async def replay(
     concurrency: int = 8,
     timeout_s: float = 120.0,
     clock: Clock = SYSTEM_CLOCK,
+    on_done: Callable[[], None] | None = None,
 ) -> ReplayResult:
     r = target.request
     call = ProviderCall(
@@ -171,6 +172,13 @@ async def replay(
     gate = asyncio.Semaphore(concurrency)
 
     async def once() -> None:
+        try:
+            await attempt()
+        finally:
+            if on_done is not None:
+                on_done()
+
+    async def attempt() -> None:
         async with gate:
             progress = AttemptProgress(clock.monotonic())
             try:
@@ -195,8 +203,13 @@ async def replay(
 
 
 def run_replay(
-    target: ReplayTarget, providers: Mapping[str, AdapterSettings], n: int, concurrency: int = 8
+    target: ReplayTarget,
+    providers: Mapping[str, AdapterSettings],
+    n: int,
+    concurrency: int = 8,
+    on_done: Callable[[], None] | None = None,
 ) -> ReplayResult:
+    """Replay `n` times; `on_done` hears each replay end (a progress bar)."""
     settings = providers.get(target.request.provider)
     if settings is None:
         raise InputError(f"provider {target.request.provider!r} is not configured for this workflow")
@@ -204,7 +217,7 @@ def run_replay(
     async def go() -> ReplayResult:
         adapter = build_adapter(settings, SYSTEM_CLOCK)
         try:
-            return await replay(target, adapter, n, concurrency=concurrency)
+            return await replay(target, adapter, n, concurrency=concurrency, on_done=on_done)
         finally:
             await adapter.aclose()
 

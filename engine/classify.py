@@ -37,6 +37,7 @@ class FailureFacts:
     message: str = ""
     headers: Mapping[str, str] = field(default_factory=dict)
     transport: Transport | None = None
+    endpoint: str | None = None  # the URL that could not be reached at all (nothing was sent)
 
 
 def classify(provider: str, facts: FailureFacts, now_epoch: float | None = None) -> ProviderError:
@@ -50,6 +51,7 @@ def classify(provider: str, facts: FailureFacts, now_epoch: float | None = None)
         status=facts.status,
         message=_short(facts.message),
         retry_after_s=retry_after,
+        endpoint=facts.endpoint,
     )
 
 

@@ -37,3 +37,8 @@ class InputError(TailraceError):
 
 class ProviderConfigError(TailraceError):
     """A provider cannot be reached as configured (missing key, bad URL)."""
+
+
+class ConfigurationError(TailraceError):
+    """The setup cannot work, whatever is retried: user code an executor cannot resolve, a key the provider
+    rejects, a model it does not serve, an endpoint that refuses connections. The message says what to fix."""

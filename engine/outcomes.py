@@ -64,6 +64,9 @@ class ProviderError(BaseModel):
     status: int | None = None
     message: str = ""
     retry_after_s: float | None = None
+    # Set when the provider's endpoint could not be reached at all (refused, no such host): nothing was
+    # sent, so nothing is charged; a base URL that refuses every connection is a configuration error.
+    endpoint: str | None = None
 
 
 class AttemptOutcome(StrEnum):
@@ -96,6 +99,10 @@ class FailureReason(StrEnum):
     # The run's input cannot make a request: a record that is not usable (its line is in the detail),
     # a template path the input does not have, text that cannot be encoded. No request was sent.
     INVALID_INPUT = "invalid_input"
+    # Every attempt of a step failed the same way no retry can fix: a key the provider rejects, an unknown
+    # model, an endpoint that refuses connections, a validator that is missing or raises (see
+    # `tailrace.engine.config_errors`). A batch stops at the first one.
+    CONFIGURATION_ERROR = "configuration_error"
 
 
 class AttemptRequest(BaseModel):

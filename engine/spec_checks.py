@@ -11,7 +11,8 @@ instead of folding it into a ValidationError with positional paths.
 Whether the custom validators a contract names are registered is checked at run start
 (`check_validators_registered`), since user code may register them after the spec is loaded. So is a
 schema model named by import path (`check_schema_models`): loading a spec never imports or runs code,
-only checks the path's form.
+only checks the path's form. Every executor then checks that it can
+resolve the validators (`tailrace.engine.user_code`).
 
 Every check is linear in the size of the spec (a 1,000-step chain loads in milliseconds): ancestor
 sets are bitsets built once in topological order, lookups are dicts.
@@ -110,14 +111,16 @@ class _SpecView:
         return bits
 
 
-def check_schema_models(spec: WorkflowSpec) -> None:
+def check_schema_models(spec: WorkflowSpec, allowed: Iterable[str] = ()) -> None:
     """Resolve every schema model a spec names by import path; raise `SpecErrors` naming each that
     cannot be used. Run at run start, never at load: it imports the module.
 
     Only modules the user allowed are imported: one already imported in this process (the user's
-    code did it), or one listed, by name or package prefix, in `TAILRACE_SCHEMA_MODULES`
-    (comma-separated). From Python, pass the model class itself.
+    code did it), one the user ships with the executors (`allowed`: module names, e.g. the modules
+    beside a workflow file it runs), or one listed, by name or package prefix, in
+    `TAILRACE_SCHEMA_MODULES` (comma-separated). From Python, pass the model class itself.
     """
+    shipped = set(allowed)
     errors = []
     for step in spec.steps:
         ref = step.output.schema_model
@@ -125,7 +128,7 @@ def check_schema_models(spec: WorkflowSpec) -> None:
             continue
         where = f"steps[{step.id}].output.schema_model"
         module = ref.partition(":")[0]
-        if not schema_module_allowed(module):
+        if module.split(".")[0] not in shipped and not schema_module_allowed(module):
             errors.append(
                 SpecError(
                     where,
@@ -151,16 +154,20 @@ def schema_module_allowed(module: str, environ: Mapping[str, str] = os.environ) 
 
 
 def check_validators_registered(spec: WorkflowSpec) -> None:
-    """Raise `SpecErrors` when an output contract names a custom validator nobody registered."""
+    """Raise `SpecErrors` when an output contract names a custom validator that is neither registered in
+    this (the driver's) process nor an import path. Import paths are resolved where validation runs: on
+    every executor, before the first run."""
     known = registered_validators()
     errors = [
         SpecError(
             f"steps[{step.id}].output.validators[{i}]",
-            f"validator {name!r} is not registered; registered: {_listing(known)}",
+            f"validator {name!r} is not registered; registered: {_listing(known)} (register it with "
+            "tailrace.register_validator before the batch starts, or name it by import path "
+            "'package.module:function')",
         )
         for step in spec.steps
         for i, name in enumerate(step.output.validators)
-        if name not in known
+        if name not in known and ":" not in name
     ]
     if errors:
         raise SpecErrors(errors)

@@ -9,8 +9,11 @@ fence (```json ... ```), because real models emit fences even when told not to a
 unambiguous. Prose around the JSON, or several blocks, is `not_json`: guessing which part the
 model meant would let a wrong answer through. NaN and Infinity are not JSON and are rejected.
 
-Custom validators are registered by name in this process. Ray workers run validation too, so
-register them at import time of a module that the workers import (e.g. next to the schema model).
+Custom validators are named in a contract either by a name registered with `register_validator` or
+by import path (`"pkg.module:function"`, like `schema_model`). Validation runs on the step executors,
+in other processes and on other nodes: the engine carries the driver's registered validators and
+schema model classes to every executor (`tailrace.actors.user_code`), import paths are resolved there,
+and whatever an executor cannot resolve stops the batch before its first run.
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ _REFUSAL = re.compile(
 
 _registry: dict[str, ValidatorFn] = {}
 _registry_lock = threading.Lock()
+# Schema model classes the driver shipped to this process, by their "module:QualName" reference: a class
+# defined in a user's script cannot be imported here, so it travels by value.
+_shipped_models: dict[str, type[pydantic.BaseModel]] = {}
 
 
 @dataclass(frozen=True)
@@ -124,12 +130,14 @@ def contract_schema(contract: OutputContract) -> dict[str, Any] | None:
 
 
 def resolve_schema_model(ref: Any) -> type[pydantic.BaseModel]:
-    """A pydantic model class from a class or a "package.module:ClassName" string.
+    """A pydantic model class from a class or a "package.module:ClassName" string (one shipped to this
+    process, else imported).
 
     Raises `SpecError` (field `output.schema_model`) when it cannot be imported or is no model.
     """
     if isinstance(ref, str):
-        return _import_model(ref)
+        shipped = _shipped_models.get(ref)
+        return shipped if shipped is not None else _import_model(ref)
     if isinstance(ref, type) and issubclass(ref, pydantic.BaseModel):
         return ref
     raise SpecError("output.schema_model", f"{ref!r} is not a pydantic BaseModel subclass")
@@ -163,6 +171,36 @@ def register_validator(
         return f
 
     return add if fn is None else add(fn)
+
+
+def resolve_validator(name: str) -> ValidatorFn:
+    """The validator a contract names: a registered name, else an import path "pkg.module:function".
+
+    Raises `SpecError` (field `output.validators`) when it is neither.
+    """
+    fn = _registry.get(name)  # one dict read is atomic; no lock needed on the hot path
+    if fn is not None:
+        return fn
+    if ":" not in name:
+        raise SpecError(
+            "output.validators",
+            f"validator {name!r} is not registered in this process: register it with "
+            "tailrace.register_validator (before the engine starts) or name it by import path "
+            "'package.module:function'",
+        )
+    return _import_validator(name)
+
+
+def schema_model_ref(model: type[pydantic.BaseModel]) -> str:
+    """The "module:QualName" reference of a model class (how a spec names it as text)."""
+    return f"{model.__module__}:{model.__qualname__}"
+
+
+def install_shipped(validators: Mapping[str, ValidatorFn], models: Mapping[str, type[pydantic.BaseModel]]) -> None:
+    """Make the driver's validators and schema model classes usable in this (executor) process."""
+    with _registry_lock:
+        _registry.update(validators)
+        _shipped_models.update(models)
 
 
 def unregister_validator(name: str) -> None:
@@ -230,9 +268,10 @@ def _contains_id(text: str, ident: str, json_text: bool) -> bool:
 
 
 def _run_validator(name: str, value: Any, text: str, inputs: Mapping[str, Any]) -> str | None:
-    fn = _registry.get(name)  # one dict read is atomic; no lock needed on the hot path
-    if fn is None:
-        return "not registered"
+    try:
+        fn = resolve_validator(name)
+    except SpecError as exc:
+        return "not registered" if ":" not in name else _short(exc.message)
     try:
         result = fn(value, text, inputs)
     except Exception as exc:  # a user's validator must never crash the attempt; report it instead
@@ -246,19 +285,32 @@ def _run_validator(name: str, value: Any, text: str, inputs: Mapping[str, Any]) 
 
 @functools.lru_cache(maxsize=64)
 def _import_model(ref: str) -> type[pydantic.BaseModel]:
+    obj = _import_attribute(ref, "output.schema_model", "package.module:ClassName")
+    if not (isinstance(obj, type) and issubclass(obj, pydantic.BaseModel)):
+        raise SpecError("output.schema_model", f"{ref!r} is not a pydantic BaseModel subclass")
+    return obj
+
+
+@functools.lru_cache(maxsize=64)
+def _import_validator(ref: str) -> ValidatorFn:
+    obj = _import_attribute(ref, "output.validators", "package.module:function")
+    if not callable(obj):
+        raise SpecError("output.validators", f"cannot use {ref!r}: it is not callable")
+    return obj  # type: ignore[no-any-return]
+
+
+def _import_attribute(ref: str, field: str, form: str) -> Any:
     module_name, sep, qualname = ref.partition(":")
     if not sep or not module_name or not qualname:
-        raise SpecError("output.schema_model", f"{ref!r} is not of the form 'package.module:ClassName'")
+        raise SpecError(field, f"{ref!r} is not of the form {form!r}")
     try:
         obj: Any = importlib.import_module(module_name)
     except Exception as exc:  # importing runs arbitrary module code; any failure means "cannot import"
-        raise SpecError("output.schema_model", f"cannot import module {module_name!r}: {exc}") from exc
+        raise SpecError(field, f"cannot import module {module_name!r}: {type(exc).__name__}: {exc}") from exc
     for attr in qualname.split("."):
         if not hasattr(obj, attr):
-            raise SpecError("output.schema_model", f"module {module_name!r} has no attribute {qualname!r}")
+            raise SpecError(field, f"cannot import {ref!r}: module {module_name!r} has no attribute {qualname!r}")
         obj = getattr(obj, attr)
-    if not (isinstance(obj, type) and issubclass(obj, pydantic.BaseModel)):
-        raise SpecError("output.schema_model", f"{ref!r} is not a pydantic BaseModel subclass")
     return obj
 
 

@@ -17,6 +17,9 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     # running workflows
     "run_batch": "tailrace.cluster.api",
+    "Engine": "tailrace.cluster.engine",
+    "EngineConfig": "tailrace.cluster.config",
+    "BatchConfig": "tailrace.cluster.config",
     "BatchSummary": "tailrace.cluster.results",
     "PoolConfig": "tailrace.cluster.pool",
     "TraceConfig": "tailrace.cluster.trace",
@@ -46,6 +49,7 @@ _EXPORTS: dict[str, str] = {
     "CancelReason": "tailrace.engine.outcomes",
     # errors
     "TailraceError": "tailrace.engine.errors",
+    "ConfigurationError": "tailrace.engine.errors",
     "SpecError": "tailrace.engine.errors",
     "SpecErrors": "tailrace.engine.errors",
     "InputError": "tailrace.engine.errors",
@@ -55,9 +59,13 @@ _EXPORTS: dict[str, str] = {
 __all__ = [
     "AttemptOutcome",
     "AttemptRecord",
+    "BatchConfig",
     "BatchSummary",
     "BudgetConfig",
     "CancelReason",
+    "ConfigurationError",
+    "Engine",
+    "EngineConfig",
     "FailureReason",
     "HedgeConfig",
     "InputError",
@@ -103,10 +111,19 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from tailrace.cluster.api import run_batch
     from tailrace.cluster.budget import budget_status
+    from tailrace.cluster.config import BatchConfig, EngineConfig
+    from tailrace.cluster.engine import Engine
     from tailrace.cluster.pool import PoolConfig
     from tailrace.cluster.results import BatchSummary
     from tailrace.cluster.trace import TraceConfig
-    from tailrace.engine.errors import InputError, ProviderConfigError, SpecError, SpecErrors, TailraceError
+    from tailrace.engine.errors import (
+        ConfigurationError,
+        InputError,
+        ProviderConfigError,
+        SpecError,
+        SpecErrors,
+        TailraceError,
+    )
     from tailrace.engine.loading import load_inputs, load_workflow, workflow_from_dict
     from tailrace.engine.outcomes import (
         AttemptOutcome,

@@ -12,8 +12,8 @@ import tailrace
 
 PUBLIC = {
     "tailrace": [
-        "AttemptOutcome", "AttemptRecord", "BatchSummary", "BudgetConfig", "CancelReason", "FailureReason",
-        "HedgeConfig", "InputError", "LimitSpec", "ModelChoice", "OutputContract", "PoolConfig", "ProviderConfigError",
+        "AttemptOutcome", "AttemptRecord", "BatchConfig", "BatchSummary", "BudgetConfig", "CancelReason",
+        "ConfigurationError", "Engine", "EngineConfig", "FailureReason", "HedgeConfig", "InputError", "LimitSpec", "ModelChoice", "OutputContract", "PoolConfig", "ProviderConfigError",
         "ProviderSpec", "RunOptions", "RunOutcome", "SpecError", "SpecErrors", "StepResult", "StepSpec", "TailTuning",
         "TailraceError", "TenantBudget", "TraceConfig", "WorkflowSpec", "budget_status", "load_inputs",
         "load_workflow", "register_validator", "run_batch", "workflow_from_dict",
@@ -35,7 +35,7 @@ PUBLIC = {
     ],
     "tailrace.actors": ["BudgetActor", "BudgetHandle", "LatencyStatsActor", "StepExecutor"],
     "tailrace.cluster": [
-        "BatchSummary", "ExecutorPool", "PoolConfig", "TraceConfig", "WorkflowDriver", "budget_status", "connect",
+        "BatchConfig", "BatchSummary", "Engine", "EngineConfig", "ExecutorPool", "PoolConfig", "TraceConfig", "WorkflowDriver", "budget_status", "connect",
         "run_batch", "start_executors",
     ],
 }  # fmt: skip

@@ -7,10 +7,15 @@ nor worth a retry. Anything else unrecognised is taken as a response we could no
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
+import httpx2
+
 from tailrace.engine.classify import FailureFacts, Transport
+
+_USERINFO = re.compile(r"//[^/@\s]*@")
 
 
 def facts_from_exception(
@@ -23,6 +28,11 @@ def facts_from_exception(
     if isinstance(exc, timeout_types):
         return FailureFacts(transport="timeout", message=str(exc))
     if isinstance(exc, connection_types):
+        endpoint = unreachable_endpoint(exc)
+        if endpoint is not None:
+            return FailureFacts(
+                transport="connection", message=f"cannot connect to {endpoint}: {_root_cause(exc)}", endpoint=endpoint
+            )
         return FailureFacts(transport="connection", message=str(exc))
     if isinstance(exc, status_types):
         response = exc.response  # type: ignore[attr-defined]
@@ -68,3 +78,35 @@ def _error_object(body: Any) -> Mapping[str, Any]:
 
 def _str(value: Any) -> str | None:
     return None if value is None else str(value)
+
+
+def unreachable_endpoint(exc: BaseException) -> str | None:
+    """The URL of a request that never reached its server (connection refused, unknown host), without
+    any user:password part; None when the connection was made (the request may have been charged)."""
+    chain = _chain(exc)
+    connect = next((e for e in chain if isinstance(e, httpx2.ConnectError)), None)
+    if connect is None:
+        return None
+    for holder in (exc, connect):
+        try:
+            url = str(holder.request.url)  # type: ignore[attr-defined]
+        except (AttributeError, RuntimeError):  # httpx raises RuntimeError when no request is attached
+            continue
+        return _USERINFO.sub("//", url)
+    return "the provider's endpoint"
+
+
+def _root_cause(exc: BaseException) -> str:
+    last = _chain(exc)[-1]
+    if isinstance(last, ConnectionRefusedError):
+        return "connection refused"
+    return str(last) or type(last).__name__
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen and len(seen) < 10:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen

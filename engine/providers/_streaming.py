@@ -29,6 +29,8 @@ class StreamingAdapter:
             await self._stream(call, progress)
         except Exception as exc:  # SDK and transport failures only; CancelledError is BaseException
             error = classify(self.kind, facts_from_exception(exc, **self.errors), self._clock.time())
+            if error.endpoint is not None:  # the request never left this machine: nothing to charge
+                progress.input_tokens = progress.output_tokens = 0
             return RawAttempt.from_progress(progress, self.kind, self._clock.monotonic(), error)
         return RawAttempt.from_progress(progress, self.kind, self._clock.monotonic())
 

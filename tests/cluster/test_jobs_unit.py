@@ -124,3 +124,28 @@ def test_an_unreachable_cluster_is_one_clear_error(batch_dir, capsys):
     )
     err = " ".join(capsys.readouterr().err.split())
     assert code == 2 and "cannot reach the Ray job server at http://127.0.0.1:9" in err and "Traceback" not in err
+
+
+def test_a_job_runs_on_this_interpreter_when_the_cluster_is_on_this_machine(monkeypatch):
+    import socket
+    import sys
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert jobs.job_python(None, None) == (sys.executable, True)  # the default job server is local
+    assert jobs.job_python(None, "http://localhost:8265") == (sys.executable, True)
+    assert jobs.job_python(None, f"http://{socket.gethostname()}:8265") == (sys.executable, True)
+    assert jobs.job_python(None, "http://head.example.invalid:8265") == ("python", False)
+    assert jobs.job_python("/opt/py/bin/python", None) == ("/opt/py/bin/python", False)
+
+
+def test_an_interpreter_without_ray_fails_the_job_at_once_saying_what_to_do(tmp_path):
+    import subprocess
+
+    no_ray = tmp_path / "python"
+    no_ray.write_text("#!/bin/sh\nexit 1\n")  # `import ray` fails, as with the shell's python of a bare venv
+    no_ray.chmod(0o755)
+    command = jobs.entrypoint(str(no_ray), False, ["run", "--workflow", "w.yaml"])
+    done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 3
+    assert f"tailrace: '{no_ray}' on the head node cannot import ray: pass --python" in done.stdout
+    assert jobs.entrypoint("/v/bin/python", True, ["run"]) == "/v/bin/python -m tailrace.cluster.jobs run"

@@ -455,3 +455,114 @@ def test_driver_deadline_cancels_attempts_running_on_another_node(env, simulator
         time.sleep(0.05)
     log = sim.log_records()
     assert log and all(r["cancelled"] for r in log), "hung requests were left open on the worker nodes"
+
+
+# ---- user code on executors of other nodes ------------------------------------------------------------
+
+CHECKS = '''
+"""A user's checks, kept next to their workflow."""
+import ray
+from pydantic import BaseModel
+
+
+class Triage(BaseModel):
+    ticket_id: str
+    priority: int
+
+
+def ticket_ok(value, text, inputs):
+    if inputs["ticket_id"].endswith("BAD"):
+        return "flagged by the user's check on node " + ray.get_runtime_context().get_node_id()
+    return None
+'''
+
+TRIAGE = """
+name: user-code
+inputs: [ticket_id]
+steps:
+  - id: triage
+    prompt: "Triage ticket {{input.ticket_id}}."
+    models:
+      - {provider: openai, model: gpt-4o-mini, max_tokens: 200}
+      - {provider: anthropic, model: claude-haiku-4-5, max_tokens: 200}
+    output:
+      kind: json
+      schema_model: "%(module)s:Triage"
+      copy_ids: [ticket_id]
+      validators: ["%(module)s:ticket_ok"]
+"""
+
+
+def user_checks(directory: Path, module: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{module}.py").write_text(CHECKS)
+    (directory / "workflow.yaml").write_text(TRIAGE % {"module": module})
+    tickets = [{"id": "good", "ticket_id": "T-1"}, {"id": "bad", "ticket_id": "T-2-BAD"}]
+    (directory / "inputs.jsonl").write_text("".join(json.dumps(t) + "\n" for t in tickets))
+    return directory
+
+
+def test_user_code_shipped_with_the_executors_is_applied_on_worker_nodes(env, simulator, tmp_path, monkeypatch):
+    import importlib
+
+    from tailrace import BatchConfig
+
+    d = user_checks(tmp_path / "mine", "node_checks")
+    monkeypatch.syspath_prepend(str(d))  # the driver imports it; the worker nodes get it shipped
+    module = importlib.import_module("node_checks")
+    sim = simulator("clean", seed=2, time_scale=0.01, script={"gpt-4o-mini": [Fault.SCHEMA_MISS]})
+    outcomes = []
+    run_batch(
+        load_workflow(d / "workflow.yaml"),
+        d / "inputs.jsonl",
+        options=RunOptions(deadline_s=20),
+        config=BatchConfig(
+            pool=PoolConfig.fixed(2, executor_resources=ON_WORKERS), max_in_flight=1, user_modules=[module]
+        ),
+        providers=endpoints(sim),
+        on_done=outcomes.append,
+    )
+    good, bad = sorted(outcomes, key=lambda o: o.run_id != "good")
+    assert good.delivered and good.outputs["triage"]["ticket_id"] == "T-1"
+    assert good.attempts[0].invalid_reason.startswith("schema: ")  # the user's model rejected the bad answer
+    assert bad.failure == FailureReason.INVALID_OUTPUT
+    nodes = {a.invalid_reason.rsplit(" ", 1)[1] for a in bad.attempts if a.invalid_reason}
+    assert nodes and nodes <= env.worker_ids(), "the user's validator did not run on the worker nodes"
+    sys.modules.pop("node_checks", None)
+
+
+def test_user_code_next_to_the_workflow_travels_with_a_job(env, tmp_path, capsys):
+    d = user_checks(tmp_path / "batch", "job_checks")
+    results_dir = tmp_path / "jobs"
+    code = main(
+        [
+            "submit",
+            str(d / "workflow.yaml"),
+            "--inputs",
+            str(d / "inputs.jsonl"),
+            "--address",
+            env.address,
+            "--results-dir",
+            str(results_dir),
+            "--scenario",
+            "clean",
+            "--time-scale",
+            "0.01",
+            "--min-executors",
+            "2",
+            "--max-executors",
+            "2",
+            "--executor-resource",
+            "tailrace_executor=1",
+            "--wait",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    sid = re.search(r"(tailrace-user-code-[0-9a-f]{12}): submitted", out).group(1)
+    assert f"--address {env.address}" in out  # the hints work as printed
+    results = {o["run_id"]: o for o in map(json.loads, (results_dir / sid / "results.jsonl").read_text().splitlines())}
+    assert results["good"]["delivered"] and results["good"]["outputs"]["triage"]["ticket_id"] == "T-1"
+    reasons = [a["invalid_reason"] for a in results["bad"]["attempts"] if a["invalid_reason"]]
+    assert reasons and all(r.startswith("validator:job_checks:ticket_ok: flagged") for r in reasons)
+    assert {r.rsplit(" ", 1)[1] for r in reasons} <= env.worker_ids()
