@@ -78,32 +78,103 @@ class Health:
         return cls(0.0, 0, False, False)
 
 
+def _metric_values(s: Sample) -> list[tuple[Metric, float]]:
+    """What one sample adds to each metric's sorted values (fast failures add nothing)."""
+    if s.kind == "fail":
+        return []
+    out: list[tuple[Metric, float]] = []
+    if s.ttft_s is not None:
+        out.append(("ttft", s.ttft_s))
+    if s.latency_s is not None:
+        out.append(("latency", s.latency_s))
+    if s.kind == "ok" and s.tokens_per_s is not None:
+        out.append(("tokens_per_s", s.tokens_per_s))
+    return out
+
+
 class ModelWindow:
     """One model's samples, oldest first, with sorted views rebuilt lazily after a change."""
 
     def __init__(self, config: LatencyConfig) -> None:
         self._config = config
         self._samples: deque[Sample] = deque(maxlen=config.max_samples)
+        # Each metric's values, sorted, kept up to date as samples come and go (None: rebuild on read).
         self._sorted: dict[Metric, list[float]] | None = None
+        self._health: tuple[float, float | None, Health] | None = None  # the last answer, until a change
+        # The recent suffix of the window (what health reads), kept up to date like the sorted values.
+        self._recent: deque[Sample] | None = None
+        self._recent_from = -math.inf
+        self._recent_ok = self._recent_failed = 0
+        self._recent_latency: list[float] = []
 
     def __len__(self) -> int:
         return len(self._samples)
 
     def add(self, sample: Sample) -> None:
+        self._health = None
         if self._samples and sample.at < self._samples[-1].at:
             # Merged samples can arrive out of order; keep the deque sorted by time so expiry stays O(1).
             items = list(self._samples)
             bisect.insort(items, sample, key=lambda s: s.at)
             self._samples = deque(items[-self._config.max_samples :], maxlen=self._config.max_samples)
-        else:
-            self._samples.append(sample)
-        self._sorted = None
+            self._sorted = self._recent = None
+            return
+        if len(self._samples) == self._config.max_samples:
+            self._forget(self._samples[0])  # the append below pushes the oldest out
+        self._samples.append(sample)
+        if self._sorted is not None:
+            for metric, value in _metric_values(sample):
+                bisect.insort(self._sorted[metric], value)
+        if self._recent is not None and sample.at >= self._recent_from:
+            self._recent_add(sample)
 
     def expire(self, now_epoch: float) -> None:
         horizon = now_epoch - self._config.window_s
         while self._samples and self._samples[0].at < horizon:
-            self._samples.popleft()
-            self._sorted = None
+            self._forget(self._samples.popleft())
+            self._health = None
+
+    def _forget(self, sample: Sample) -> None:
+        """`sample` (the oldest) leaves the window: out of the sorted values and the recent suffix."""
+        if self._sorted is not None:
+            for metric, value in _metric_values(sample):
+                values = self._sorted[metric]
+                del values[bisect.bisect_left(values, value)]
+        if self._recent and self._recent[0] is sample:
+            self._recent_drop(self._recent.popleft())
+
+    def _recent_add(self, s: Sample) -> None:
+        assert self._recent is not None
+        self._recent.append(s)
+        if s.kind == "fail":
+            self._recent_failed += 1
+            return
+        self._recent_ok += s.kind == "ok"
+        if s.latency_s is not None:
+            bisect.insort(self._recent_latency, s.latency_s)
+
+    def _recent_drop(self, s: Sample) -> None:
+        if s.kind == "fail":
+            self._recent_failed -= 1
+            return
+        self._recent_ok -= s.kind == "ok"
+        if s.latency_s is not None:
+            del self._recent_latency[bisect.bisect_left(self._recent_latency, s.latency_s)]
+
+    def _recent_since(self, recent_from: float) -> None:
+        """Move the recent suffix's start to `recent_from` (rebuilt when time went back or samples came
+        out of order)."""
+        if self._recent is None or recent_from < self._recent_from:
+            self._recent = deque()
+            self._recent_ok = self._recent_failed = 0
+            self._recent_latency = []
+            for s in self._samples:
+                if s.at >= recent_from:
+                    self._recent_add(s)
+        else:
+            while self._recent and self._recent[0].at < recent_from:
+                self._recent_drop(self._recent.popleft())
+        self._recent_from = recent_from
 
     def _values(self, metric: Metric) -> list[float]:
         if self._sorted is None:
@@ -124,21 +195,23 @@ class ModelWindow:
         """Failure rate and latency shift over the recent window. The latency baseline is the window's
         median, or the model's prior when that is lower: a brownout longer than the window would
         otherwise become the new normal."""
+        cached = self._health
+        if cached is not None and cached[0] == now_epoch and cached[1] == prior_latency_s:
+            return cached[2]
         c = self._config
-        recent_from = now_epoch - c.recent_s
-        recent = [s for s in self._samples if s.at >= recent_from]
-        answered = [s for s in recent if s.kind == "ok"]
-        failed = sum(1 for s in recent if s.kind == "fail")
-        events = len(answered) + failed
+        self._recent_since(now_epoch - c.recent_s)
+        failed, recent_lat = self._recent_failed, self._recent_latency
+        events = self._recent_ok + failed
         rate = failed / events if events else 0.0
         shifted = False
         baselines = [b for b in (self.quantile("latency", 0.5), prior_latency_s) if b is not None]
         baseline = min(baselines) if baselines else None
-        recent_lat = sorted(s.latency_s for s in recent if s.kind != "fail" and s.latency_s is not None)
         if baseline is not None and len(recent_lat) >= c.min_recent:
             shifted = recent_lat[len(recent_lat) // 2] > c.shift_factor * baseline
         failing = events >= c.min_recent and rate >= c.unhealthy_failure_rate
-        return Health(rate, events, shifted, failing or shifted)
+        health = Health(rate, events, shifted, failing or shifted)
+        self._health = (now_epoch, prior_latency_s, health)
+        return health
 
     def samples(self) -> list[Sample]:
         return list(self._samples)
