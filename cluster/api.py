@@ -94,6 +94,31 @@ def _numbered(workflow: WorkflowSpec, records: Records, skip: set[str]) -> Itera
         yield run_id, dict(record)
 
 
+def _trace_settings(
+    options: RunOptions,
+    hedge: HedgeConfig,
+    tuning: TailTuning,
+    budget: BudgetConfig | None,
+    pool: PoolConfig,
+    max_in_flight: int,
+    grace_s: float,
+) -> dict[str, Any]:
+    """What a batch ran with, for the trace: `tailrace whatif` replays a trace under these (or changed) settings.
+    Where the budget ledger lives (its Redis URL) is left out: it says nothing about the policy."""
+    return {
+        "options": options.model_dump(mode="json"),
+        "hedge": hedge.model_dump(mode="json"),
+        "tuning": tuning.model_dump(mode="json"),
+        "budget": None
+        if budget is None
+        else budget.model_dump(mode="json", exclude={"redis_url", "namespace", "actor_name"}),
+        "executors": pool.min_executors,
+        "max_executors": pool.max_executors,
+        "max_in_flight": max_in_flight,
+        "grace_s": grace_s,
+    }
+
+
 def run_batch(
     workflow: WorkflowSpec | str | Path,
     records: Records,
@@ -147,7 +172,9 @@ def run_batch(
         BudgetAdmission(handle.config, spec, handle.actor) if handle is not None and handle.config.admission else None
     )
     writer = ResultWriter(out)
-    tracer = TraceWriter(trace, spec) if trace else None
+    pool = pool or PoolConfig.fixed(num_executors)
+    settings = _trace_settings(options, hedge, tuning, budget, pool, max_in_flight, grace_s)
+    tracer = TraceWriter(trace, spec, settings=settings) if trace else None
     summary = BatchSummary()
     inputs_of: dict[str, dict[str, Any]] = {}
 
@@ -166,7 +193,7 @@ def run_batch(
     async def drive() -> None:
         async with ExecutorPool(
             providers,
-            pool or PoolConfig.fixed(num_executors),
+            pool,
             executor_clock=executor_clock,
             executor_kwargs={"hedge": hedge, "tuning": tuning, "stats_name": stats_name, "budget": handle},
         ) as executors:
