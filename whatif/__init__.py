@@ -1,0 +1,1 @@
+"""tailrace.whatif: placeholder, filled below."""

@@ -1,0 +1,450 @@
+"""Fit, from one trace, what each model does to an attempt: what the sampled provider replays.
+
+Per model (provider/model):
+* latency: time to first token and per-token decode time, a censored mixture (`survival.fit_mixture`:
+  the usual attempts, the stragglers, and hangs), with every cancelled attempt a censored sample;
+* errors: the rate of each error kind, and the recorded errors themselves (latency, status,
+  retry-after), replayed as they came;
+* time: the trace is cut into bins; a bin whose median time to first token or decode time is
+  significantly off the model's (Kaplan-Meier medians, censoring included) gets its own factor, and
+  every bin its own error rates, so a brownout in the trace stays a brownout in the replay, at the
+  same time of the batch.
+
+Per step and model: the rate and kinds of invalid answers, output tokens of valid answers, input
+tokens. Per workflow: the engine's own gaps (the driver's dispatch before a step's first attempt,
+between a step and the next, and after the last), taken from the trace as they were.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tailrace.engine.dag import Dag
+from tailrace.engine.outcomes import RETRYABLE_KINDS, AttemptOutcome, ErrorKind
+from tailrace.engine.specs import ModelChoice, WorkflowSpec
+from tailrace.policies.latency import model_key
+from tailrace.whatif.survival import (
+    CENSORED,
+    MISSING,
+    OBSERVED,
+    Component,
+    LogNormal,
+    Mixture,
+    fit_mixture,
+    km_quantile,
+)
+from tailrace.whatif.trace_data import TraceAttempt, TraceData
+
+ANSWERED = (AttemptOutcome.VALID, AttemptOutcome.INVALID)
+BIN_ANSWERS = 30  # answers per time bin, on average, for the busiest model
+MIN_BINS, MAX_BINS = 1, 400
+SHIFT_Z = 3.0  # a bin's median must be this many standard errors off to count as a regime of its own
+BIN_PRIOR = 5.0  # pseudo-attempts pulling a bin's error rates toward the model's
+STEP_PRIOR = 20.0  # pseudo-answers pulling a step's invalid rate toward the model's
+MIN_SAMPLES = 20  # fewer output-token samples for a (step, model): pool wider
+PRIOR_SIGMA = 0.5  # spread assumed for a model the trace never answered from (its spec's prior)
+DEFAULT_PER_TOKEN_S = 0.02
+
+
+@dataclass(frozen=True)
+class ErrorDraw:
+    """One recorded error, replayed as it came."""
+
+    kind: ErrorKind
+    retryable: bool
+    status: int | None
+    retry_after_s: float | None
+    latency_s: float
+    ttft_s: float | None
+    message: str
+
+
+@dataclass
+class Regime:
+    """A model's behaviour over the trace's time: latency factors and error rates per bin."""
+
+    width_s: float
+    bins: int
+    ttft_factor: list[float]
+    token_factor: list[float]
+    error_rates: list[dict[ErrorKind, float]]
+
+    def index(self, t: float) -> int:
+        """The bin of `t` seconds after the start (past the trace's end, time wraps around)."""
+        return int((t % (self.width_s * self.bins)) // self.width_s) % self.bins
+
+    @property
+    def shifted_bins(self) -> int:
+        return sum(1 for a, b in zip(self.ttft_factor, self.token_factor, strict=True) if a != 1.0 or b != 1.0)
+
+
+@dataclass
+class ModelFit:
+    key: str
+    latency: Mixture
+    error_rate: dict[ErrorKind, float]
+    errors: dict[ErrorKind, list[ErrorDraw]]
+    regime: Regime
+    invalid_token_ratio: dict[str, list[float]]  # invalid kind -> output tokens / max_tokens, as recorded
+    attempts: int = 0
+    answered: int = 0
+    censored: int = 0
+    from_prior: bool = False  # never answered in the trace: the spec's latency prior stands in
+
+
+@dataclass
+class StepModelFit:
+    invalid_rate: float
+    invalid_kinds: dict[str, float]  # kind -> probability, given an invalid answer
+    output_tokens: list[int]  # of valid answers
+    input_tokens: list[int]
+    answered: int = 0
+
+
+@dataclass
+class Gaps:
+    """The engine's own time around steps (dispatch hops, the driver's loop), as the trace recorded it."""
+
+    first: list[float]  # run start -> a root step's first attempt
+    between: list[float]  # a step's dependencies answered -> its first attempt
+    finish: list[float]  # the last step answered -> the run's end
+
+
+@dataclass
+class TraceFit:
+    workflow: WorkflowSpec
+    span_s: float
+    models: dict[str, ModelFit]
+    steps: dict[tuple[str, str], StepModelFit]
+    gaps: Gaps
+    notes: list[str] = field(default_factory=list)
+
+    def model(self, key: str) -> ModelFit:
+        return self.models[key]
+
+
+# ---- the invalid kinds the validator reports ---------------------------------------------------------
+
+
+def invalid_kind(reason: str | None) -> str:
+    """The kind of a validator reason: `schema: $.x: ...` -> `schema`, `missing_id: ticket_id` stays."""
+    if not reason:
+        return "incomplete"
+    if reason.startswith(("schema:", "validator:")):
+        return reason.split(":", 1)[0]
+    if reason == "too_short":
+        return "empty"
+    return reason
+
+
+# ---- fitting ----------------------------------------------------------------------------------------
+
+
+def fit_trace(data: TraceData, start: TraceFit | None = None) -> TraceFit:
+    """Everything the sampled provider needs, from one trace. `start` warm-starts the latency fits
+    (bootstrap refits of the same trace)."""
+    workflow = data.workflow
+    t0 = data.start
+    span = data.span_s
+    by_model: dict[str, list[TraceAttempt]] = defaultdict(list)
+    for a in data.attempts:
+        by_model[model_key(a.provider, a.model)].append(a)
+    steps = _fit_steps(workflow, data.attempts)
+    expected_tokens = _expected_tokens(workflow, steps)
+    busiest = max((sum(1 for a in v if a.outcome in ANSWERED) for v in by_model.values()), default=0)
+    bins = min(MAX_BINS, max(MIN_BINS, busiest // BIN_ANSWERS))
+    width = span / bins
+    models: dict[str, ModelFit] = {}
+    notes: list[str] = []
+    for choice in _choices(workflow):
+        key = model_key(choice.provider, choice.model)
+        if key in models:
+            continue
+        attempts = by_model.get(key, [])
+        warm = start.models.get(key) if start is not None else None
+        if not any(a.outcome in ANSWERED for a in attempts):
+            models[key] = _prior_fit(key, choice, attempts, width, bins)
+            notes.append(
+                f"{key} never answered in the trace: its latency is the workflow's prior "
+                f"(ttft {choice.expected_ttft_s:g} s, latency {choice.expected_latency_s:g} s)"
+            )
+            continue
+        models[key] = _fit_model(key, attempts, t0, width, bins, expected_tokens, warm)
+    return TraceFit(workflow, span, models, steps, _fit_gaps(data), notes)
+
+
+def _choices(workflow: WorkflowSpec) -> list[ModelChoice]:
+    return [m for s in workflow.steps for m in s.models]
+
+
+def _fit_model(
+    key: str,
+    attempts: list[TraceAttempt],
+    t0: float,
+    width: float,
+    bins: int,
+    expected_tokens: dict[tuple[str, str], float],
+    warm: ModelFit | None,
+) -> ModelFit:
+    errors: dict[ErrorKind, list[ErrorDraw]] = defaultdict(list)
+    for a in attempts:
+        if a.outcome == AttemptOutcome.ERROR and a.error is not None and a.error.kind != ErrorKind.TIMEOUT:
+            errors[a.error.kind].append(
+                ErrorDraw(
+                    a.error.kind,
+                    a.error.retryable,
+                    a.error.status,
+                    a.error.retry_after_s,
+                    a.latency_s,
+                    a.ttft_s,
+                    a.error.message,
+                )
+            )
+    # An attempt cancelled before errors usually come cannot say whether it would have failed.
+    error_times = sorted(d.latency_s for ds in errors.values() for d in ds)
+    early = error_times[len(error_times) // 2] if error_times else 0.0
+    eligible = [a for a in attempts if a.outcome != AttemptOutcome.CANCELLED or a.latency_s >= early]
+    n = max(1, len(eligible))
+    error_rate = {kind: len(ds) / n for kind, ds in errors.items()}
+
+    obs = _observations(attempts, key, expected_tokens)
+    bin_of = np.array([min(bins - 1, int((a.started_at - t0) // width)) for a in obs.attempts], dtype=int)
+    ttft_factor, token_factor = [1.0] * bins, [1.0] * bins
+    mixture = warm.latency if warm is not None else None
+    for _ in range(2):  # factors from the deflated fit, the fit from the deflated data
+        tf = np.log(np.array(ttft_factor))[bin_of]
+        df = np.log(np.array(token_factor))[bin_of]
+        mixture = fit_mixture(obs.log_t - tf, obs.t_state, obs.log_d - df, obs.d_state, start=mixture)
+        ttft_factor = _bin_factors(obs.log_t, obs.t_state, bin_of, bins, mixture, "ttft")
+        token_factor = _bin_factors(obs.log_d, obs.d_state, bin_of, bins, mixture, "per_token")
+    assert mixture is not None
+    regime = Regime(width, bins, ttft_factor, token_factor, _bin_error_rates(eligible, errors, error_rate, t0, width, bins))
+    invalid_ratio: dict[str, list[float]] = defaultdict(list)
+    for a in attempts:
+        if a.outcome == AttemptOutcome.INVALID and a.request is not None and a.request.max_tokens > 0:
+            invalid_ratio[invalid_kind(a.invalid_reason)].append(a.output_tokens / a.request.max_tokens)
+    return ModelFit(
+        key,
+        mixture,
+        error_rate,
+        dict(errors),
+        regime,
+        dict(invalid_ratio),
+        attempts=len(attempts),
+        answered=sum(1 for a in attempts if a.outcome in ANSWERED),
+        censored=int((obs.t_state == CENSORED).sum() + (obs.d_state == CENSORED).sum()),
+    )
+
+
+@dataclass
+class _Observations:
+    attempts: list[TraceAttempt]
+    log_t: np.ndarray
+    t_state: np.ndarray
+    log_d: np.ndarray
+    d_state: np.ndarray
+
+
+def _observations(
+    attempts: list[TraceAttempt], key: str, expected_tokens: dict[tuple[str, str], float]
+) -> _Observations:
+    """Each attempt as (time to first token, per-token time), each observed, censored or missing.
+
+    Answers give both (an empty answer: its first token is its end, no decode time). A cancelled
+    attempt (lost race, deadline, failed run), or one the client timed out, gives a lower bound: on
+    its first token when none came, else on its decode time (its elapsed streaming over the tokens
+    its step's answers usually have). Errors are another draw (`error_rate`) and say nothing here.
+    """
+    kept, log_t, t_state, log_d, d_state = [], [], [], [], []
+    for a in attempts:
+        timed_out = a.outcome == AttemptOutcome.ERROR and a.error is not None and a.error.kind == ErrorKind.TIMEOUT
+        if a.outcome in ANSWERED:
+            ttft = a.ttft_s if a.ttft_s is not None else a.latency_s
+            t, ts = ttft, OBSERVED
+            streaming = a.latency_s - ttft
+            if a.output_tokens >= 1 and streaming > 0:
+                d, ds = streaming / a.output_tokens, OBSERVED
+            else:
+                d, ds = DEFAULT_PER_TOKEN_S, MISSING
+        elif a.outcome == AttemptOutcome.CANCELLED or timed_out:
+            if a.ttft_s is None:
+                t, ts, d, ds = a.latency_s, CENSORED, DEFAULT_PER_TOKEN_S, MISSING
+            else:
+                t, ts = a.ttft_s, OBSERVED
+                tokens = expected_tokens.get((a.step_id, key), 0.0)
+                streaming = a.latency_s - a.ttft_s
+                if tokens >= 1 and streaming > 0:
+                    d, ds = streaming / tokens, CENSORED
+                else:
+                    d, ds = DEFAULT_PER_TOKEN_S, MISSING
+        else:
+            continue
+        kept.append(a)
+        log_t.append(math.log(max(t, 1e-6)))
+        t_state.append(ts)
+        log_d.append(math.log(max(d, 1e-9)))
+        d_state.append(ds)
+    return _Observations(kept, np.array(log_t), np.array(t_state), np.array(log_d), np.array(d_state))
+
+
+def _bin_factors(
+    log_x: np.ndarray, state: np.ndarray, bin_of: np.ndarray, bins: int, mixture: Mixture, which: str
+) -> list[float]:
+    """Per bin: the factor by which its Kaplan-Meier median is off the model's, when that is beyond
+    noise (`SHIFT_Z` standard errors of a median); else 1."""
+    used = state != MISSING
+    if bins == 1 or used.sum() < 2 * BIN_ANSWERS:
+        return [1.0] * bins
+    x, observed, b = np.exp(log_x[used]), state[used] == OBSERVED, bin_of[used]
+    overall = km_quantile(x, observed, 0.5)
+    body = mixture.components[0]
+    sigma = (body.ttft if which == "ttft" else body.per_token).sigma
+    factors = [1.0] * bins
+    for i in range(bins):
+        mask = b == i
+        count = int(mask.sum())
+        if count < 5 or not math.isfinite(overall):
+            continue
+        median = km_quantile(x[mask], observed[mask], 0.5)
+        if not math.isfinite(median):
+            median = float(x[mask].max())  # more than half still running when cut off: at least this slow
+        shift = math.log(median / overall)
+        if abs(shift) > SHIFT_Z * 1.2533 * sigma / math.sqrt(count):
+            factors[i] = math.exp(shift)
+    return factors
+
+
+def _bin_error_rates(
+    eligible: list[TraceAttempt],
+    errors: dict[ErrorKind, list[ErrorDraw]],
+    overall: dict[ErrorKind, float],
+    t0: float,
+    width: float,
+    bins: int,
+) -> list[dict[ErrorKind, float]]:
+    counts = [Counter[ErrorKind]() for _ in range(bins)]
+    totals = [0] * bins
+    for a in eligible:
+        i = min(bins - 1, int((a.started_at - t0) // width))
+        totals[i] += 1
+        if a.outcome == AttemptOutcome.ERROR and a.error is not None and a.error.kind in errors:
+            counts[i][a.error.kind] += 1
+    return [
+        {k: (counts[i][k] + BIN_PRIOR * rate) / (totals[i] + BIN_PRIOR) for k, rate in overall.items()}
+        for i in range(bins)
+    ]
+
+
+def _prior_fit(key: str, choice: ModelChoice, attempts: list[TraceAttempt], width: float, bins: int) -> ModelFit:
+    """A model the trace never saw answer: its spec's latency prior, lognormal with a typical spread."""
+    per_token = max(1e-4, (choice.expected_latency_s - choice.expected_ttft_s) / max(1.0, choice.max_tokens / 2))
+    latency = Mixture(
+        (Component(1.0, LogNormal(math.log(choice.expected_ttft_s), PRIOR_SIGMA), LogNormal(math.log(per_token), PRIOR_SIGMA)),),
+        0.0,
+    )
+    regime = Regime(width, bins, [1.0] * bins, [1.0] * bins, [{} for _ in range(bins)])
+    return ModelFit(key, latency, {}, {}, regime, {}, attempts=len(attempts), from_prior=True)
+
+
+def _fit_steps(workflow: WorkflowSpec, attempts: list[TraceAttempt]) -> dict[tuple[str, str], StepModelFit]:
+    answered: dict[tuple[str, str], list[TraceAttempt]] = defaultdict(list)
+    for a in attempts:
+        if a.outcome in ANSWERED:
+            answered[(a.step_id, model_key(a.provider, a.model))].append(a)
+    per_model: dict[str, list[TraceAttempt]] = defaultdict(list)
+    for (_, key), items in answered.items():
+        per_model[key].extend(items)
+    model_rate = {k: _invalid_share(v) for k, v in per_model.items()}
+    out = {}
+    for step in workflow.steps:
+        for choice in step.models:
+            key = model_key(choice.provider, choice.model)
+            items = answered.get((step.id, key), [])
+            invalid = [a for a in items if a.outcome == AttemptOutcome.INVALID]
+            prior = model_rate.get(key, _invalid_share([a for (s, _), v in answered.items() if s == step.id for a in v]))
+            rate = (len(invalid) + STEP_PRIOR * prior) / (len(items) + STEP_PRIOR)
+            kinds = Counter(invalid_kind(a.invalid_reason) for a in invalid)
+            if not kinds:  # no invalid answer here: the kinds this model (or step) gave elsewhere
+                pool = [a for a in per_model.get(key, []) if a.outcome == AttemptOutcome.INVALID]
+                kinds = Counter(invalid_kind(a.invalid_reason) for a in pool) or Counter({"empty": 1})
+            total = sum(kinds.values())
+            out[(step.id, key)] = StepModelFit(
+                rate,
+                {k: v / total for k, v in kinds.items()},
+                [a.output_tokens for a in items if a.outcome == AttemptOutcome.VALID],
+                [a.input_tokens for a in items if a.usage_reported],
+                len(items),
+            )
+    _pool_tokens(workflow, out)
+    return out
+
+
+def _invalid_share(items: list[TraceAttempt]) -> float:
+    return sum(1 for a in items if a.outcome == AttemptOutcome.INVALID) / len(items) if items else 0.0
+
+
+def _pool_tokens(workflow: WorkflowSpec, steps: dict[tuple[str, str], StepModelFit]) -> None:
+    """A (step, model) with few token samples borrows the step's (other models), else the model's."""
+    for step in workflow.steps:
+        for choice in step.models:
+            key = model_key(choice.provider, choice.model)
+            fit = steps[(step.id, key)]
+            for attr in ("output_tokens", "input_tokens"):
+                own = getattr(fit, attr)
+                if len(own) >= MIN_SAMPLES:
+                    continue
+                same_step = [x for (s, _), f in steps.items() if s == step.id for x in getattr(f, attr)]
+                same_model = [x for (_, k), f in steps.items() if k == key for x in getattr(f, attr)]
+                pooled = next((p for p in (same_step, same_model) if len(p) >= MIN_SAMPLES), own or same_step)
+                setattr(fit, attr, list(own) + [x for x in pooled if len(own) < MIN_SAMPLES][: 4 * MIN_SAMPLES])
+
+
+def _expected_tokens(workflow: WorkflowSpec, steps: dict[tuple[str, str], StepModelFit]) -> dict[tuple[str, str], float]:
+    out = {}
+    for step in workflow.steps:
+        for choice in step.models:
+            key = model_key(choice.provider, choice.model)
+            tokens = steps[(step.id, key)].output_tokens
+            out[(step.id, key)] = float(statistics.median(tokens)) if tokens else choice.max_tokens / 2
+    return out
+
+
+def _fit_gaps(data: TraceData) -> Gaps:
+    dag = Dag.from_spec(data.workflow)
+    first, between, finish = [], [], []
+    for run in data.runs:
+        attempts = data.attempts_of(run.run_id)
+        if not attempts:
+            continue
+        start = {}
+        for a in attempts:
+            start[a.step_id] = min(start.get(a.step_id, math.inf), a.started_at)
+        answered = {a.step_id: a.ended_at for a in attempts if a.won}
+        for step in data.workflow.steps:
+            if step.id not in start:
+                continue
+            if not step.depends_on:
+                first.append(max(0.0, start[step.id] - run.started_at))
+            elif all(d in answered for d in step.depends_on):
+                between.append(max(0.0, start[step.id] - max(answered[d] for d in step.depends_on)))
+        sinks = dag.sinks()
+        if run.delivered and all(s in answered for s in sinks):
+            finish.append(max(0.0, run.ended_at - max(answered[s] for s in sinks)))
+    return Gaps(first or [0.0], between or [0.0], finish or [0.0])
+
+
+__all__ = [
+    "ErrorDraw",
+    "Gaps",
+    "ModelFit",
+    "Regime",
+    "StepModelFit",
+    "TraceFit",
+    "fit_trace",
+    "invalid_kind",
+]
