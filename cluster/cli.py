@@ -1,5 +1,5 @@
-"""The `tailrace` command: run a workflow batch, run the bundled demo, serve the simulator, or show the
-cluster budget (`tailrace budget status`).
+"""The `tailrace` command: run a workflow batch, run the bundled demo, serve the simulator, show the
+cluster budget (`tailrace budget status`), predict or tune a policy from a trace (`tailrace whatif`, `tune`).
 
 Bad input (missing file, malformed JSONL line, invalid spec) ends in one clear paragraph on stderr
 and exit status 2, never a traceback.
@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     from tailrace.cluster import cli_ops
 
     cli_ops.add_commands(sub, SCENARIO_NAMES)  # submit, status, logs, results, stop, report, replay
+    from tailrace.cluster import cli_whatif
+
+    cli_whatif.add_commands(sub)  # whatif, tune
     budget = sub.add_parser("budget", help="the cluster budget: tenants' spend, rate buckets")
     budget_sub = budget.add_subparsers(dest="budget_command", required=True)
     status = budget_sub.add_parser("status", help="today's spend per tenant and each bucket's state")
@@ -90,6 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if args.command in cli_ops.COMMANDS:
             return cli_ops.run(args)
+        from tailrace.cluster import cli_whatif
+
+        if args.command in cli_whatif.COMMANDS:
+            return cli_whatif.run(args)
         if args.command == "budget":
             return _budget_status(args)
         if args.command == "demo":

@@ -5,10 +5,10 @@ Per model (provider/model):
   the usual attempts, the stragglers, and hangs), with every cancelled attempt a censored sample;
 * errors: the rate of each error kind, and the recorded errors themselves (latency, status,
   retry-after), replayed as they came;
-* time: the trace is cut into bins; a bin whose median time to first token or decode time is
-  significantly off the model's (Kaplan-Meier medians, censoring included) gets its own factor, and
-  every bin its own error rates, so a brownout in the trace stays a brownout in the replay, at the
-  same time of the batch.
+* time: when the model was degraded (a brownout: slower, failing more), a two-state hidden Markov
+  model over its attempts in time order (`regimes.find_regime`); the latency fit is of the normal
+  state (degraded attempts deflated by their factors), and the replay plays the degraded intervals
+  at the same times of the batch, so a brownout stays a brownout.
 
 Per step and model: the rate and kinds of invalid answers, output tokens of valid answers, input
 tokens. Per workflow: the engine's own gaps (the driver's dispatch before a step's first attempt,
@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tailrace.engine.dag import Dag
-from tailrace.engine.outcomes import RETRYABLE_KINDS, AttemptOutcome, ErrorKind
+from tailrace.engine.outcomes import AttemptOutcome, ErrorKind
 from tailrace.engine.specs import ModelChoice, WorkflowSpec
 from tailrace.policies.latency import model_key
+from tailrace.whatif.regimes import Attempts, Regime, find_regime
 from tailrace.whatif.survival import (
     CENSORED,
     MISSING,
@@ -36,19 +37,30 @@ from tailrace.whatif.survival import (
     LogNormal,
     Mixture,
     fit_mixture,
-    km_quantile,
 )
 from tailrace.whatif.trace_data import TraceAttempt, TraceData
 
 ANSWERED = (AttemptOutcome.VALID, AttemptOutcome.INVALID)
-BIN_ANSWERS = 30  # answers per time bin, on average, for the busiest model
-MIN_BINS, MAX_BINS = 1, 400
-SHIFT_Z = 3.0  # a bin's median must be this many standard errors off to count as a regime of its own
-BIN_PRIOR = 5.0  # pseudo-attempts pulling a bin's error rates toward the model's
 STEP_PRIOR = 20.0  # pseudo-answers pulling a step's invalid rate toward the model's
 MIN_SAMPLES = 20  # fewer output-token samples for a (step, model): pool wider
 PRIOR_SIGMA = 0.5  # spread assumed for a model the trace never answered from (its spec's prior)
 DEFAULT_PER_TOKEN_S = 0.02
+MAX_CHUNKS = 20  # an answer streams in at most this many chunks ...
+TOKENS_PER_CHUNK = 8  # ... of about this many tokens (what the simulator sends; providers send smaller ones)
+MIN_DECODE_TOKENS = 16  # an answer streaming fewer tokens after its first chunk says little about decode time
+
+
+def stream_chunks(tokens: int, max_chunks: int = MAX_CHUNKS) -> int:
+    """How many chunks an answer of `tokens` streams in (0 for an empty one)."""
+    return max(1, min(max_chunks, math.ceil(tokens / TOKENS_PER_CHUNK))) if tokens > 0 else 0
+
+
+def decode_tokens(tokens: int, max_chunks: int = MAX_CHUNKS) -> float:
+    """The tokens that stream after the first chunk: what an answer's time from first token to end is
+    made of. The fit divides that time by it and the sampled provider multiplies by it, so a trace's
+    decode times come back whatever the provider's chunking."""
+    chunks = stream_chunks(tokens, max_chunks)
+    return tokens * (chunks - 1) / chunks if chunks else 0.0
 
 
 @dataclass(frozen=True)
@@ -62,25 +74,6 @@ class ErrorDraw:
     latency_s: float
     ttft_s: float | None
     message: str
-
-
-@dataclass
-class Regime:
-    """A model's behaviour over the trace's time: latency factors and error rates per bin."""
-
-    width_s: float
-    bins: int
-    ttft_factor: list[float]
-    token_factor: list[float]
-    error_rates: list[dict[ErrorKind, float]]
-
-    def index(self, t: float) -> int:
-        """The bin of `t` seconds after the start (past the trace's end, time wraps around)."""
-        return int((t % (self.width_s * self.bins)) // self.width_s) % self.bins
-
-    @property
-    def shifted_bins(self) -> int:
-        return sum(1 for a, b in zip(self.ttft_factor, self.token_factor, strict=True) if a != 1.0 or b != 1.0)
 
 
 @dataclass
@@ -156,25 +149,22 @@ def fit_trace(data: TraceData, start: TraceFit | None = None) -> TraceFit:
         by_model[model_key(a.provider, a.model)].append(a)
     steps = _fit_steps(workflow, data.attempts)
     expected_tokens = _expected_tokens(workflow, steps)
-    busiest = max((sum(1 for a in v if a.outcome in ANSWERED) for v in by_model.values()), default=0)
-    bins = min(MAX_BINS, max(MIN_BINS, busiest // BIN_ANSWERS))
-    width = span / bins
     models: dict[str, ModelFit] = {}
     notes: list[str] = []
     for choice in _choices(workflow):
         key = model_key(choice.provider, choice.model)
         if key in models:
             continue
-        attempts = by_model.get(key, [])
+        attempts = sorted(by_model.get(key, []), key=lambda a: a.started_at)
         warm = start.models.get(key) if start is not None else None
         if not any(a.outcome in ANSWERED for a in attempts):
-            models[key] = _prior_fit(key, choice, attempts, width, bins)
+            models[key] = _prior_fit(key, choice, attempts, span)
             notes.append(
                 f"{key} never answered in the trace: its latency is the workflow's prior "
                 f"(ttft {choice.expected_ttft_s:g} s, latency {choice.expected_latency_s:g} s)"
             )
             continue
-        models[key] = _fit_model(key, attempts, t0, width, bins, expected_tokens, warm)
+        models[key] = _fit_model(key, attempts, t0, span, expected_tokens, warm)
     return TraceFit(workflow, span, models, steps, _fit_gaps(data), notes)
 
 
@@ -186,14 +176,14 @@ def _fit_model(
     key: str,
     attempts: list[TraceAttempt],
     t0: float,
-    width: float,
-    bins: int,
+    span: float,
     expected_tokens: dict[tuple[str, str], float],
     warm: ModelFit | None,
 ) -> ModelFit:
+    """`attempts` in the order they started."""
     errors: dict[ErrorKind, list[ErrorDraw]] = defaultdict(list)
     for a in attempts:
-        if a.outcome == AttemptOutcome.ERROR and a.error is not None and a.error.kind != ErrorKind.TIMEOUT:
+        if _is_error(a) and a.error is not None:
             errors[a.error.kind].append(
                 ErrorDraw(
                     a.error.kind,
@@ -208,22 +198,37 @@ def _fit_model(
     # An attempt cancelled before errors usually come cannot say whether it would have failed.
     error_times = sorted(d.latency_s for ds in errors.values() for d in ds)
     early = error_times[len(error_times) // 2] if error_times else 0.0
-    eligible = [a for a in attempts if a.outcome != AttemptOutcome.CANCELLED or a.latency_s >= early]
-    n = max(1, len(eligible))
-    error_rate = {kind: len(ds) / n for kind, ds in errors.items()}
+    eligible = np.array([a.outcome != AttemptOutcome.CANCELLED or a.latency_s >= early for a in attempts])
+    error_rate = {kind: len(ds) / max(1, int(eligible.sum())) for kind, ds in errors.items()}
 
     obs = _observations(attempts, key, expected_tokens)
-    bin_of = np.array([min(bins - 1, int((a.started_at - t0) // width)) for a in obs.attempts], dtype=int)
-    ttft_factor, token_factor = [1.0] * bins, [1.0] * bins
+    timeline = Attempts(
+        np.array([a.started_at - t0 for a in attempts]),
+        [a.error.kind if _is_error(a) and a.error is not None else None for a in attempts],
+        eligible,
+        obs.log_t,
+        obs.t_state,
+        obs.log_d,
+        obs.d_state,
+    )
+    latency = obs.t_state != MISSING
     mixture = warm.latency if warm is not None else None
-    for _ in range(2):  # factors from the deflated fit, the fit from the deflated data
-        tf = np.log(np.array(ttft_factor))[bin_of]
-        df = np.log(np.array(token_factor))[bin_of]
-        mixture = fit_mixture(obs.log_t - tf, obs.t_state, obs.log_d - df, obs.d_state, start=mixture)
-        ttft_factor = _bin_factors(obs.log_t, obs.t_state, bin_of, bins, mixture, "ttft")
-        token_factor = _bin_factors(obs.log_d, obs.d_state, bin_of, bins, mixture, "per_token")
+    shift_t = shift_d = np.zeros(len(attempts))
+    regime = Regime.steady(span, error_rate)
+    for _ in range(2):  # the normal state's fit from deflated attempts, the regime from that fit
+        mixture = fit_mixture(
+            (obs.log_t - shift_t)[latency],
+            obs.t_state[latency],
+            (obs.log_d - shift_d)[latency],
+            obs.d_state[latency],
+            start=mixture,
+        )
+        regime, states = find_regime(timeline, mixture, span)
+        if not regime.intervals:
+            break
+        shift_t = np.where(states == 1, math.log(regime.ttft_factor[1]), 0.0)
+        shift_d = np.where(states == 1, math.log(regime.token_factor[1]), 0.0)
     assert mixture is not None
-    regime = Regime(width, bins, ttft_factor, token_factor, _bin_error_rates(eligible, errors, error_rate, t0, width, bins))
     invalid_ratio: dict[str, list[float]] = defaultdict(list)
     for a in attempts:
         if a.outcome == AttemptOutcome.INVALID and a.request is not None and a.request.max_tokens > 0:
@@ -241,6 +246,11 @@ def _fit_model(
     )
 
 
+def _is_error(a: TraceAttempt) -> bool:
+    """A provider error that is its own draw; a client timeout is a censored latency instead."""
+    return a.outcome == AttemptOutcome.ERROR and a.error is not None and a.error.kind != ErrorKind.TIMEOUT
+
+
 @dataclass
 class _Observations:
     attempts: list[TraceAttempt]
@@ -253,7 +263,7 @@ class _Observations:
 def _observations(
     attempts: list[TraceAttempt], key: str, expected_tokens: dict[tuple[str, str], float]
 ) -> _Observations:
-    """Each attempt as (time to first token, per-token time), each observed, censored or missing.
+    """Each attempt as (time to first token, per-token time), each observed, censored or missing (an error).
 
     Answers give both (an empty answer: its first token is its end, no decode time). A cancelled
     attempt (lost race, deadline, failed run), or one the client timed out, gives a lower bound: on
@@ -267,8 +277,9 @@ def _observations(
             ttft = a.ttft_s if a.ttft_s is not None else a.latency_s
             t, ts = ttft, OBSERVED
             streaming = a.latency_s - ttft
-            if a.output_tokens >= 1 and streaming > 0:
-                d, ds = streaming / a.output_tokens, OBSERVED
+            after_first = decode_tokens(a.output_tokens)
+            if after_first >= MIN_DECODE_TOKENS and streaming > 0:
+                d, ds = streaming / after_first, OBSERVED
             else:
                 d, ds = DEFAULT_PER_TOKEN_S, MISSING
         elif a.outcome == AttemptOutcome.CANCELLED or timed_out:
@@ -276,14 +287,14 @@ def _observations(
                 t, ts, d, ds = a.latency_s, CENSORED, DEFAULT_PER_TOKEN_S, MISSING
             else:
                 t, ts = a.ttft_s, OBSERVED
-                tokens = expected_tokens.get((a.step_id, key), 0.0)
+                after_first = decode_tokens(round(expected_tokens.get((a.step_id, key), 0.0)))
                 streaming = a.latency_s - a.ttft_s
-                if tokens >= 1 and streaming > 0:
-                    d, ds = streaming / tokens, CENSORED
+                if after_first >= MIN_DECODE_TOKENS and streaming > 0:
+                    d, ds = streaming / after_first, CENSORED
                 else:
                     d, ds = DEFAULT_PER_TOKEN_S, MISSING
-        else:
-            continue
+        else:  # an error: another draw, nothing to say about latency
+            t, ts, d, ds = 1.0, MISSING, DEFAULT_PER_TOKEN_S, MISSING
         kept.append(a)
         log_t.append(math.log(max(t, 1e-6)))
         t_state.append(ts)
@@ -292,63 +303,20 @@ def _observations(
     return _Observations(kept, np.array(log_t), np.array(t_state), np.array(log_d), np.array(d_state))
 
 
-def _bin_factors(
-    log_x: np.ndarray, state: np.ndarray, bin_of: np.ndarray, bins: int, mixture: Mixture, which: str
-) -> list[float]:
-    """Per bin: the factor by which its Kaplan-Meier median is off the model's, when that is beyond
-    noise (`SHIFT_Z` standard errors of a median); else 1."""
-    used = state != MISSING
-    if bins == 1 or used.sum() < 2 * BIN_ANSWERS:
-        return [1.0] * bins
-    x, observed, b = np.exp(log_x[used]), state[used] == OBSERVED, bin_of[used]
-    overall = km_quantile(x, observed, 0.5)
-    body = mixture.components[0]
-    sigma = (body.ttft if which == "ttft" else body.per_token).sigma
-    factors = [1.0] * bins
-    for i in range(bins):
-        mask = b == i
-        count = int(mask.sum())
-        if count < 5 or not math.isfinite(overall):
-            continue
-        median = km_quantile(x[mask], observed[mask], 0.5)
-        if not math.isfinite(median):
-            median = float(x[mask].max())  # more than half still running when cut off: at least this slow
-        shift = math.log(median / overall)
-        if abs(shift) > SHIFT_Z * 1.2533 * sigma / math.sqrt(count):
-            factors[i] = math.exp(shift)
-    return factors
-
-
-def _bin_error_rates(
-    eligible: list[TraceAttempt],
-    errors: dict[ErrorKind, list[ErrorDraw]],
-    overall: dict[ErrorKind, float],
-    t0: float,
-    width: float,
-    bins: int,
-) -> list[dict[ErrorKind, float]]:
-    counts = [Counter[ErrorKind]() for _ in range(bins)]
-    totals = [0] * bins
-    for a in eligible:
-        i = min(bins - 1, int((a.started_at - t0) // width))
-        totals[i] += 1
-        if a.outcome == AttemptOutcome.ERROR and a.error is not None and a.error.kind in errors:
-            counts[i][a.error.kind] += 1
-    return [
-        {k: (counts[i][k] + BIN_PRIOR * rate) / (totals[i] + BIN_PRIOR) for k, rate in overall.items()}
-        for i in range(bins)
-    ]
-
-
-def _prior_fit(key: str, choice: ModelChoice, attempts: list[TraceAttempt], width: float, bins: int) -> ModelFit:
+def _prior_fit(key: str, choice: ModelChoice, attempts: list[TraceAttempt], span: float) -> ModelFit:
     """A model the trace never saw answer: its spec's latency prior, lognormal with a typical spread."""
     per_token = max(1e-4, (choice.expected_latency_s - choice.expected_ttft_s) / max(1.0, choice.max_tokens / 2))
     latency = Mixture(
-        (Component(1.0, LogNormal(math.log(choice.expected_ttft_s), PRIOR_SIGMA), LogNormal(math.log(per_token), PRIOR_SIGMA)),),
+        (
+            Component(
+                1.0,
+                LogNormal(math.log(choice.expected_ttft_s), PRIOR_SIGMA),
+                LogNormal(math.log(per_token), PRIOR_SIGMA),
+            ),
+        ),
         0.0,
     )
-    regime = Regime(width, bins, [1.0] * bins, [1.0] * bins, [{} for _ in range(bins)])
-    return ModelFit(key, latency, {}, {}, regime, {}, attempts=len(attempts), from_prior=True)
+    return ModelFit(key, latency, {}, {}, Regime.steady(span, {}), {}, attempts=len(attempts), from_prior=True)
 
 
 def _fit_steps(workflow: WorkflowSpec, attempts: list[TraceAttempt]) -> dict[tuple[str, str], StepModelFit]:
@@ -366,7 +334,9 @@ def _fit_steps(workflow: WorkflowSpec, attempts: list[TraceAttempt]) -> dict[tup
             key = model_key(choice.provider, choice.model)
             items = answered.get((step.id, key), [])
             invalid = [a for a in items if a.outcome == AttemptOutcome.INVALID]
-            prior = model_rate.get(key, _invalid_share([a for (s, _), v in answered.items() if s == step.id for a in v]))
+            prior = model_rate.get(
+                key, _invalid_share([a for (s, _), v in answered.items() if s == step.id for a in v])
+            )
             rate = (len(invalid) + STEP_PRIOR * prior) / (len(items) + STEP_PRIOR)
             kinds = Counter(invalid_kind(a.invalid_reason) for a in invalid)
             if not kinds:  # no invalid answer here: the kinds this model (or step) gave elsewhere
@@ -404,7 +374,9 @@ def _pool_tokens(workflow: WorkflowSpec, steps: dict[tuple[str, str], StepModelF
                 setattr(fit, attr, list(own) + [x for x in pooled if len(own) < MIN_SAMPLES][: 4 * MIN_SAMPLES])
 
 
-def _expected_tokens(workflow: WorkflowSpec, steps: dict[tuple[str, str], StepModelFit]) -> dict[tuple[str, str], float]:
+def _expected_tokens(
+    workflow: WorkflowSpec, steps: dict[tuple[str, str], StepModelFit]
+) -> dict[tuple[str, str], float]:
     out = {}
     for step in workflow.steps:
         for choice in step.models:
@@ -442,7 +414,6 @@ __all__ = [
     "ErrorDraw",
     "Gaps",
     "ModelFit",
-    "Regime",
     "StepModelFit",
     "TraceFit",
     "fit_trace",

@@ -42,10 +42,17 @@ from tailrace.engine.specs import StepSpec
 from tailrace.engine.tokens import CHARS_PER_TOKEN, estimate_prompt_tokens
 from tailrace.engine.validation import contract_schema, validate
 from tailrace.policies.latency import model_key
-from tailrace.whatif.fit import ErrorDraw, ModelFit, StepModelFit, TraceFit
+from tailrace.whatif.fit import (
+    TOKENS_PER_CHUNK,
+    ErrorDraw,
+    ModelFit,
+    StepModelFit,
+    TraceFit,
+    decode_tokens,
+    stream_chunks,
+)
 
 ANSWER_CHARS = 320
-TOKENS_PER_CHUNK = 8
 
 
 class ReplayError(TailraceError):
@@ -169,16 +176,16 @@ class SampledAdapter:
             raise ReplayError(f"{key} is not a model of the trace's workflow: the trace says nothing about it")
         p.attempts += 1
         rng = p.rng
-        regime_bin = model.regime.index(p.clock.monotonic() - p.origin)
-        error = self._draw_error(model, regime_bin)
+        state = model.regime.state_at(p.clock.monotonic() - p.origin)  # normal, or degraded (a brownout)
+        error = self._draw_error(model, state)
         if error is not None:
             return await self._error(call, progress, error)
-        return await self._answer(call, progress, ctx, model, p.fit.steps[(ctx.step.id, key)], regime_bin, rng)
+        return await self._answer(call, progress, ctx, model, p.fit.steps[(ctx.step.id, key)], state, rng)
 
     # ---- errors -------------------------------------------------------------------------------------
 
-    def _draw_error(self, model: ModelFit, regime_bin: int) -> ErrorDraw | None:
-        rates = model.regime.error_rates[regime_bin] if model.regime.error_rates[regime_bin] else model.error_rate
+    def _draw_error(self, model: ModelFit, state: int) -> ErrorDraw | None:
+        rates = model.regime.error_rates[state]
         u = self._p.rng.random()
         for kind, rate in rates.items():
             if u < rate:
@@ -222,7 +229,7 @@ class SampledAdapter:
         ctx: StepContext,
         model: ModelFit,
         step: StepModelFit,
-        regime_bin: int,
+        state: int,
         rng: random.Random,
     ) -> RawAttempt:
         clock = self._p.clock
@@ -238,10 +245,9 @@ class SampledAdapter:
                 component = c
                 break
             u -= c.weight
-        ttft = math.exp(rng.gauss(component.ttft.mu, component.ttft.sigma)) * model.regime.ttft_factor[regime_bin]
+        ttft = math.exp(rng.gauss(component.ttft.mu, component.ttft.sigma)) * model.regime.ttft_factor[state]
         per_token = (
-            math.exp(rng.gauss(component.per_token.mu, component.per_token.sigma))
-            * model.regime.token_factor[regime_bin]
+            math.exp(rng.gauss(component.per_token.mu, component.per_token.sigma)) * model.regime.token_factor[state]
         )
         kind = "valid"
         if rng.random() < step.invalid_rate:
@@ -251,16 +257,17 @@ class SampledAdapter:
         input_tokens = (
             rng.choice(step.input_tokens) if step.input_tokens else estimate_prompt_tokens(call.system, call.prompt)
         )
-        # Stream: the first chunk at the first token, the rest evenly over the decode time.
-        chunks = max(1, min(self._p.max_chunks, math.ceil(tokens / TOKENS_PER_CHUNK))) if tokens else 0
-        decode = tokens * per_token
-        end = ttft + decode
+        # Stream: the first chunk at the first token, the others evenly after it; the answer ends with
+        # the last one (as the fit measured decode times: `decode_tokens`).
+        chunks = stream_chunks(tokens, self._p.max_chunks)
+        gap = per_token * decode_tokens(tokens, self._p.max_chunks) / max(1, chunks - 1)
+        end = ttft + gap * max(0, chunks - 1)
         started = progress.started_mono
         if end > call.timeout_s:
             end = math.inf
         chunk_chars = max(1, int(tokens * CHARS_PER_TOKEN / chunks)) if chunks else 0
         for i in range(chunks):
-            at = started + ttft + decode * i / chunks
+            at = started + ttft + gap * i
             if at - started > call.timeout_s:
                 break
             await clock.sleep(at - clock.monotonic())

@@ -36,12 +36,25 @@ def log_erfc(x: np.ndarray) -> np.ndarray:
     """log(erfc(x)), accurate to ~1e-7 relative (Numerical Recipes' erfcc), and finite far into the tail."""
     z = np.abs(x)
     t = 1.0 / (1.0 + 0.5 * z)
-    poly = -z * z - 1.26551223 + t * (
-        1.00002368
+    poly = (
+        -z * z
+        - 1.26551223
         + t
         * (
-            0.37409196
-            + t * (0.09678418 + t * (-0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277))))))
+            1.00002368
+            + t
+            * (
+                0.37409196
+                + t
+                * (
+                    0.09678418
+                    + t
+                    * (
+                        -0.18628806
+                        + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277))))
+                    )
+                )
+            )
         )
     )
     log_pos = np.log(t) + poly
@@ -66,21 +79,43 @@ def normal_quantile(p: float) -> float:
     """The standard normal's p-quantile (Acklam's rational approximation, refined by one Newton step)."""
     if not 0.0 < p < 1.0:
         return math.inf if p >= 1.0 else -math.inf
-    a = (-39.69683028665376, 220.9460984245205, -275.9285104469687, 138.3577518672690, -30.66479806614716, 2.506628277459239)
+    a = (
+        -39.69683028665376,
+        220.9460984245205,
+        -275.9285104469687,
+        138.3577518672690,
+        -30.66479806614716,
+        2.506628277459239,
+    )
     b = (-54.47609879822406, 161.5858368580409, -155.6989798598866, 66.80131188771972, -13.28068155288572)
-    c = (-0.007784894002430293, -0.3223964580411365, -2.400758277161838, -2.549732539343734, 4.374664141464968, 2.938163982698783)
+    c = (
+        -0.007784894002430293,
+        -0.3223964580411365,
+        -2.400758277161838,
+        -2.549732539343734,
+        4.374664141464968,
+        2.938163982698783,
+    )
     d = (0.007784695709041462, 0.3224671290700398, 2.445134137142996, 3.754408661907416)
     low = 0.02425
     if p < low:
         q = math.sqrt(-2 * math.log(p))
-        x = (((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5]) / ((((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1)
+        x = (((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5]) / (
+            (((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1
+        )
     elif p <= 1 - low:
         q = p - 0.5
         r = q * q
-        x = (((((a[0] * r + a[1]) * r + a[2]) * r + a[3]) * r + a[4]) * r + a[5]) * q / (((((b[0] * r + b[1]) * r + b[2]) * r + b[3]) * r + b[4]) * r + 1)
+        x = (
+            (((((a[0] * r + a[1]) * r + a[2]) * r + a[3]) * r + a[4]) * r + a[5])
+            * q
+            / (((((b[0] * r + b[1]) * r + b[2]) * r + b[3]) * r + b[4]) * r + 1)
+        )
     else:
         q = math.sqrt(-2 * math.log(1 - p))
-        x = -(((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5]) / ((((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1)
+        x = -(((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5]) / (
+            (((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1
+        )
     e = normal_cdf(x) - p
     return x - e * math.sqrt(2 * math.pi) * math.exp(x * x / 2)
 
@@ -164,6 +199,27 @@ class Mixture:
         return hi
 
 
+def log_likelihood(
+    m: Mixture, log_t: np.ndarray, t_state: np.ndarray, log_d: np.ndarray, d_state: np.ndarray
+) -> np.ndarray:
+    """Each observation's log likelihood under the mixture (censored values: their survival)."""
+    parts = [
+        math.log(max(c.weight, 1e-300))
+        + _component_loglik(log_t, t_state, c.ttft.mu, c.ttft.sigma)
+        + _component_loglik(log_d, d_state, c.per_token.mu, c.per_token.sigma)
+        for c in m.components
+    ]
+    parts.append(np.where(t_state == CENSORED, math.log(max(m.hang, 1e-300)), -np.inf))
+    stacked = np.stack(parts, axis=1)
+    top = stacked.max(axis=1, keepdims=True)
+    return top[:, 0] + np.log(np.exp(stacked - top).sum(axis=1))
+
+
+def _component_loglik(x: np.ndarray, state: np.ndarray, mu: float, sigma: float) -> np.ndarray:
+    z = (x - mu) / sigma
+    return np.where(state == OBSERVED, log_pdf(z) - math.log(sigma), np.where(state == CENSORED, log_sf(z), 0.0))
+
+
 @dataclass
 class _Params:
     weights: np.ndarray  # per component, then the hang mass last
@@ -201,10 +257,8 @@ def fit_mixture(
         # E-step: log likelihood of every observation under every component (and the hang).
         ll = np.empty((n, components + 1))
         for k in range(components):
-            zt = (log_t - p.mt[k]) / p.st[k]
-            lt = np.where(t_obs, log_pdf(zt) - math.log(p.st[k]), log_sf(zt))
-            zd = (log_d - p.md[k]) / p.sd[k]
-            ld = np.where(d_obs, log_pdf(zd) - math.log(p.sd[k]), np.where(d_cens, log_sf(zd), 0.0))
+            lt = _component_loglik(log_t, t_state, p.mt[k], p.st[k])
+            ld = _component_loglik(log_d, d_state, p.md[k], p.sd[k])
             ll[:, k] = math.log(max(p.weights[k], 1e-300)) + lt + ld
         ll[:, components] = np.where(t_cens, math.log(max(p.weights[components], 1e-300)), -np.inf)
         top = ll.max(axis=1, keepdims=True)
@@ -300,5 +354,6 @@ __all__ = [
     "fit_mixture",
     "kaplan_meier",
     "km_quantile",
+    "log_likelihood",
     "normal_quantile",
 ]

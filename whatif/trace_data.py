@@ -175,7 +175,7 @@ def _known(model: type[BaseModel], value: Any) -> Any:
 def trace_path_for(path: str | Path) -> Path:
     """A trace path from a trace or a results file (`results.jsonl` -> `results.trace.jsonl`)."""
     p = Path(path)
-    if p.name.endswith(TRACE_SUFFIX) or p.exists() and _looks_like_trace(p):
+    if p.name.endswith(TRACE_SUFFIX) or (p.exists() and _looks_like_trace(p)):
         return p
     if p.suffix == ".jsonl":
         return p.with_name(p.name.removesuffix(".jsonl") + TRACE_SUFFIX)
