@@ -48,6 +48,7 @@ DEFAULT_PER_TOKEN_S = 0.02
 MAX_CHUNKS = 20  # an answer streams in at most this many chunks ...
 TOKENS_PER_CHUNK = 8  # ... of about this many tokens (what the simulator sends; providers send smaller ones)
 MIN_DECODE_TOKENS = 16  # an answer streaming fewer tokens after its first chunk says little about decode time
+COLD_ITERATIONS, WARM_ITERATIONS = 300, 60  # EM steps at most, from scratch and from an earlier fit
 
 
 def stream_chunks(tokens: int, max_chunks: int = MAX_CHUNKS) -> int:
@@ -213,21 +214,35 @@ def _fit_model(
     )
     latency = obs.t_state != MISSING
     mixture = warm.latency if warm is not None else None
-    shift_t = shift_d = np.zeros(len(attempts))
-    regime = Regime.steady(span, error_rate)
-    for _ in range(2):  # the normal state's fit from deflated attempts, the regime from that fit
-        mixture = fit_mixture(
-            (obs.log_t - shift_t)[latency],
+
+    def refit(states: np.ndarray, regime: Regime, iterations: int) -> Mixture:
+        """The normal state's latency: attempts in the degraded state deflated by its factors."""
+        shift_t = np.where(states == 1, math.log(regime.ttft_factor[1]), 0.0)[latency]
+        shift_d = np.where(states == 1, math.log(regime.token_factor[1]), 0.0)[latency]
+        return fit_mixture(
+            obs.log_t[latency] - shift_t,
             obs.t_state[latency],
-            (obs.log_d - shift_d)[latency],
+            obs.log_d[latency] - shift_d,
             obs.d_state[latency],
             start=mixture,
+            iterations=iterations,
         )
-        regime, states = find_regime(timeline, mixture, span)
-        if not regime.intervals:
-            break
-        shift_t = np.where(states == 1, math.log(regime.ttft_factor[1]), 0.0)
-        shift_d = np.where(states == 1, math.log(regime.token_factor[1]), 0.0)
+
+    if warm is not None:
+        # A refit of the same trace (a bootstrap replica): the regime found on the whole trace stands.
+        regime = warm.regime
+        states = np.array([regime.state_at(t) for t in timeline.times], dtype=int)
+        mixture = refit(states, regime, WARM_ITERATIONS)
+        regime = _with_error_rates(regime, error_rate) if not regime.intervals else regime
+    else:
+        regime, states = Regime.steady(span, error_rate), np.zeros(len(attempts), dtype=int)
+        for _ in range(2):  # the normal state's fit from deflated attempts, the regime from that fit
+            mixture = refit(states, regime, COLD_ITERATIONS)
+            regime, states = find_regime(timeline, mixture, span)
+            if not regime.intervals:
+                break
+        if regime.intervals:
+            mixture = refit(states, regime, WARM_ITERATIONS)
     assert mixture is not None
     invalid_ratio: dict[str, list[float]] = defaultdict(list)
     for a in attempts:
@@ -244,6 +259,10 @@ def _fit_model(
         answered=sum(1 for a in attempts if a.outcome in ANSWERED),
         censored=int((obs.t_state == CENSORED).sum() + (obs.d_state == CENSORED).sum()),
     )
+
+
+def _with_error_rates(regime: Regime, rates: dict[ErrorKind, float]) -> Regime:
+    return Regime(regime.span_s, regime.intervals, regime.ttft_factor, regime.token_factor, (dict(rates), dict(rates)))
 
 
 def _is_error(a: TraceAttempt) -> bool:

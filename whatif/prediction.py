@@ -272,7 +272,7 @@ def predict(
         runs=n,
         replays=len(samples),
         recorded=trace_metrics(data),
-        predicted={name: _estimate([m.value(name) for m in samples]) for name in METRIC_NAMES},
+        predicted={name: _estimate([m.value(name) for m in samples], name, n) for name in METRIC_NAMES},
         samples=samples,
         warnings=warnings_for(data, fit, n),
         runs_per_cpu_s=n * len(samples) / cpu if cpu > 0 else math.inf,
@@ -287,17 +287,24 @@ def _bootstrap(data: TraceData, seed: int) -> TraceData:
     return data.resample([rng.choice(ids) for _ in ids])
 
 
-def _estimate(values: list[float]) -> Estimate:
-    """The mean of the replays, and where one more batch like them lands, 95% (a t interval)."""
+def _estimate(values: list[float], name: str, runs: int) -> Estimate:
+    """The mean of the replays, and where one more batch like them lands, 95% (a t interval, within the
+    metric's range). A hit rate's spread is at least a batch's binomial noise: a few replays that
+    happen to agree say little about it."""
     finite = [v for v in values if math.isfinite(v)]
     if len(finite) < len(values):
         return Estimate(mean=math.inf, low=min(values), high=math.inf)
     mean = statistics.fmean(values)
-    if len(values) < 2:
+    var = statistics.variance(values) if len(values) > 1 else 0.0
+    high = math.inf
+    if name == "hit_rate":
+        p = (mean * runs + 0.5) / (runs + 1)
+        var = max(var, p * (1 - p) / runs)
+        high = 1.0
+    if var == 0.0:
         return Estimate(mean=mean, low=mean, high=mean)
-    sd = statistics.stdev(values)
-    half = _t975(len(values) - 1) * sd * math.sqrt(1 + 1 / len(values))
-    return Estimate(mean=mean, low=mean - half, high=mean + half)
+    half = _t975(max(1, len(values) - 1)) * math.sqrt(var * (1 + 1 / len(values)))
+    return Estimate(mean=mean, low=max(0.0, mean - half), high=min(high, mean + half))
 
 
 def _t975(df: int) -> float:

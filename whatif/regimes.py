@@ -26,7 +26,7 @@ from tailrace.engine.outcomes import ErrorKind
 from tailrace.whatif.survival import Mixture, log_likelihood
 
 MIN_ATTEMPTS = 60  # fewer: too little to tell a regime from noise
-ITERATIONS = 20
+ITERATIONS = 12
 MIN_FACTOR = 1.3  # a degraded state slower than this, or ...
 MIN_EXTRA_ERRORS = 0.1  # ... failing this much more often, else it is no regime
 MIN_SHARE = 0.005  # of the batch's time
@@ -105,7 +105,7 @@ def find_regime(a: Attempts, mixture: Mixture, span_s: float) -> tuple[Regime, n
     for _ in range(ITERATIONS):
         emis = _emissions(a, is_error, eligible, base_ll, latency_ll(p.shift_t, p.shift_d), p)
         gamma, xi, loglik = _forward_backward(emis, gaps, p)
-        _m_step(a, is_error, eligible, gamma, xi, gaps, p, latency_ll)
+        _m_step(a, is_error, eligible, gamma, xi, gaps, p, mixture)
     emis = _emissions(a, is_error, eligible, base_ll, latency_ll(p.shift_t, p.shift_d), p)
     _, _, loglik = _forward_backward(emis, gaps, p)
     one_state = float(
@@ -213,7 +213,7 @@ def _m_step(
     xi: np.ndarray,
     gaps: np.ndarray,
     p: _Params,
-    latency_ll: object,
+    mixture: Mixture,
 ) -> None:
     for s in (0, 1):
         w = gamma[:, s]
@@ -233,16 +233,16 @@ def _m_step(
     used = w1 > 1e-3
     if not used.any():
         return
-    ll = latency_ll  # (shift_t, shift_d) -> per-attempt log likelihood
+    log_t, t_state, log_d, d_state, weights = a.log_t[used], a.t_state[used], a.log_d[used], a.d_state[used], w1[used]
 
     def objective(shift_t: float, shift_d: float) -> float:
-        return float((w1[used] * ll(shift_t, shift_d)[used]).sum())  # type: ignore[operator]
+        return float((weights * log_likelihood(mixture, log_t - shift_t, t_state, log_d - shift_d, d_state)).sum())
 
     p.shift_t = _golden(lambda x: objective(x, p.shift_d), 0.0, MAX_SHIFT)
     p.shift_d = _golden(lambda x: objective(p.shift_t, x), 0.0, MAX_SHIFT)
 
 
-def _golden(f: object, lo: float, hi: float, steps: int = 24) -> float:
+def _golden(f: object, lo: float, hi: float, steps: int = 16) -> float:
     """The maximum of a unimodal function on [lo, hi]."""
     g = (math.sqrt(5) - 1) / 2
     a, b = lo, hi

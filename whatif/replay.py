@@ -303,7 +303,8 @@ class Replay:
             remaining_cost = max(0.0, plan.options.max_cost_usd - run.cost_usd)
             if cost_share is not None:
                 remaining_cost = min(remaining_cost, cost_share)
-        request = StepRequest(
+        # Every field comes from validated objects: built without validating again, the replay's hot path.
+        request = StepRequest.model_construct(
             run_id=run.run_id,
             workflow=plan.workflow.name,
             tenant=plan.options.tenant,

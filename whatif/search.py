@@ -84,9 +84,7 @@ class TuneResult(BaseModel):
         return config_snippets(self.best or self.nearest, data)[0]
 
     def config_python(self) -> str:
-        chosen = self.best or self.nearest
-        fields = ", ".join(f"{k}={v!r}" for k, v in chosen.change.hedge.items())
-        return f"run_batch(..., hedge=HedgeConfig({fields}))" if fields else "run_batch(...)  # hedging as it was"
+        return config_snippets(self.best or self.nearest)[1]
 
 
 def _meets(c: Candidate, target_hit: float, max_extra: float) -> bool:
@@ -201,7 +199,7 @@ def config_snippets(c: Candidate, data: TraceData | None = None) -> tuple[str, s
     if not lines:
         lines.append("# no change: the trace's policy is already the cheapest that meets the targets")
     fields = ", ".join(f"{k}={v!r}" for k, v in hedge.items())
-    python = f"run_batch(..., hedge=HedgeConfig({fields}))" if fields else "run_batch(...)"
+    python = f"run_batch(..., hedge=HedgeConfig({fields}))" if fields else "run_batch(...)  # hedging as it was"
     return "\n".join(lines), python
 
 
