@@ -170,6 +170,10 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("RAY_worker_niceness", "0")
     logging.getLogger("tailrace").setLevel(logging.WARNING)
+    import ray
+
+    # A cluster of our own: on a shared machine, ray.init() would join whichever cluster started last.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     scale = args.time_scale
     workflow = scaled_workflow(scale)
     recs = records(args.runs)
@@ -216,8 +220,6 @@ def main() -> None:
             )
             load.append(os.getloadavg()[0])
             print(f"{family}: B '{name}' measured in {wall:.0f} s (load {load[-1]:.1f})", flush=True)
-    import ray
-
     ray.shutdown()
     from tailrace.cluster.whatif import what_if
 
