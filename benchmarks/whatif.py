@@ -1,9 +1,10 @@
 """What-if accuracy: predict policy B from a trace of policy A, then run B and compare.
 
-For each latency family (simulator scenario), one batch of the demo workflow (examples/support_triage:
-6 steps, ladder gpt-4.1 -> claude-haiku-4-5 -> gpt-4o-mini) runs on the time-scaled simulator under
-policy A (the default tail control, a fixed deadline) through `run_batch` on Ray, writing its trace.
-Then every policy B runs the same way on a fresh simulator with a new seed. Ray is shut down, and
+For each latency family (simulator scenario), the demo workflow (examples/support_triage: 6 steps,
+ladder gpt-4.1 -> claude-haiku-4-5 -> gpt-4o-mini) runs on the time-scaled simulator through
+`run_batch` on Ray under policy A (the default tail control, a fixed deadline), writing its trace, and
+under every policy B, each on its own simulator with its own seed. The policies take turns in chunks
+of runs, so a change in this shared machine's load falls on all of them alike. Ray is shut down, and
 `tailrace.what_if` predicts each B from A's trace alone (fake time, in this process). Predicted and
 measured are printed side by side, with the misses against the targets:
 
@@ -20,6 +21,7 @@ binds (60 % of the token rate A used). Latencies are in simulated seconds (real 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -27,6 +29,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,48 +54,97 @@ BUDGET_SHARE = 0.6  # of the token rate A used
 TARGETS = {"hit_rate_pp": 0.5, "p99_pct": 10.0, "extra_tokens_pts": 2.0, "runs_per_s": 2000.0}
 
 
-def changes(family: str, scale: float, tpm: int) -> dict[str, WhatIf]:
+def changes(family: str, scale: float) -> dict[str, WhatIf]:
+    """The B policies but the budget one (its quota comes from A's first chunk)."""
     return {
         "A again (new seed)": WhatIf(),
         "TTFT trigger at p80": WhatIf(hedge={"ttft_quantile": 0.8}),
         "hedging off": WhatIf(hedge={"enabled": False}),
         f"deadline {SHORT_DEADLINE_SIM_S[family]:g} s": WhatIf(deadline_s=SHORT_DEADLINE_SIM_S[family] * scale),
-        f"budget {tpm:,} TPM": WhatIf(tpm=tpm),
     }
 
 
-def run_policy(
-    family: str,
-    seed: int,
-    workflow: WorkflowSpec,
-    recs: list[tuple[str, dict[str, Any]]],
-    options: RunOptions,
-    hedge: HedgeConfig,
-    tuning: TailTuning,
-    budget: BudgetConfig | None,
-    concurrency: int,
-    scale: float,
-    trace: Path,
-) -> float:
-    """One batch on a fresh simulator; its trace goes to `trace`. Returns the wall time."""
+@dataclass
+class Setup:
+    workflow: WorkflowSpec
+    options: RunOptions  # A's
+    hedge: HedgeConfig  # A's
+    tuning: TailTuning
+    concurrency: int
+
+
+def run_chunk(
+    setup: Setup, root: str, recs: list[tuple[str, dict[str, Any]]], change: WhatIf, trace: Path, stats: str
+) -> None:
+    """Some runs of one policy on its simulator; its trace grows by a batch."""
     from tailrace.cluster.api import run_batch
     from tailrace.cluster.providers import SimulatorEndpoints
     from tailrace.cluster.trace import TraceConfig
 
-    started = time.perf_counter()
-    with simulator_process(family, seed, scale) as root:
-        run_batch(
-            workflow,
-            (r for _, r in recs),
-            options=options,
-            max_in_flight=concurrency,
-            simulator=SimulatorEndpoints(root + "/v1", root),
-            hedge=hedge,
-            tuning=tuning,
-            budget=budget,
-            trace=TraceConfig(path=str(trace)),
-        )
-    return time.perf_counter() - started
+    hedge = HedgeConfig.model_validate({**setup.hedge.model_dump(), **change.hedge})
+    options = setup.options.model_copy(update={"deadline_s": change.deadline_s or setup.options.deadline_s})
+    accounts = ("openai", "anthropic")
+    budget = BudgetConfig(limits=[LimitSpec(account=a, tpm=change.tpm) for a in accounts]) if change.tpm else None
+    run_batch(
+        setup.workflow,
+        (r for _, r in recs),
+        options=options,
+        max_in_flight=setup.concurrency,
+        simulator=SimulatorEndpoints(root + "/v1", root),
+        hedge=hedge,
+        tuning=setup.tuning,
+        budget=budget,
+        trace=TraceConfig(path=str(trace)),
+        stats_name=stats,  # the executors' latency windows carry over from chunk to chunk
+    )
+
+
+def record_family(
+    family: str,
+    setup: Setup,
+    recs: list[tuple[str, dict[str, Any]]],
+    chunks: int,
+    seed: int,
+    scale: float,
+    workdir: Path,
+) -> dict[str, WhatIf]:
+    """A and every B on their own simulators, taking turns in chunks, so a change in this shared
+    machine's load falls on all of them alike. Returns the B policies (name -> change)."""
+    import ray
+
+    from tailrace.actors.latency_stats import NAMESPACE
+
+    plans = changes(family, scale)
+    names = ["A", *plans, "budget"]
+    size = math.ceil(len(recs) / chunks)
+    with contextlib.ExitStack() as stack:
+        roots = {
+            name: stack.enter_context(simulator_process(family, seed + 100 * i, scale)) for i, name in enumerate(names)
+        }
+        for c in range(chunks):
+            part = recs[c * size : (c + 1) * size]
+            for name in names[c % len(names) :] + names[: c % len(names)]:
+                if name == "budget" and "budget" not in plans:
+                    continue  # its quota comes from A's first chunk, which runs first
+                i = names.index(name)
+                change = WhatIf() if name == "A" else plans[name]
+                started = time.perf_counter()
+                run_chunk(
+                    setup, roots[name], part, change, workdir / f"{family}-{i}.trace.jsonl", f"whatif-{family}-{i}"
+                )
+                print(
+                    f"{family}: chunk {c + 1}/{chunks} of {name!r} in {time.perf_counter() - started:.0f} s "
+                    f"(load {os.getloadavg()[0]:.1f})",
+                    flush=True,
+                )
+                if name == "A" and c == 0:
+                    tpm = int(BUDGET_SHARE * tokens_per_minute(workdir / f"{family}-0.trace.jsonl"))
+                    plans[f"budget {tpm:,} TPM"] = plans["budget"] = WhatIf(tpm=tpm)
+        for i in range(len(names)):
+            with contextlib.suppress(Exception):
+                ray.kill(ray.get_actor(f"whatif-{family}-{i}", namespace=NAMESPACE))
+    del plans["budget"]
+    return plans
 
 
 def tokens_per_minute(trace: Path) -> float:
@@ -164,6 +216,7 @@ def main() -> None:
     parser.add_argument("--time-scale", type=float, default=0.1)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--replays", type=int, default=5)
+    parser.add_argument("--chunks", type=int, default=4, help="policies take turns in this many chunks of runs")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--families", nargs="+", default=["heavy-tail", "brownout"])
     parser.add_argument("--keep", help="keep the traces in this directory")
@@ -185,56 +238,24 @@ def main() -> None:
     plans: dict[str, dict[str, WhatIf]] = {}
     for family in args.families:
         options_a = RunOptions(**{**workflow.defaults.model_dump(), "deadline_s": DEADLINE_SIM_S[family] * scale})
-        trace_a = workdir / f"{family}-A.trace.jsonl"
-        if not trace_a.exists():
-            wall = run_policy(
-                family, args.seed, workflow, recs, options_a, hedge_a, tuning, None, args.concurrency, scale, trace_a
-            )
-            load.append(os.getloadavg()[0])
-            print(f"{family}: A recorded in {wall:.0f} s (load {load[-1]:.1f})", flush=True)
-        tpm = int(BUDGET_SHARE * tokens_per_minute(trace_a))
-        plans[family] = changes(family, scale, tpm)
-        for i, (name, change) in enumerate(plans[family].items()):
-            trace_b = workdir / f"{family}-B{i}.trace.jsonl"
-            if trace_b.exists():
-                continue
-            hedge_b = HedgeConfig.model_validate({**hedge_a.model_dump(), **change.hedge})
-            options_b = options_a.model_copy(update={"deadline_s": change.deadline_s or options_a.deadline_s})
-            budget = (
-                BudgetConfig(limits=[LimitSpec(account=a, tpm=change.tpm) for a in ("openai", "anthropic")])
-                if change.tpm
-                else None
-            )
-            wall = run_policy(
-                family,
-                args.seed + 100 + i,
-                workflow,
-                recs,
-                options_b,
-                hedge_b,
-                tuning,
-                budget,
-                args.concurrency,
-                scale,
-                trace_b,
-            )
-            load.append(os.getloadavg()[0])
-            print(f"{family}: B '{name}' measured in {wall:.0f} s (load {load[-1]:.1f})", flush=True)
+        setup = Setup(workflow, options_a, hedge_a, tuning, args.concurrency)
+        plans[family] = record_family(family, setup, recs, args.chunks, args.seed, scale, workdir)
+        load.append(os.getloadavg()[0])
     ray.shutdown()
     from tailrace.cluster.whatif import what_if
 
     results: dict[str, Any] = {"args": vars(args), "families": {}}
     for family in args.families:
-        trace_a = workdir / f"{family}-A.trace.jsonl"
+        trace_a = workdir / f"{family}-0.trace.jsonl"
         rows = {}
-        for i, (name, change) in enumerate(plans[family].items()):
+        for i, (name, change) in enumerate(plans[family].items(), start=1):
             pred = what_if(trace_a, change, replays=args.replays, seed=args.seed)
-            rows[name] = compare(pred, trace_metrics(read_trace(workdir / f"{family}-B{i}.trace.jsonl")), scale)
+            rows[name] = compare(pred, trace_metrics(read_trace(workdir / f"{family}-{i}.trace.jsonl")), scale)
             load.append(os.getloadavg()[0])
         recorded = trace_metrics(read_trace(trace_a))
         print_family(family, recorded, rows, scale)
         results["families"][family] = {"recorded_A": recorded.model_dump(), "pairs": rows}
-    speed = replay_speed(workdir / f"{args.families[0]}-A.trace.jsonl", args.runs)
+    speed = replay_speed(workdir / f"{args.families[0]}-0.trace.jsonl", args.runs)
     print(
         f"\nreplay speed: {speed:,.0f} simulated runs per CPU second (6-step workflow, one core; "
         f"target >= {TARGETS['runs_per_s']:,.0f})"

@@ -143,7 +143,6 @@ def fit_trace(data: TraceData, start: TraceFit | None = None) -> TraceFit:
     """Everything the sampled provider needs, from one trace. `start` warm-starts the latency fits
     (bootstrap refits of the same trace)."""
     workflow = data.workflow
-    t0 = data.start
     span = data.span_s
     by_model: dict[str, list[TraceAttempt]] = defaultdict(list)
     for a in data.attempts:
@@ -156,7 +155,7 @@ def fit_trace(data: TraceData, start: TraceFit | None = None) -> TraceFit:
         key = model_key(choice.provider, choice.model)
         if key in models:
             continue
-        attempts = sorted(by_model.get(key, []), key=lambda a: a.started_at)
+        attempts = sorted(by_model.get(key, []), key=lambda a: data.elapsed(a.started_at, a.run_id))
         warm = start.models.get(key) if start is not None else None
         if not any(a.outcome in ANSWERED for a in attempts):
             models[key] = _prior_fit(key, choice, attempts, span)
@@ -165,7 +164,7 @@ def fit_trace(data: TraceData, start: TraceFit | None = None) -> TraceFit:
                 f"(ttft {choice.expected_ttft_s:g} s, latency {choice.expected_latency_s:g} s)"
             )
             continue
-        models[key] = _fit_model(key, attempts, t0, span, expected_tokens, warm)
+        models[key] = _fit_model(key, attempts, data, span, expected_tokens, warm)
     return TraceFit(workflow, span, models, steps, _fit_gaps(data), notes)
 
 
@@ -176,7 +175,7 @@ def _choices(workflow: WorkflowSpec) -> list[ModelChoice]:
 def _fit_model(
     key: str,
     attempts: list[TraceAttempt],
-    t0: float,
+    data: TraceData,
     span: float,
     expected_tokens: dict[tuple[str, str], float],
     warm: ModelFit | None,
@@ -204,7 +203,7 @@ def _fit_model(
 
     obs = _observations(attempts, key, expected_tokens)
     timeline = Attempts(
-        np.array([a.started_at - t0 for a in attempts]),
+        np.array([data.elapsed(a.started_at, a.run_id) for a in attempts]),
         [a.error.kind if _is_error(a) and a.error is not None else None for a in attempts],
         eligible,
         obs.log_t,

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict
 from tailrace.engine.outcomes import AttemptOutcome, AttemptRecord, ErrorKind, FailureReason, RunOutcome
 from tailrace.whatif.change import WhatIf, plan_for
 from tailrace.whatif.fit import TraceFit, fit_trace
-from tailrace.whatif.replay import AdmissionFactory, Replay, ReplayPlan
+from tailrace.whatif.replay import AdmissionFactory, Part, Replay, ReplayPlan
 from tailrace.whatif.survival import normal_quantile
 from tailrace.whatif.trace_data import TraceData, read_trace
 
@@ -223,10 +223,21 @@ def records_for(data: TraceData, runs: int) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+def parts_for(data: TraceData, runs: int | None) -> list[Part]:
+    """What to replay: the trace's own parts (its batches, with the pauses between them), or `runs`
+    runs in one batch."""
+    if runs is not None and runs != len(data.runs):
+        return [Part(records_for(data, runs))]
+    parts = []
+    for segment, pause in data.segments():
+        parts.append(Part([(r.run_id, dict(r.inputs)) for r in segment], pause))
+    return parts
+
+
 def replay_metrics(
     fit: TraceFit,
     plan: ReplayPlan,
-    records: Sequence[tuple[str, dict[str, Any]]],
+    records: Sequence[tuple[str, dict[str, Any]]] | Sequence[Part],
     seed: int,
     admission: AdmissionFactory | None = None,
 ) -> tuple[Metrics, int]:
@@ -257,13 +268,13 @@ def predict(
     plan = plan_for(data, change)
     fit = fit or fit_trace(data)
     n = runs or len(data.runs)
-    records = records_for(data, n)
+    parts = parts_for(data, runs)
     samples: list[Metrics] = []
     cpu = 0.0
     for r in range(max(1, replays)):
         replica = fit if r == 0 else fit_trace(_bootstrap(data, seed + r), start=fit)
         started = time.process_time()
-        metrics, _ = replay_metrics(replica, plan, records, seed + 1000 * r, admission)
+        metrics, _ = replay_metrics(replica, plan, parts, seed + 1000 * r, admission)
         cpu += time.process_time() - started
         samples.append(metrics)
     return Prediction(

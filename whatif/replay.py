@@ -15,7 +15,9 @@ gates and budget, against the sampled provider. No Ray, no sockets; thousands of
   last step (dispatch hops, the driver's loop), drawn from the trace;
 * the cluster budget, when there is one: the real lease pools on an in-process ledger
   (`MemoryLedger`), and the run admission the caller hands in (the cluster's `BudgetAdmission`);
-* arrivals: `concurrency` runs in flight, the next starting when one ends, as `run_batch` does.
+* arrivals: `concurrency` runs in flight, the next starting when one ends, as `run_batch` does; a
+  trace written in parts (a resumed batch) is replayed in the same parts, with the same pauses
+  between them (budgets refill, the providers' time stands still).
 """
 
 from __future__ import annotations
@@ -70,6 +72,14 @@ class ReplayPlan:
     executors: int
     concurrency: int
     grace_s: float
+
+
+@dataclass(frozen=True)
+class Part:
+    """Runs replayed as one batch, after a pause (a trace resumed later, or run in parts, has several)."""
+
+    records: Sequence[tuple[str, Mapping[str, Any]]]
+    pause_s: float = 0.0
 
 
 class _Executor:
@@ -143,7 +153,7 @@ class Replay:
         self,
         fit: TraceFit,
         plan: ReplayPlan,
-        records: Sequence[tuple[str, Mapping[str, Any]]],
+        records: Sequence[tuple[str, Mapping[str, Any]]] | Sequence[Part],
         *,
         seed: int = 0,
         admission: AdmissionFactory | None = None,
@@ -151,7 +161,8 @@ class Replay:
     ) -> None:
         self.fit = fit
         self.plan = plan
-        self.records = list(records)
+        parts = list(records)
+        self.parts: list[Part] = parts if parts and isinstance(parts[0], Part) else [Part(parts)]  # type: ignore[list-item]
         self.seed = seed
         self.clock = FakeClock()
         self.provider = SampledProvider(fit, self.clock, seed, max_chunks=max_chunks)
@@ -171,6 +182,7 @@ class Replay:
         plan = self.plan
         pools: list[LeasePool | None] = [None] * plan.executors
         self.admission: Admission | None = None
+        self._new_admission: Callable[[], Admission] | None = None
         if plan.budget is not None:
             config = plan.budget.for_workflow(plan.workflow)
             ledger = MemoryLedger(config.bucket)
@@ -179,7 +191,7 @@ class Replay:
                 for i in range(plan.executors)
             ]
             if config.admission and self._admission_factory is not None:
-                self.admission = self._admission_factory(config, plan.workflow, self.clock)
+                self._new_admission = lambda: self._admission_factory(config, plan.workflow, self.clock)  # type: ignore[misc]
         self.executors = [_Executor(plan, self.provider, self.clock, pool) for pool in pools]
         sync = asyncio.ensure_future(self._share_windows())
         self.provider.start()
@@ -193,15 +205,21 @@ class Replay:
         return self.outcomes
 
     async def _arrivals(self) -> None:
-        in_flight: set[asyncio.Task[RunOutcome]] = set()
-        for run_id, record in self.records:
-            if len(in_flight) >= self.plan.concurrency:
+        for part in self.parts:
+            if part.pause_s > 0:
+                await self.clock.sleep(part.pause_s)
+                self.provider.pause(part.pause_s)
+            # Each part of a batch is a `run_batch` of its own, with an admission of its own.
+            self.admission = self._new_admission() if self._new_admission is not None else None
+            in_flight: set[asyncio.Task[RunOutcome]] = set()
+            for run_id, record in part.records:
+                if len(in_flight) >= self.plan.concurrency:
+                    done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    self._finished(done)
+                in_flight.add(asyncio.ensure_future(self._run(run_id, dict(record))))
+            while in_flight:
                 done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
                 self._finished(done)
-            in_flight.add(asyncio.ensure_future(self._run(run_id, dict(record))))
-        while in_flight:
-            done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-            self._finished(done)
 
     def _finished(self, done: set[asyncio.Task[RunOutcome]]) -> None:
         for task in done:
@@ -381,4 +399,4 @@ class Replay:
         )
 
 
-__all__ = ["Admission", "AdmissionFactory", "Replay", "ReplayPlan"]
+__all__ = ["Admission", "AdmissionFactory", "Part", "Replay", "ReplayPlan"]

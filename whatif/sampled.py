@@ -172,6 +172,7 @@ class SampledProvider:
         self.answers = AnswerBook(random.Random(seed ^ 0x5EED))
         self.max_chunks = max_chunks
         self.origin = clock.monotonic()
+        self.idle_s = 0.0
         self.attempts = 0
 
     def adapter(self, kind: str) -> SampledAdapter:
@@ -180,6 +181,15 @@ class SampledProvider:
     def start(self) -> None:
         """Time 0 of the batch: where the trace's first run started."""
         self.origin = self.clock.monotonic()
+        self.idle_s = 0.0
+
+    def pause(self, seconds: float) -> None:
+        """The batch pauses (between the parts of a resumed trace): the providers' time, as fitted from
+        the trace's busy time, stands still."""
+        self.idle_s += seconds
+
+    def elapsed(self) -> float:
+        return self.clock.monotonic() - self.origin - self.idle_s
 
 
 class SampledAdapter:
@@ -201,7 +211,7 @@ class SampledAdapter:
             raise ReplayError(f"{key} is not a model of the trace's workflow: the trace says nothing about it")
         p.attempts += 1
         rng = p.rng
-        state = model.regime.state_at(p.clock.monotonic() - p.origin)  # normal, or degraded (a brownout)
+        state = model.regime.state_at(p.elapsed())  # normal, or degraded (a brownout)
         error = self._draw_error(model, state)
         if error is not None:
             return await self._error(call, progress, error)

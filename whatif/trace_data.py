@@ -49,6 +49,7 @@ class TraceRun(BaseModel):
     output_tokens: int = 0
     degraded_steps: dict[str, str] = {}
     inputs: dict[str, Any] = {}
+    segment: int = 0  # which batch of the trace (a resumed batch appends another), set when read
 
     @property
     def on_time(self) -> bool:
@@ -103,19 +104,56 @@ class TraceData:
     batches: int = 1
     notes: list[str] = field(default_factory=list)
     _by_run: dict[str, list[TraceAttempt]] | None = None
+    _shifts: dict[int, float] | None = None
+    _segment_of: dict[str, int] | None = None
 
     @property
     def start(self) -> float:
         """Epoch seconds of the first run's start: time 0 of the trace."""
         return min(r.started_at for r in self.runs)
 
-    @property
-    def end(self) -> float:
-        return max(r.ended_at for r in self.runs)
+    def _segment_shifts(self) -> dict[int, float]:
+        """Per batch of the trace, what to subtract from its epoch times so the batches follow each
+        other with no idle time between them (a batch resumed an hour later continues where it stopped)."""
+        if self._shifts is None:
+            spans: dict[int, list[float]] = {}
+            for r in self.runs:
+                lo, hi = spans.setdefault(r.segment, [r.started_at, r.ended_at])
+                spans[r.segment] = [min(lo, r.started_at), max(hi, r.ended_at)]
+            shifts, at = {}, 0.0
+            for segment, (lo, hi) in sorted(spans.items(), key=lambda kv: kv[1][0]):
+                shifts[segment] = lo - at
+                at += hi - lo
+            self._shifts = shifts
+        return self._shifts
+
+    def segments(self) -> list[tuple[list[TraceRun], float]]:
+        """The trace's batches in order, each with its runs (in the order they started) and the idle
+        time before it."""
+        by_segment: dict[int, list[TraceRun]] = defaultdict(list)
+        for r in self.runs:
+            by_segment[r.segment].append(r)
+        ordered = sorted(by_segment.values(), key=lambda runs: min(r.started_at for r in runs))
+        out, end = [], None
+        for runs in ordered:
+            runs.sort(key=lambda r: r.started_at)
+            start = runs[0].started_at
+            out.append((runs, 0.0 if end is None else max(0.0, start - end)))
+            end = max(r.ended_at for r in runs)
+        return out
+
+    def elapsed(self, epoch_s: float, run_id: str) -> float:
+        """Seconds of the trace's busy time at `epoch_s` (a time of run `run_id`): idle gaps between its
+        batches left out."""
+        if self._segment_of is None:
+            self._segment_of = {r.run_id: r.segment for r in self.runs}
+        return epoch_s - self._segment_shifts()[self._segment_of.get(run_id, 0)]
 
     @property
     def span_s(self) -> float:
-        return max(1e-6, self.end - self.start)
+        """The trace's busy time: its batches' spans added up."""
+        shifts = self._segment_shifts()
+        return max(1e-6, max(r.ended_at - shifts[r.segment] for r in self.runs))
 
     def attempts_of(self, run_id: str) -> list[TraceAttempt]:
         if self._by_run is None:
@@ -151,7 +189,7 @@ class TraceData:
         for i, run_id in enumerate(run_ids):
             run = by_id[run_id]
             new_id = f"{run_id}#{i}"
-            runs.append(run.model_copy(update={"run_id": new_id}))
+            runs.append(run.model_copy(update={"run_id": new_id}))  # keeps its segment
             attempts.extend(a.model_copy(update={"run_id": new_id}) for a in self.attempts_of(run_id))
         return TraceData(self.path, self.workflow, self.settings, runs, attempts, self.batches, list(self.notes))
 
@@ -217,7 +255,7 @@ def read_trace(path: str | Path) -> TraceData:
                     if "settings" in line:
                         settings = TraceSettings.model_validate(line["settings"])
                 elif kind == "run":
-                    runs.append(TraceRun.model_validate(line))
+                    runs.append(TraceRun.model_validate({**line, "segment": max(0, batches - 1)}))
                 elif kind == "attempt":
                     attempts.append(TraceAttempt.model_validate(line))
             except pydantic.ValidationError as exc:
@@ -235,7 +273,7 @@ def read_trace(path: str | Path) -> TraceData:
         notes.append("the trace does not record the settings its batch ran with: assuming the defaults")
         settings = TraceSettings()
     if batches > 1:
-        notes.append(f"the trace holds {batches} batches (a resumed run): they are read as one")
+        notes.append(f"the trace holds {batches} batches (resumed, or run in parts): read as one, back to back")
     if cut:
         notes.append(f"{cut} line(s) cut by a crash were skipped")
     data = TraceData(p, workflow, settings, runs, attempts, batches, notes)

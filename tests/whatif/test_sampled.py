@@ -126,3 +126,13 @@ def test_a_brownout_stays_where_it_was_when_replayed():
     _, _, wrapped = _attempt(fit, at=25.0)  # past the trace's end: time wraps around
     assert brownout == pytest.approx(3 * normal)
     assert wrapped == pytest.approx(normal)
+
+
+def test_the_providers_time_stands_still_while_the_batch_pauses():
+    clock = FakeClock(start=0.0)
+    provider = SampledProvider(_fit(brownout=(10.0, 15.0)), clock, seed=1)
+    provider.start()
+    clock.advance(112.0)  # 12 s of work and a 100 s pause between two parts of the batch
+    provider.pause(100.0)
+    assert provider.elapsed() == pytest.approx(12.0)
+    assert provider.fit.models["openai/gpt-4.1"].regime.state_at(provider.elapsed()) == 1

@@ -91,7 +91,10 @@ def test_settings_this_version_does_not_know_are_dropped_not_fatal(tmp_path):
             [{"kind": "batch", "workflow": WORKFLOW}, RUN, {**ATTEMPT, "model": "gpt-9"}],
             "used openai/gpt-9, which is not",
         ),
-        ([{"kind": "batch", "workflow": {**WORKFLOW, "providers": {"x": {"kind": "opnai"}}}}, RUN], "the workflow in the batch line is invalid"),
+        (
+            [{"kind": "batch", "workflow": {**WORKFLOW, "providers": {"x": {"kind": "opnai"}}}}, RUN],
+            "the workflow in the batch line is invalid",
+        ),
         (
             [{"kind": "batch", "workflow": WORKFLOW}, RUN, {**ATTEMPT, "outcome": "cancelled"}],
             "no attempt in the trace was answered",
@@ -124,3 +127,28 @@ def test_changes_are_checked_and_described(tmp_path):
         plan_for(data, WhatIf(ladder={"nope": ["gpt-4.1"]}))
     with pytest.raises(SpecError, match=r"ladder\[answer\]: gpt-5 is not on this step's ladder"):
         plan_for(data, WhatIf(ladder={"answer": ["gpt-5"]}))
+
+
+def test_a_trace_written_in_parts_is_read_back_to_back_and_replayed_in_its_parts(tmp_path):
+    later = 3600.0  # the batch was resumed an hour later
+    second_run = {
+        **RUN,
+        "run_id": "r2",
+        "started_at": 100.0 + later,
+        "ended_at": 102.0 + later,
+        "deadline_at": 110 + later,
+    }
+    second_attempt = {**ATTEMPT, "run_id": "r2", "started_at": 100.1 + later, "ended_at": 101.9 + later}
+    batch = {"kind": "batch", "workflow": WORKFLOW, "settings": {"max_in_flight": 4}}
+    data = read_trace(write(tmp_path, batch, RUN, ATTEMPT, batch, second_run, second_attempt))
+    assert data.batches == 2
+    assert data.span_s == pytest.approx(1.0 + 2.0)  # busy time only
+    assert data.elapsed(100.1 + later, "r2") == pytest.approx(1.1)
+    (first, pause0), (second, pause1) = data.segments()
+    assert [r.run_id for r in first] == ["r1"] and [r.run_id for r in second] == ["r2"]
+    assert (pause0, pause1) == (0.0, pytest.approx(later - 1.0))
+    from tailrace.whatif.prediction import parts_for
+
+    parts = parts_for(data, None)
+    assert [p.pause_s for p in parts] == [0.0, pytest.approx(later - 1.0)]
+    assert len(parts_for(data, 10)) == 1 and len(parts_for(data, 10)[0].records) == 10
