@@ -78,6 +78,7 @@ def run_chunk(
 ) -> None:
     """Some runs of one policy on its simulator; its trace grows by a batch."""
     from tailrace.cluster.api import run_batch
+    from tailrace.cluster.pool import NoExecutorError, PoolConfig
     from tailrace.cluster.providers import SimulatorEndpoints
     from tailrace.cluster.trace import TraceConfig
 
@@ -85,18 +86,27 @@ def run_chunk(
     options = setup.options.model_copy(update={"deadline_s": change.deadline_s or setup.options.deadline_s})
     accounts = ("openai", "anthropic")
     budget = BudgetConfig(limits=[LimitSpec(account=a, tpm=change.tpm) for a in accounts]) if change.tpm else None
-    run_batch(
-        setup.workflow,
-        (r for _, r in recs),
-        options=options,
-        max_in_flight=setup.concurrency,
-        simulator=SimulatorEndpoints(root + "/v1", root),
-        hedge=hedge,
-        tuning=setup.tuning,
-        budget=budget,
-        trace=TraceConfig(path=str(trace)),
-        stats_name=stats,  # the executors' latency windows carry over from chunk to chunk
-    )
+    for attempt in range(3):
+        try:
+            run_batch(
+                setup.workflow,
+                (r for _, r in recs),
+                options=options,
+                max_in_flight=setup.concurrency,
+                simulator=SimulatorEndpoints(root + "/v1", root),
+                hedge=hedge,
+                tuning=setup.tuning,
+                budget=budget,
+                trace=TraceConfig(path=str(trace)),
+                stats_name=stats,  # the executors' latency windows carry over from chunk to chunk
+                # On a loaded machine an executor's process can take a minute to start.
+                pool=PoolConfig.fixed(2, start_timeout_s=240),
+            )
+            return
+        except NoExecutorError:
+            if attempt == 2:
+                raise
+            time.sleep(30)
 
 
 def record_family(

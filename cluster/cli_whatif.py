@@ -56,6 +56,7 @@ def _trace_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, help="runs per replay (default: as many as the trace has)")
     p.add_argument("--replays", type=int, default=5, help="replays, for the 95%% intervals (default 5)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=1, help="replays at once, each in a process (0: one per CPU)")
     p.add_argument(
         "--import",
         dest="imports",
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "whatif":
         from tailrace.cluster.whatif import what_if
 
-        prediction = what_if(args.trace, change, runs=args.runs, replays=args.replays, seed=args.seed)
+        prediction = what_if(args.trace, change, runs=args.runs, replays=args.replays, seed=args.seed, jobs=args.jobs)
         if args.json:
             console.print_json(prediction.model_dump_json(exclude={"samples"}))
         else:
@@ -116,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         screen_runs=args.screen_runs,
         replays=args.replays,
         seed=args.seed,
+        jobs=args.jobs,
     )
     if args.json:
         chosen = result.best or result.nearest

@@ -34,6 +34,7 @@ def what_if(
     runs: int | None = None,
     replays: int = 5,
     seed: int = 0,
+    jobs: int = 1,
     **changes: Any,
 ) -> Prediction:
     """Predict hit rate, latency quantiles, extra tokens, cost per delivered run and 429s of a policy,
@@ -42,11 +43,11 @@ def what_if(
     The policy is the trace's own with `change` (a `WhatIf`) or the same fields as keywords:
     `what_if("results.jsonl", hedge={"ttft_quantile": 0.8}, deadline_s=12, tpm=200_000)`.
     Each metric comes with a 95% interval over `replays` replays of `runs` runs (default: as many
-    as the trace has).
+    as the trace has), `jobs` of them at once in processes of their own (0: one per CPU).
     """
     if changes:
         change = WhatIf.model_validate({**(change.model_dump() if change else {}), **changes})
-    return predict(trace, change, runs=runs, replays=replays, seed=seed, admission=budget_admission)
+    return predict(trace, change, runs=runs, replays=replays, seed=seed, admission=budget_admission, jobs=jobs)
 
 
 def tune(
@@ -59,11 +60,12 @@ def tune(
     screen_runs: int | None = None,
     replays: int = 3,
     seed: int = 0,
+    jobs: int = 1,
 ) -> TuneResult:
     """The cheapest tail control (hedge trigger and duplicates, ladder order, deadline share) that meets
     `target_hit` with at most `max_extra_tokens` extra tokens on the trace's workload, by replaying it.
     `result.config_yaml()` is the config to paste into the workflow. `base`: other changes to hold
-    (a deadline, a budget)."""
+    (a deadline, a budget). `jobs` replays at once, in processes of their own (0: one per CPU)."""
     return _tune(
         trace,
         target_hit=target_hit,
@@ -74,6 +76,7 @@ def tune(
         replays=replays,
         seed=seed,
         admission=budget_admission,
+        jobs=jobs,
     )
 
 

@@ -8,7 +8,8 @@ much the trace can tell: it is where a batch of this many runs under the policy 
 
 Metrics are the same for the trace and the replays:
 * hit rate: runs delivered by their deadline / runs;
-* p50 ... p99.9: run latency over every run (a failed run at the time it ended), nearest rank;
+* p50 ... p99.9: run latency over every run the budget admitted (a failed run at the time it ended),
+  nearest rank;
 * extra tokens: tokens of attempts whose answer was not used (lost races, errors, invalid answers,
   cancellations, the runs that failed) over tokens of the answers that were;
 * cost per delivered run; 429s (attempts refused by the provider's rate limit or quota);
@@ -17,13 +18,17 @@ Metrics are the same for the trace and the replays:
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
+import multiprocessing
+import os
 import statistics
+import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -126,7 +131,7 @@ def _nearest_rank(values: Sequence[float], q: float) -> float:
 
 
 def _metrics(facts: Sequence[_RunFacts]) -> Metrics:
-    lat = sorted(f.latency_s for f in facts)
+    lat = sorted(f.latency_s for f in facts if not f.refused)  # a run refused at submission never ran
     delivered = sum(f.delivered for f in facts)
     used = sum(f.used_tokens for f in facts)
     other = sum(f.other_tokens for f in facts)
@@ -255,28 +260,24 @@ def predict(
     seed: int = 0,
     admission: AdmissionFactory | None = None,
     fit: TraceFit | None = None,
+    jobs: int = 1,
 ) -> Prediction:
     """Replay the trace under `change` (None: its own policy) and say what to expect.
 
     `runs` per replay (default: as many as the trace has); `admission` is the driver's run admission
-    for a budget (`tailrace.what_if` plugs in the cluster's; None: none). `fit` reuses a fit.
+    for a budget (`tailrace.what_if` plugs in the cluster's; None: none). `fit` reuses a fit. `jobs`
+    replays run in processes of their own at once (0: one per CPU).
     """
-    import time
-
     data = trace if isinstance(trace, TraceData) else read_trace(trace)
     change = change or WhatIf()
     plan = plan_for(data, change)
     fit = fit or fit_trace(data)
     n = runs or len(data.runs)
     parts = parts_for(data, runs)
-    samples: list[Metrics] = []
-    cpu = 0.0
-    for r in range(max(1, replays)):
-        replica = fit if r == 0 else fit_trace(_bootstrap(data, seed + r), start=fit)
-        started = time.process_time()
-        metrics, _ = replay_metrics(replica, plan, parts, seed + 1000 * r, admission)
-        cpu += time.process_time() - started
-        samples.append(metrics)
+    tasks = [_Replica(data, fit, plan, parts, seed, r, admission) for r in range(max(1, replays))]
+    done = in_processes(_replicate, tasks, jobs)
+    samples = [metrics for metrics, _ in done]
+    cpu = sum(seconds for _, seconds in done)
     return Prediction(
         trace=str(data.path),
         change=change.describe(),
@@ -288,6 +289,40 @@ def predict(
         warnings=warnings_for(data, fit, n),
         runs_per_cpu_s=n * len(samples) / cpu if cpu > 0 else math.inf,
     )
+
+
+@dataclass(frozen=True)
+class _Replica:
+    data: TraceData
+    fit: TraceFit
+    plan: ReplayPlan
+    parts: list[Part]
+    seed: int
+    index: int
+    admission: AdmissionFactory | None
+
+
+def _replicate(task: _Replica) -> tuple[Metrics, float]:
+    """One replay: 0 on the whole trace's fit, the others on a bootstrap resample's (warm-started)."""
+    fit = task.fit if task.index == 0 else fit_trace(_bootstrap(task.data, task.seed + task.index), start=task.fit)
+    started = time.process_time()
+    metrics, _ = replay_metrics(fit, task.plan, task.parts, task.seed + 1000 * task.index, task.admission)
+    return metrics, time.process_time() - started
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def in_processes(fn: Callable[[T], R], tasks: Sequence[T], jobs: int) -> list[R]:
+    """`[fn(t) for t in tasks]`, in up to `jobs` forked processes at once (0: one per CPU). Replays are
+    independent and CPU-bound: processes, not threads."""
+    jobs = (os.cpu_count() or 1) if jobs == 0 else jobs
+    if jobs <= 1 or len(tasks) <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        return [fn(t) for t in tasks]
+    context = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=context) as pool:
+        return list(pool.map(fn, tasks))
 
 
 def _bootstrap(data: TraceData, seed: int) -> TraceData:
@@ -347,6 +382,7 @@ __all__ = [
     "Estimate",
     "Metrics",
     "Prediction",
+    "in_processes",
     "outcome_metrics",
     "predict",
     "records_for",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tailrace.engine.specs import HedgeConfig
 from tailrace.whatif.change import ALL_STEPS, WhatIf, plan_for
-from tailrace.whatif.fit import fit_trace
-from tailrace.whatif.prediction import Estimate, Metrics, Prediction, predict, records_for, replay_metrics, warnings_for
-from tailrace.whatif.replay import AdmissionFactory
+from tailrace.whatif.fit import TraceFit, fit_trace
+from tailrace.whatif.prediction import (
+    Estimate,
+    Metrics,
+    Prediction,
+    in_processes,
+    predict,
+    records_for,
+    replay_metrics,
+    warnings_for,
+)
+from tailrace.whatif.replay import AdmissionFactory, ReplayPlan
 from tailrace.whatif.trace_data import TraceData, read_trace
 
 CONFIRM = 3  # candidates confirmed with full replays
@@ -119,6 +129,7 @@ def tune(
     replays: int = 3,
     seed: int = 0,
     admission: AdmissionFactory | None = None,
+    jobs: int = 1,
 ) -> TuneResult:
     """The cheapest tail control for the trace's workload that meets `target_hit` (a fraction, e.g.
     0.999) with at most `max_extra_tokens` (a fraction, e.g. 0.08) of tokens beyond the answers used.
@@ -135,28 +146,26 @@ def tune(
     records = records_for(data, screen)
     tried: dict[str, Candidate] = {}
 
-    def screen_one(change: WhatIf) -> Candidate:
-        key = change.model_dump_json()
-        if key not in tried:
-            metrics, _ = replay_metrics(fit, plan_for(data, change), records, seed, admission)
-            tried[key] = Candidate(change=change, screened=metrics)
-        return tried[key]
+    def screen(changes: list[WhatIf]) -> list[Candidate]:
+        todo = [c for c in changes if c.model_dump_json() not in tried]
+        tasks = [_Screen(data, fit, plan_for(data, c), records, seed, admission) for c in todo]
+        for change, metrics in zip(todo, in_processes(_screened, tasks, jobs), strict=True):
+            tried[change.model_dump_json()] = Candidate(change=change, screened=metrics)
+        return [tried[c.model_dump_json()] for c in changes]
 
     def rank(cands: Sequence[Candidate]) -> list[Candidate]:
         return sorted(cands, key=lambda c: _shortfall(c, target_hit, max_extra_tokens))
 
-    stage = [screen_one(_with(base, hedge=h)) for h in hedge_grid(data.settings.hedge)]
-    best = rank(stage)[0]
-    ladders = _ladder_orders(data)
-    stage = [best] + [screen_one(_with(best.change, ladder={ALL_STEPS: order})) for order in ladders]
-    best = rank(stage)[0]
-    for q in (0.8, 0.9, 0.95):
-        screen_one(_with(best.change, hedge={**best.change.hedge, "fit_quantile": q}))
+    best = rank(screen([_with(base, hedge=h) for h in hedge_grid(data.settings.hedge)]))[0]
+    best = rank([best, *screen([_with(best.change, ladder={ALL_STEPS: o}) for o in _ladder_orders(data)])])[0]
+    screen([_with(best.change, hedge={**best.change.hedge, "fit_quantile": q}) for q in (0.8, 0.9, 0.95)])
     finalists = rank(list(tried.values()))[:CONFIRM]
     confirmed = [
         c.model_copy(
             update={
-                "prediction": predict(data, c.change, runs=n, replays=replays, seed=seed, admission=admission, fit=fit)
+                "prediction": predict(
+                    data, c.change, runs=n, replays=replays, seed=seed, admission=admission, fit=fit, jobs=jobs
+                )
             }
         )
         for c in finalists
@@ -173,6 +182,21 @@ def tune(
         recorded=confirmed[0].prediction.recorded if confirmed[0].prediction else finalists[0].screened,
         warnings=warnings_for(data, fit, n),
     )
+
+
+@dataclass(frozen=True)
+class _Screen:
+    data: TraceData
+    fit: TraceFit
+    plan: ReplayPlan
+    records: list[tuple[str, dict[str, Any]]]
+    seed: int
+    admission: AdmissionFactory | None
+
+
+def _screened(task: _Screen) -> Metrics:
+    """One candidate, one replay (the same seed for every candidate: their differences are the policy's)."""
+    return replay_metrics(task.fit, task.plan, task.records, task.seed, task.admission)[0]
 
 
 def _with(change: WhatIf, **update: Any) -> WhatIf:
