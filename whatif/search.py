@@ -6,8 +6,8 @@ The search is a short coordinate descent, every candidate a replay of the same t
 1. the hedge trigger and how many duplicates a step may send (a grid over the `HedgeConfig` fields
    this version has: `max_extra_load` where it exists, else the TTFT trigger quantile; plus hedging
    off), each screened with one replay of `screen_runs` runs;
-2. the ladder's order (each model of the ladder first, the others after it in their order), from the
-   best policy of step 1;
+2. the ladder's order (each model of the ladder first, the others after it in their order; never a
+   model the trace did not see answer), from the best policy of step 1;
 3. the deadline share a rung must fit in (`fit_quantile`: the quantile of a rung's latency that must
    fit in its step's share of the time left, the deadline-aware ladder's knob);
 4. the best few confirmed with full replays (intervals included). Cheapest = lowest cost per
@@ -29,6 +29,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from tailrace.engine.specs import HedgeConfig
+from tailrace.policies.latency import model_key
 from tailrace.whatif.change import ALL_STEPS, WhatIf, plan_for
 from tailrace.whatif.fit import TraceFit, fit_trace
 from tailrace.whatif.prediction import (
@@ -157,7 +158,7 @@ def tune(
         return sorted(cands, key=lambda c: _shortfall(c, target_hit, max_extra_tokens))
 
     best = rank(screen([_with(base, hedge=h) for h in hedge_grid(data.settings.hedge)]))[0]
-    best = rank([best, *screen([_with(best.change, ladder={ALL_STEPS: o}) for o in _ladder_orders(data)])])[0]
+    best = rank([best, *screen([_with(best.change, ladder={ALL_STEPS: o}) for o in _ladder_orders(data, fit)])])[0]
     screen([_with(best.change, hedge={**best.change.hedge, "fit_quantile": q}) for q in (0.8, 0.9, 0.95)])
     finalists = rank(list(tried.values()))[:CONFIRM]
     confirmed = [
@@ -203,11 +204,13 @@ def _with(change: WhatIf, **update: Any) -> WhatIf:
     return WhatIf.model_validate({**change.model_dump(), **update})
 
 
-def _ladder_orders(data: TraceData) -> list[list[str]]:
-    """Each model of the workflow's ladders first, the rest after it in their order."""
+def _ladder_orders(data: TraceData, fit: TraceFit) -> list[list[str]]:
+    """Each model of the workflow's ladders first, the rest after it in their order; not a model the
+    trace never saw answer (its latency would be the workflow's prior, not evidence)."""
     first = data.workflow.steps[0].models
     names = [m.model for m in first]
-    return [[name, *(n for n in names if n != name)] for name in names[1:]]
+    seen = {m.model for m in first if not fit.models[model_key(m.provider, m.model)].from_prior}
+    return [[name, *(n for n in names if n != name)] for name in names[1:] if name in seen]
 
 
 def config_snippets(c: Candidate, data: TraceData | None = None) -> tuple[str, str]:
