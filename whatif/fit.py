@@ -368,7 +368,7 @@ def _fit_steps(workflow: WorkflowSpec, attempts: list[TraceAttempt]) -> dict[tup
                 [a.input_tokens for a in items if a.usage_reported],
                 len(items),
             )
-    _pool_tokens(workflow, out)
+    _pool_tokens(out)
     return out
 
 
@@ -376,20 +376,19 @@ def _invalid_share(items: list[TraceAttempt]) -> float:
     return sum(1 for a in items if a.outcome == AttemptOutcome.INVALID) / len(items) if items else 0.0
 
 
-def _pool_tokens(workflow: WorkflowSpec, steps: dict[tuple[str, str], StepModelFit]) -> None:
-    """A (step, model) with few token samples borrows the step's (other models), else the model's."""
-    for step in workflow.steps:
-        for choice in step.models:
-            key = model_key(choice.provider, choice.model)
-            fit = steps[(step.id, key)]
-            for attr in ("output_tokens", "input_tokens"):
-                own = getattr(fit, attr)
-                if len(own) >= MIN_SAMPLES:
-                    continue
-                same_step = [x for (s, _), f in steps.items() if s == step.id for x in getattr(f, attr)]
-                same_model = [x for (_, k), f in steps.items() if k == key for x in getattr(f, attr)]
-                pooled = next((p for p in (same_step, same_model) if len(p) >= MIN_SAMPLES), own or same_step)
-                setattr(fit, attr, list(own) + [x for x in pooled if len(own) < MIN_SAMPLES][: 4 * MIN_SAMPLES])
+def _pool_tokens(steps: dict[tuple[str, str], StepModelFit]) -> None:
+    """A (step, model) with few token samples of its own also draws from the step's other models', else
+    from the model's other steps' (whichever has enough; the trace's own samples, never pooled ones)."""
+    own = {k: (list(f.output_tokens), list(f.input_tokens)) for k, f in steps.items()}
+    for (step_id, key), fit in steps.items():
+        for i, attr in enumerate(("output_tokens", "input_tokens")):
+            mine = own[(step_id, key)][i]
+            if len(mine) >= MIN_SAMPLES:
+                continue
+            same_step = [x for (s, _), v in own.items() if s == step_id for x in v[i]]
+            same_model = [x for (_, k), v in own.items() if k == key for x in v[i]]
+            wider = next((p for p in (same_step, same_model) if len(p) >= MIN_SAMPLES), same_step or same_model)
+            setattr(fit, attr, mine + wider)
 
 
 def _expected_tokens(

@@ -91,8 +91,8 @@ class TuneResult(BaseModel):
         assert chosen.prediction is not None
         return chosen.prediction.predicted
 
-    def config_yaml(self, data: TraceData | None = None) -> str:
-        return config_snippets(self.best or self.nearest, data)[0]
+    def config_yaml(self) -> str:
+        return config_snippets(self.best or self.nearest)[0]
 
     def config_python(self) -> str:
         return config_snippets(self.best or self.nearest)[1]
@@ -213,7 +213,7 @@ def _ladder_orders(data: TraceData, fit: TraceFit) -> list[list[str]]:
     return [[name, *(n for n in names if n != name)] for name in names[1:] if name in seen]
 
 
-def config_snippets(c: Candidate, data: TraceData | None = None) -> tuple[str, str]:
+def config_snippets(c: Candidate) -> tuple[str, str]:
     """(YAML for the workflow's steps, Python for run_batch) of a candidate's changes."""
     hedge = {k: v for k, v in c.change.hedge.items() if not (k == "enabled" and v is True)}
     lines = []
