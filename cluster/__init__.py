@@ -1,5 +1,5 @@
 """Everything that touches a running cluster: `run_batch` and the driver that enforces each run's
-deadline, the executor pool, batches as Ray jobs, traces, the tail report, replay and the CLI.
+deadline, the executor pool, batches as Ray jobs, traces, the tail report, replay, the what-if and the CLI.
 
 Names resolve lazily (importing this package does not import Ray, so the CLI checks input first)."""
 
@@ -21,6 +21,8 @@ _EXPORTS = {
     "TraceConfig": "tailrace.cluster.trace",
     "BatchSummary": "tailrace.cluster.results",
     "budget_status": "tailrace.cluster.budget",
+    "what_if": "tailrace.cluster.whatif",
+    "tune": "tailrace.cluster.whatif",
 }
 
 __all__ = [
@@ -36,6 +38,8 @@ __all__ = [
     "connect",
     "run_batch",
     "start_executors",
+    "tune",
+    "what_if",
 ]
 
 

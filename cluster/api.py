@@ -79,6 +79,24 @@ def _numbered(workflow: WorkflowSpec, records: Records, skip: set[str]) -> Numbe
     return numbered_records(workflow, records, skip)
 
 
+def _trace_settings(options: RunOptions, config: BatchConfig) -> dict[str, Any]:
+    """What a batch ran with, for the trace: `tailrace whatif` replays a trace under these (or changed) settings.
+    Where the budget ledger lives (its Redis URL) is left out: it says nothing about the policy."""
+    budget = config.budget
+    return {
+        "options": options.model_dump(mode="json"),
+        "hedge": config.hedge.model_dump(mode="json"),
+        "tuning": config.tuning.model_dump(mode="json"),
+        "budget": None
+        if budget is None
+        else budget.model_dump(mode="json", exclude={"redis_url", "namespace", "actor_name"}),
+        "executors": config.pool.min_executors,
+        "max_executors": config.pool.max_executors,
+        "max_in_flight": config.max_in_flight,
+        "grace_s": config.grace_s,
+    }
+
+
 def run_batch(
     workflow: WorkflowSpec | str | Path,
     records: Records,
@@ -124,7 +142,7 @@ def run_batch(
             log.warning("tailrace: %s", state.note)
     engine = Engine(config, workflows=[spec], providers=providers, address=address, **hooks.engine_kwargs())
     writer = ResultWriter(out)
-    tracer = TraceWriter(trace, spec) if trace else None
+    tracer = TraceWriter(trace, spec, settings=_trace_settings(options, config)) if trace else None
     summary = BatchSummary()
     inputs_of: dict[str, dict[str, Any]] = {}
 

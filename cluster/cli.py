@@ -1,6 +1,6 @@
 """The `tailrace` command: run a workflow batch (`run`, `demo`), serve the simulator (`sim`), live with a
-cluster (`submit`, `status`, `logs`, `results`, `stop`), read results (`report`, `replay`) and show the
-cluster budget (`budget status`).
+cluster (`submit`, `status`, `logs`, `results`, `stop`), read results (`report`, `replay`), show the
+cluster budget (`budget status`), and predict or tune a policy from a trace (`whatif`, `tune`).
 
 Each group of subcommands lives in its own module with a `register(sub)` that adds its parsers and
 returns their handlers (and may define `interrupted(args)`, the line printed on Ctrl-C); a new group
@@ -16,11 +16,11 @@ import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
-from tailrace.cluster import cli_budget, cli_common, cli_ops, cli_run
+from tailrace.cluster import cli_budget, cli_common, cli_ops, cli_run, cli_whatif
 from tailrace.cluster.cli_run import DEMO_INPUTS, DEMO_WORKFLOW
 from tailrace.engine.errors import TailraceError
 
-COMMAND_MODULES: tuple[ModuleType, ...] = (cli_run, cli_ops, cli_budget)
+COMMAND_MODULES: tuple[ModuleType, ...] = (cli_run, cli_ops, cli_budget, cli_whatif)
 Handler = Callable[[argparse.Namespace], int]
 
 __all__ = ["COMMAND_MODULES", "DEMO_INPUTS", "DEMO_WORKFLOW", "main"]

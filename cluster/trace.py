@@ -2,7 +2,8 @@
 redacted when configured.
 
 A trace file holds three kinds of lines, in order of writing (a resumed batch appends):
-`{"kind": "batch", "workflow": {...}}` once per batch (the spec, so replay needs nothing else),
+`{"kind": "batch", "workflow": {...}, "settings": {...}}` once per batch (the spec, so replay needs
+nothing else, and the run options, tail control and budget the batch ran with, for `tailrace whatif`),
 `{"kind": "run", ...}` per finished run (inputs, outcome, times), and `{"kind": "attempt", ...}` per
 attempt: run, step, model, role, times, TTFT, tokens, cost, outcome, why it lost, and the exact
 request it sent (rendered prompt, system text, sampling parameters) for `tailrace replay`.
@@ -145,7 +146,13 @@ def workflow_json(workflow: WorkflowSpec) -> dict[str, Any]:
 class TraceWriter:
     """Appends trace lines and flushes after each run, so an interrupted batch keeps what finished."""
 
-    def __init__(self, config: TraceConfig, workflow: WorkflowSpec, redactor: Redactor | None = None) -> None:
+    def __init__(
+        self,
+        config: TraceConfig,
+        workflow: WorkflowSpec,
+        redactor: Redactor | None = None,
+        settings: Mapping[str, Any] | None = None,
+    ) -> None:
         self.config = config
         self.path = Path(config.path)
         self.redactor = redactor or Redactor(config.redact_prompts)
@@ -156,6 +163,7 @@ class TraceWriter:
                 "kind": "batch",
                 "workflow": self.redactor.deep(workflow_json(workflow)),
                 "redact_prompts": config.redact_prompts,
+                **({"settings": self.redactor.deep(dict(settings))} if settings is not None else {}),
             }
         )
 

@@ -105,6 +105,13 @@ class FakeClock:
             if not fut.done():
                 fut.set_result(None)
 
+    def next_wake(self) -> float | None:
+        """When the earliest sleeper still waiting wakes up (None: nobody sleeps). For drivers that
+        jump time to the next event instead of stepping it (`tailrace.whatif.virtual_time`)."""
+        while self._sleepers and self._sleepers[0][2].done():
+            heapq.heappop(self._sleepers)  # a sleep that was cancelled
+        return self._sleepers[0][0] if self._sleepers else None
+
 
 @dataclass(frozen=True)
 class Deadline:

@@ -11,6 +11,7 @@ value (a JSON step's parsed output, a number, a list) is inserted as `json.dumps
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterator, Mapping
@@ -50,7 +51,7 @@ def references(template: str) -> list[TemplateRef]:
 
     Raises `TemplateError` for the first malformed `{{...}}`.
     """
-    return [ref for _, _, ref in _scan(template)]
+    return [ref for _, _, ref in _parsed(template)]
 
 
 def render(template: str, inputs: Mapping[str, Any], upstream: Mapping[str, Any]) -> str:
@@ -61,7 +62,7 @@ def render(template: str, inputs: Mapping[str, Any], upstream: Mapping[str, Any]
     """
     out: list[str] = []
     pos = 0
-    for start, end, ref in _scan(template):
+    for start, end, ref in _parsed(template):
         out.append(template[pos:start])
         text = _format(_lookup(ref, inputs, upstream))
         if not encodable(text):
@@ -72,6 +73,12 @@ def render(template: str, inputs: Mapping[str, Any], upstream: Mapping[str, Any]
         pos = end
     out.append(template[pos:])
     return "".join(out)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed(template: str) -> tuple[tuple[int, int, TemplateRef], ...]:
+    # A workflow has a few templates rendered for every run: parse each once.
+    return tuple(_scan(template))
 
 
 def _scan(template: str) -> Iterator[tuple[int, int, TemplateRef]]:

@@ -112,7 +112,7 @@ def contract_instructions(contract: OutputContract, inputs: Mapping[str, Any]) -
         else:
             parts.append(
                 "Respond with a single JSON object that conforms to this JSON Schema, with no other text:\n"
-                f"<schema>{_compact(schema)}</schema>"
+                f"<schema>{_compact_schema(schema)}</schema>"
             )
     ids = [str(inputs[f]) for f in contract.copy_ids if f in inputs]
     if ids:
@@ -237,7 +237,7 @@ def _reject_constant(name: str) -> Any:
 
 def _schema_problem(contract: OutputContract, value: Any) -> str | None:
     if contract.json_schema is not None:
-        validator = _schema_validator(json.dumps(contract.json_schema, sort_keys=True))
+        validator = _schema_validator(_canonical(contract.json_schema))
         error = best_match(validator.iter_errors(value))
         if error is not None:
             return _short(f"{error.json_path}: {error.message}")
@@ -249,6 +249,31 @@ def _schema_problem(contract: OutputContract, value: Any) -> str | None:
             where = ".".join(str(p) for p in first["loc"])
             return _short(f"{where or '$'}: {first['msg']}")
     return None
+
+
+# A contract's schema is one dict, rendered into every prompt and checked on every answer: its JSON is
+# kept by the dict's identity (the dict is held, so its id cannot be reused while it is cached).
+_SCHEMA_TEXT: dict[tuple[int, bool], tuple[dict[str, Any], str]] = {}
+
+
+def _schema_text(schema: dict[str, Any], canonical: bool) -> str:
+    key = (id(schema), canonical)
+    found = _SCHEMA_TEXT.get(key)
+    if found is not None and found[0] is schema:
+        return found[1]
+    text = json.dumps(schema, sort_keys=True) if canonical else _compact(schema)
+    if len(_SCHEMA_TEXT) >= 256:
+        _SCHEMA_TEXT.clear()
+    _SCHEMA_TEXT[key] = (schema, text)
+    return text
+
+
+def _canonical(schema: dict[str, Any]) -> str:
+    return _schema_text(schema, canonical=True)
+
+
+def _compact_schema(schema: dict[str, Any]) -> str:
+    return _schema_text(schema, canonical=False)
 
 
 @functools.lru_cache(maxsize=256)

@@ -51,6 +51,7 @@ class CircuitBreaker:
         self.state = CircuitState.CLOSED
         self._consecutive = 0
         self._outcomes: deque[tuple[float, bool]] = deque()  # (time, failed)
+        self._failures = 0  # failed outcomes in `_outcomes`
         self._opened_at = 0.0
         self._probing = False
 
@@ -80,8 +81,9 @@ class CircuitBreaker:
         self._advance(now)
         horizon = now - self.config.window_s
         self._outcomes.append((now, failed))
+        self._failures += failed
         while self._outcomes and self._outcomes[0][0] < horizon:
-            self._outcomes.popleft()
+            self._failures -= self._outcomes.popleft()[1]
         if self.state == CircuitState.HALF_OPEN:
             if failed:
                 self._open(now)
@@ -91,7 +93,7 @@ class CircuitBreaker:
         if self.state == CircuitState.OPEN:
             return  # an attempt sent before the circuit opened; the cool-down decides
         self._consecutive = self._consecutive + 1 if failed else 0
-        failures = sum(1 for _, f in self._outcomes if f)
+        failures = self._failures
         by_rate = (
             len(self._outcomes) >= self.config.min_requests
             and failures / len(self._outcomes) >= self.config.failure_rate
@@ -111,12 +113,14 @@ class CircuitBreaker:
         self._probing = False
         self._consecutive = 0
         self._outcomes.clear()
+        self._failures = 0
 
     def _close(self) -> None:
         self.state = CircuitState.CLOSED
         self._consecutive = 0
         self._probing = False
         self._outcomes.clear()
+        self._failures = 0
 
 
 class BreakerBoard:

@@ -94,6 +94,8 @@ class ModelWindow:
         self._samples: deque[Sample] = deque(maxlen=config.max_samples)
         self._sorted: dict[Metric, list[tuple[float, bool]]] | None = None
         self._cache: dict[tuple[Metric, float], float | None] = {}
+        # The last health answer, until a sample comes or goes (a replay asks thousands of times a second).
+        self._health: tuple[float, float | None, Health] | None = None
 
     def __len__(self) -> int:
         return len(self._samples)
@@ -107,12 +109,14 @@ class ModelWindow:
         else:
             self._samples.append(sample)
         self._sorted = None
+        self._health = None
 
     def expire(self, now_epoch: float) -> None:
         horizon = now_epoch - self._config.window_s
         while self._samples and self._samples[0].at < horizon:
             self._samples.popleft()
             self._sorted = None
+            self._health = None
 
     def _values(self, metric: Metric) -> list[tuple[float, bool]]:
         """(value, is_event) sorted by value, events first among equals (censored: value is a bound)."""
@@ -160,6 +164,9 @@ class ModelWindow:
         """Failure rate and latency shift over the recent window. The latency baseline is the window's
         median, or the model's prior when that is lower: a brownout longer than the window would
         otherwise become the new normal."""
+        cached = self._health
+        if cached is not None and cached[0] == now_epoch and cached[1] == prior_latency_s:
+            return cached[2]
         c = self._config
         recent_from = now_epoch - c.recent_s
         recent = [s for s in self._samples if s.at >= recent_from]
@@ -181,7 +188,9 @@ class ModelWindow:
             if len(recent_lat) >= c.min_recent:
                 shifted = recent_lat[len(recent_lat) // 2] > limit
         failing = events >= c.min_recent and rate >= c.unhealthy_failure_rate
-        return Health(rate, events, shifted, failing or shifted)
+        health = Health(rate, events, shifted, failing or shifted)
+        self._health = (now_epoch, prior_latency_s, health)
+        return health
 
     def samples(self) -> list[Sample]:
         return list(self._samples)

@@ -3,8 +3,9 @@
 The public API. Everything a user imports comes from here; the sub-packages are the rooms behind it:
 `tailrace.engine` (Ray-free core: specs, deadlines, validation, adapters, simulator),
 `tailrace.policies` (pure decisions on fake time), `tailrace.runtime` (the Ray-free executor runtime:
-step runner, tail control, spend gates), `tailrace.actors` (the Ray actors) and `tailrace.cluster`
-(the driver, batches, jobs, the CLI). Names resolve lazily, so `import tailrace` does not import Ray.
+step runner, tail control, spend gates), `tailrace.whatif` (replaying a trace on fake time to predict a
+policy), `tailrace.actors` (the Ray actors) and `tailrace.cluster` (the driver, batches, jobs, the CLI).
+Names resolve lazily, so `import tailrace` does not import Ray.
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ _EXPORTS: dict[str, str] = {
     "PoolConfig": "tailrace.cluster.pool",
     "TraceConfig": "tailrace.cluster.trace",
     "budget_status": "tailrace.cluster.budget",
+    # predicting a policy from a trace
+    "what_if": "tailrace.cluster.whatif",
+    "tune": "tailrace.cluster.whatif",
+    "WhatIf": "tailrace.whatif.change",
+    "Prediction": "tailrace.whatif.prediction",
+    "TuneResult": "tailrace.whatif.search",
     # specs and options
     "load_workflow": "tailrace.engine.loading",
     "load_inputs": "tailrace.engine.loading",
@@ -73,6 +80,7 @@ __all__ = [
     "ModelChoice",
     "OutputContract",
     "PoolConfig",
+    "Prediction",
     "ProviderConfigError",
     "ProviderSpec",
     "RunOptions",
@@ -85,12 +93,16 @@ __all__ = [
     "TailraceError",
     "TenantBudget",
     "TraceConfig",
+    "TuneResult",
+    "WhatIf",
     "WorkflowSpec",
     "budget_status",
     "load_inputs",
     "load_workflow",
     "register_validator",
     "run_batch",
+    "tune",
+    "what_if",
     "workflow_from_dict",
 ]
 
@@ -116,6 +128,7 @@ if TYPE_CHECKING:
     from tailrace.cluster.pool import PoolConfig
     from tailrace.cluster.results import BatchSummary
     from tailrace.cluster.trace import TraceConfig
+    from tailrace.cluster.whatif import tune, what_if
     from tailrace.engine.errors import (
         ConfigurationError,
         InputError,
@@ -145,3 +158,6 @@ if TYPE_CHECKING:
     from tailrace.engine.validation import register_validator
     from tailrace.policies.budget_config import BudgetConfig, LimitSpec, TenantBudget
     from tailrace.policies.hedging import TailTuning
+    from tailrace.whatif.change import WhatIf
+    from tailrace.whatif.prediction import Prediction
+    from tailrace.whatif.search import TuneResult

@@ -13,10 +13,11 @@ import tailrace
 PUBLIC = {
     "tailrace": [
         "AttemptOutcome", "AttemptRecord", "BatchConfig", "BatchSummary", "BudgetConfig", "CancelReason",
-        "ConfigurationError", "Engine", "EngineConfig", "FailureReason", "HedgeConfig", "InputError", "LimitSpec", "ModelChoice", "OutputContract", "PoolConfig", "ProviderConfigError",
-        "ProviderSpec", "RunOptions", "RunOutcome", "SpecError", "SpecErrors", "StepResult", "StepSpec", "TailTuning",
-        "TailraceError", "TenantBudget", "TraceConfig", "WorkflowSpec", "budget_status", "load_inputs",
-        "load_workflow", "register_validator", "run_batch", "workflow_from_dict",
+        "ConfigurationError", "Engine", "EngineConfig", "FailureReason", "HedgeConfig", "InputError", "LimitSpec",
+        "ModelChoice", "OutputContract", "PoolConfig", "Prediction", "ProviderConfigError", "ProviderSpec",
+        "RunOptions", "RunOutcome", "SpecError", "SpecErrors", "StepResult", "StepSpec", "TailTuning",
+        "TailraceError", "TenantBudget", "TraceConfig", "TuneResult", "WhatIf", "WorkflowSpec", "budget_status",
+        "load_inputs", "load_workflow", "register_validator", "run_batch", "tune", "what_if", "workflow_from_dict",
     ],
     "tailrace.engine": [
         "AttemptOutcome", "AttemptRecord", "CancelReason", "Clock", "Dag", "Deadline", "ErrorKind",
@@ -33,10 +34,15 @@ PUBLIC = {
     "tailrace.runtime": [
         "AttemptObserver", "Grant", "Refusal", "RunCostGate", "SpendGate", "StepRequest", "StepRunner", "TailControl",
     ],
+    "tailrace.whatif": [
+        "Estimate", "Metrics", "Prediction", "Replay", "ReplayPlan", "SampledAdapter", "SampledProvider", "TraceData",
+        "TraceFit", "TuneResult", "WhatIf", "fit_mixture", "fit_trace", "kaplan_meier", "predict", "read_trace",
+        "run_on_fake_time", "tune",
+    ],
     "tailrace.actors": ["BudgetActor", "BudgetHandle", "LatencyStatsActor", "StepExecutor"],
     "tailrace.cluster": [
-        "BatchConfig", "BatchSummary", "Engine", "EngineConfig", "ExecutorPool", "PoolConfig", "TraceConfig", "WorkflowDriver", "budget_status", "connect",
-        "run_batch", "start_executors",
+        "BatchConfig", "BatchSummary", "Engine", "EngineConfig", "ExecutorPool", "PoolConfig", "TraceConfig",
+        "WorkflowDriver", "budget_status", "connect", "run_batch", "start_executors", "tune", "what_if",
     ],
 }  # fmt: skip
 
@@ -61,6 +67,9 @@ def test_the_top_level_api_is_the_same_object_as_where_it_lives():
 
 def test_import_tailrace_does_not_import_ray():
     # The CLI checks a user's input before Ray is imported or started; the engine is usable without Ray.
-    code = "import sys, tailrace, tailrace.engine, tailrace.policies, tailrace.cluster; print('ray' in sys.modules)"
+    code = (
+        "import sys, tailrace, tailrace.engine, tailrace.policies, tailrace.whatif, tailrace.cluster; "
+        "print('ray' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
