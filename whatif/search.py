@@ -226,7 +226,11 @@ def config_snippets(c: Candidate) -> tuple[str, str]:
     if not lines:
         lines.append("# no change: the trace's policy is already the cheapest that meets the targets")
     fields = ", ".join(f"{k}={v!r}" for k, v in hedge.items())
-    python = f"run_batch(..., hedge=HedgeConfig({fields}))" if fields else "run_batch(...)  # hedging as it was"
+    python = (
+        f"run_batch(..., config=BatchConfig(hedge=HedgeConfig({fields})))"
+        if fields
+        else "run_batch(...)  # hedging as it was"
+    )
     return "\n".join(lines), python
 
 
