@@ -91,7 +91,9 @@ def truth() -> TraceFit:
 
 def write_trace(tmp_path):
     wf = workflow()
-    plan = ReplayPlan(wf, RunOptions(deadline_s=4.0), HedgeConfig(), TailTuning(), None, 2, 8, 0.25)
+    # A deadline that leaves gpt-4.1 the first rung (at 4 s the deadline-aware ladder sends most steps to
+    # the faster haiku, and the fit would have too few gpt-4.1 attempts to find its stragglers in).
+    plan = ReplayPlan(wf, RunOptions(deadline_s=6.0), HedgeConfig(), TailTuning(), None, 2, 8, 0.25)
     outcomes = Replay(truth(), plan, [(f"r{i}", {"ticket_id": f"T-{i}"}) for i in range(RUNS)], seed=3).run()
     path = tmp_path / "known.trace.jsonl"
     settings = {"options": plan.options.model_dump(mode="json"), "executors": 2, "max_in_flight": 8}
