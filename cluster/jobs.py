@@ -532,17 +532,22 @@ def job_main(argv: Sequence[str] | None = None) -> int:
 def _run_job(args: argparse.Namespace) -> int:
     from tailrace.cluster.api import run_batch
     from tailrace.cluster.config import BatchConfig
+    from tailrace.cluster.engine import load_workflow_beside, shipped_module_names
     from tailrace.cluster.pool import PoolConfig
     from tailrace.cluster.providers import SimulatorEndpoints
     from tailrace.cluster.report import read_results
     from tailrace.cluster.results import BatchSummary, finished_run_ids
     from tailrace.cluster.trace import TraceConfig, default_trace_path
-    from tailrace.engine.loading import load_inputs, load_workflow
+    from tailrace.engine.loading import load_inputs
+    from tailrace.engine.spec_checks import allow_schema_modules
     from tailrace.engine.specs import RunOptions
 
     # Absolute now: joining the cluster can change the working directory of this process.
     args.workflow, args.inputs = str(Path(args.workflow).resolve()), str(Path(args.inputs).resolve())
-    workflow = load_workflow(args.workflow)
+    workflow, beside = load_workflow_beside(args.workflow)
+    # Modules beside the workflow travelled with the job (its working directory): the user shipped them, so
+    # the schema models the spec names from them may be imported (`tailrace.engine.spec_checks`).
+    allow_schema_modules(shipped_module_names(beside))
     options = RunOptions(**{**workflow.defaults.model_dump(), **json.loads(args.options)})
     pool = PoolConfig(**json.loads(args.pool)) if args.pool else PoolConfig()
     directory = job_dir(args.results_dir, args.submission_id)

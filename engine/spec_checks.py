@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from typing import TYPE_CHECKING
 
 from jsonschema.exceptions import SchemaError
@@ -143,6 +143,12 @@ def check_schema_models(spec: WorkflowSpec, allowed: Iterable[str] = ()) -> None
             errors.append(SpecError(where, exc.message))
     if errors:
         raise SpecErrors(errors)
+
+
+def allow_schema_modules(modules: Iterable[str], environ: MutableMapping[str, str] = os.environ) -> None:
+    """Add `modules` to `TAILRACE_SCHEMA_MODULES` in this process (modules the user shipped, e.g. with a job)."""
+    listed = [m.strip() for m in environ.get(SCHEMA_MODULES_ENV, "").split(",") if m.strip()]
+    environ[SCHEMA_MODULES_ENV] = ",".join(dict.fromkeys([*listed, *modules]))
 
 
 def schema_module_allowed(module: str, environ: Mapping[str, str] = os.environ) -> bool:

@@ -352,7 +352,7 @@ class HedgingPolicy:
         answered_badly = sum(
             1
             for a in attempts
-            if a.outcome == AttemptOutcome.INVALID or (a.error is not None and not a.error.retryable)
+            if a.outcome == AttemptOutcome.INVALID or (a.error is not None and not a.error.retryable) or _unreachable(a)
         )
         if answered_badly >= self._max_attempts:
             return self._exhausted(attempts, f"gave up after {answered_badly} failed answers")
@@ -365,7 +365,7 @@ class HedgingPolicy:
         stalled = last.outcome == AttemptOutcome.CANCELLED
         if last.outcome == AttemptOutcome.INVALID or stalled or kind in MOVE_ON_KINDS:
             order = [*below, tier, *above]
-        elif last.error is not None and not last.error.retryable:
+        elif (last.error is not None and not last.error.retryable) or _unreachable(last):
             order = [*below, *above]
         else:
             order = [tier, *below, *above]
@@ -539,7 +539,9 @@ class HedgingPolicy:
         models: set[str] = set()
         providers: set[str] = set()
         for a in attempts:
-            if a.error is not None and not a.error.retryable:
+            if _unreachable(a):  # the provider's endpoint refused the connection: every model behind it too
+                providers.add(self._models[a.tier].provider)
+            elif a.error is not None and not a.error.retryable:
                 choice = self._models[a.tier]
                 models.add(choice.model)
                 if a.error.kind in ACCOUNT_WIDE:
@@ -555,3 +557,10 @@ class HedgingPolicy:
         if last is not None and last.outcome == AttemptOutcome.INVALID:
             return GiveUp(FailureReason.INVALID_OUTPUT, detail)
         return GiveUp(FailureReason.PROVIDER_ERROR, detail)
+
+
+def _unreachable(attempt: AttemptState) -> bool:
+    """The request never reached a server (connection refused, unknown host): the same endpoint will refuse
+    the next one too, so no retry there; a setup fault the driver reports (`tailrace.engine.config_errors`)."""
+    error = attempt.error
+    return error is not None and error.kind == ErrorKind.CONNECTION and error.endpoint is not None

@@ -405,3 +405,20 @@ def test_a_slowed_model_is_backed_up_against_its_prior_only_while_an_alternative
             state.stats.observe(KEYS[tier], "ok", 5.0, 20.0)
     # strong: observed TTFT p90 is now 5.0 s; its prior says 2.0 s (x1.5 = 3.0 s to back it up).
     assert policy(state).decide([running()], T0, DEADLINE) == Start(0, due, "duplicate")
+
+
+def test_a_refused_connection_closes_every_model_behind_that_endpoint_at_once():
+    refused = ProviderError(
+        kind=ErrorKind.CONNECTION, retryable=True, message="connection refused", endpoint="http://127.0.0.1:9/v1"
+    )
+    # The strong openai model's endpoint refused: not retried there, nor on openai's "fast" below; anthropic at once.
+    first = [ended(0, ERROR, at=T0 + 0.01, error=refused)]
+    assert policy().decide(first, T0 + 0.01, DEADLINE) == Start(1, T0 + 0.01, "retry")
+    # Both endpoints refused: the step gives up now, with most of its deadline left.
+    both = [*first, AttemptState(tier=1, started_at=T0 + 0.01, role="retry", finished_at=T0 + 0.02, outcome=ERROR,
+                                 error=refused.model_copy(update={"endpoint": "http://127.0.0.1:9"}))]  # fmt: skip
+    assert isinstance(policy().decide(both, T0 + 0.02, DEADLINE), GiveUp)
+    # A connection reset after the request was sent (no endpoint) stays a transient error: retried on the same model.
+    reset = [ended(0, ERROR, at=T0 + 0.01, error=err(ErrorKind.CONNECTION))]
+    decision = policy().decide(reset, T0 + 0.01, DEADLINE)
+    assert isinstance(decision, Start) and decision.tier == 0

@@ -108,12 +108,12 @@ def test_the_cli_never_prints_a_traceback_for_a_generated_spec(tmp_path_factory,
 
 
 def test_the_cli_reports_an_unexpected_error_in_one_paragraph(tmp_path, capsys, monkeypatch):
-    import tailrace.cluster.cli as cli
+    import tailrace.cluster.cli_run as cli_run
 
     def broken(args):  # type: ignore[no-untyped-def]
         raise RecursionError("maximum recursion depth exceeded")
 
-    monkeypatch.setattr(cli, "_run", broken)
+    monkeypatch.setattr(cli_run, "run_batch_command", broken)
     assert main(["demo"]) == 2
     err = capsys.readouterr().err
     assert "nested too deeply" in err and "Traceback" not in err
@@ -121,7 +121,7 @@ def test_the_cli_reports_an_unexpected_error_in_one_paragraph(tmp_path, capsys, 
     def bug(args):  # type: ignore[no-untyped-def]
         raise KeyError("sk-abcdefghijklmnopqrstuvwx")
 
-    monkeypatch.setattr(cli, "_run", bug)
+    monkeypatch.setattr(cli_run, "run_batch_command", bug)
     assert main(["demo"]) == 70
     err = capsys.readouterr().err
     assert "internal error: KeyError" in err and "Traceback" not in err and "abcdefghijklmnop" not in err
