@@ -19,6 +19,8 @@ counts as a failure for health: a model whose attempts all hang is not healthy.
 from __future__ import annotations
 
 import bisect
+import itertools
+import math
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -82,18 +84,35 @@ class Health:
         return cls(0.0, 0, False, False)
 
 
-def _by_value(v: tuple[float, bool]) -> tuple[float, bool]:
-    return (v[0], not v[1])  # events before censored samples at the same value
+def _ended_at(s: Sample) -> float:
+    return s.at
+
+
+def _entries(s: Sample) -> list[tuple[Metric, tuple[float, int]]]:
+    """What one sample adds to each metric's sorted values: (value, 0) for an observed time, (value, 1) for
+    a lower bound (censored), so answers sort before bounds at the same value. Fast failures add nothing."""
+    if s.kind == "fail":
+        return []
+    out: list[tuple[Metric, tuple[float, int]]] = []
+    if s.ttft_s is not None:
+        out.append(("ttft", (s.ttft_s, int(s.kind == "censored" and s.ttft_censored))))
+    if s.latency_s is not None:
+        out.append(("latency", (s.latency_s, int(s.kind != "ok"))))
+    if s.kind == "ok" and s.tokens_per_s is not None:
+        out.append(("tokens_per_s", (s.tokens_per_s, 0)))
+    return out
 
 
 class ModelWindow:
-    """One model's samples, oldest first, with sorted views rebuilt lazily after a change."""
+    """One model's samples, oldest first, with each metric's values kept sorted as samples come and go
+    (the hedging policy reads quantiles several times per attempt; re-sorting per change cost ms a step)."""
 
     def __init__(self, config: LatencyConfig) -> None:
         self._config = config
         self._samples: deque[Sample] = deque(maxlen=config.max_samples)
-        self._sorted: dict[Metric, list[tuple[float, bool]]] | None = None
-        self._cache: dict[tuple[Metric, float], float | None] = {}
+        self._sorted: dict[Metric, list[tuple[float, int]]] = {"ttft": [], "latency": [], "tokens_per_s": []}
+        self._censored: dict[Metric, int] = {"ttft": 0, "latency": 0, "tokens_per_s": 0}
+        self._curves: dict[Metric, tuple[list[float], list[float], float | None]] = {}
         # The last health answer, until a sample comes or goes (a replay asks thousands of times a second).
         self._health: tuple[float, float | None, Health] | None = None
 
@@ -106,59 +125,75 @@ class ModelWindow:
             items = list(self._samples)
             bisect.insort(items, sample, key=lambda s: s.at)
             self._samples = deque(items[-self._config.max_samples :], maxlen=self._config.max_samples)
+            self._rebuild()
         else:
+            if len(self._samples) == self._config.max_samples:
+                self._forget(self._samples[0])  # the deque drops it on append
             self._samples.append(sample)
-        self._sorted = None
-        self._health = None
+            self._remember(sample)
+        self._changed()
 
     def expire(self, now_epoch: float) -> None:
         horizon = now_epoch - self._config.window_s
         while self._samples and self._samples[0].at < horizon:
-            self._samples.popleft()
-            self._sorted = None
-            self._health = None
+            self._forget(self._samples.popleft())
+            self._changed()
 
-    def _values(self, metric: Metric) -> list[tuple[float, bool]]:
-        """(value, is_event) sorted by value, events first among equals (censored: value is a bound)."""
-        if self._sorted is None:
-            ttft: list[tuple[float, bool]] = []
-            latency: list[tuple[float, bool]] = []
-            rate: list[tuple[float, bool]] = []
-            for s in self._samples:
-                if s.kind == "fail":
-                    continue
-                if s.ttft_s is not None:
-                    ttft.append((s.ttft_s, not (s.kind == "censored" and s.ttft_censored)))
-                if s.latency_s is not None:
-                    latency.append((s.latency_s, s.kind == "ok"))
-                if s.kind == "ok" and s.tokens_per_s is not None:
-                    rate.append((s.tokens_per_s, True))
-            self._sorted = {"ttft": sorted(ttft, key=_by_value), "latency": sorted(latency, key=_by_value)}
-            self._sorted["tokens_per_s"] = sorted(rate, key=_by_value)
-            self._cache = {}
-        return self._sorted[metric]
+    def _changed(self) -> None:
+        self._curves = {}
+        self._health = None
+
+    def _remember(self, sample: Sample) -> None:
+        for metric, entry in _entries(sample):
+            bisect.insort(self._sorted[metric], entry)
+            self._censored[metric] += entry[1]
+
+    def _forget(self, sample: Sample) -> None:
+        for metric, entry in _entries(sample):
+            values = self._sorted[metric]
+            del values[bisect.bisect_left(values, entry)]
+            self._censored[metric] -= entry[1]
+
+    def _rebuild(self) -> None:
+        for metric in self._sorted:
+            self._sorted[metric] = []
+            self._censored[metric] = 0
+        for sample in self._samples:
+            for metric, entry in _entries(sample):
+                self._sorted[metric].append(entry)
+                self._censored[metric] += entry[1]
+        for values in self._sorted.values():
+            values.sort()
 
     def quantile(self, metric: Metric, q: float) -> float | None:
         """The q-quantile by Kaplan-Meier over answers and censored samples; None while the window holds
         fewer than `min_samples` answers. When censoring hides the quantile (more than 1 - q of the
         window still running when given up on), the largest value seen: a lower bound."""
-        values = self._values(metric)
-        cached = self._cache.get((metric, q), self)
-        if cached is not self:
-            return cached  # type: ignore[return-value]
-        result: float | None = None
-        if sum(1 for _, event in values if event) >= self._config.min_samples:
-            survival, at_risk = 1.0, len(values)
-            result = values[-1][0]
-            for value, event in values:
-                if event:
-                    survival *= 1.0 - 1.0 / at_risk
-                    if 1.0 - survival >= q - 1e-12:
-                        result = value
-                        break
-                at_risk -= 1
-        self._cache[(metric, q)] = result
-        return result
+        curve = self._curves.get(metric)
+        if curve is None:
+            curve = self._curves[metric] = self._curve(metric)
+        cdf, at, largest = curve
+        if largest is None:
+            return None
+        i = bisect.bisect_left(cdf, q - 1e-12)
+        return at[i] if i < len(at) else largest
+
+    def _curve(self, metric: Metric) -> tuple[list[float], list[float], float | None]:
+        """The Kaplan-Meier distribution function at each answer (rising), those values, and the largest
+        value seen (None while the window holds fewer than `min_samples` answers)."""
+        values = self._sorted[metric]
+        if len(values) - self._censored[metric] < self._config.min_samples:
+            return [], [], None
+        cdf: list[float] = []
+        at: list[float] = []
+        survival, at_risk = 1.0, len(values)
+        for value, bound in values:
+            if not bound:
+                survival *= 1.0 - 1.0 / at_risk
+                cdf.append(1.0 - survival)
+                at.append(value)
+            at_risk -= 1
+        return cdf, at, values[-1][0]
 
     def health(self, now_epoch: float, prior_latency_s: float | None = None) -> Health:
         """Failure rate and latency shift over the recent window. The latency baseline is the window's
@@ -168,25 +203,26 @@ class ModelWindow:
         if cached is not None and cached[0] == now_epoch and cached[1] == prior_latency_s:
             return cached[2]
         c = self._config
-        recent_from = now_epoch - c.recent_s
-        recent = [s for s in self._samples if s.at >= recent_from]
-        answered = [s for s in recent if s.kind == "ok"]
-        failed = sum(1 for s in recent if s.kind == "fail" or s.timed_out)
-        events = len(answered) + failed
-        rate = failed / events if events else 0.0
-        shifted = False
         baselines = [b for b in (self.quantile("latency", 0.5), prior_latency_s) if b is not None]
         baseline = min(baselines) if baselines else None
-        if baseline is not None:
-            # A censored sample is a lower bound: it tells only when it is already above the threshold.
-            limit = c.shift_factor * baseline
-            recent_lat = sorted(
-                s.latency_s
-                for s in recent
-                if s.latency_s is not None and (s.kind == "ok" or (s.kind == "censored" and s.latency_s > limit))
-            )
-            if len(recent_lat) >= c.min_recent:
-                shifted = recent_lat[len(recent_lat) // 2] > limit
+        # A censored sample is a lower bound: it tells only when it is already above the threshold.
+        limit = math.inf if baseline is None else c.shift_factor * baseline
+        answered = failed = 0
+        recent_lat: list[float] = []
+        start = bisect.bisect_left(self._samples, now_epoch - c.recent_s, key=_ended_at)  # samples are time-sorted
+        for s in itertools.islice(self._samples, start, None):
+            if s.kind == "ok":
+                answered += 1
+            elif s.kind == "fail" or s.timed_out:
+                failed += 1
+            if s.latency_s is not None and (s.kind == "ok" or (s.kind == "censored" and s.latency_s > limit)):
+                recent_lat.append(s.latency_s)
+        events = answered + failed
+        rate = failed / events if events else 0.0
+        shifted = False
+        if baseline is not None and len(recent_lat) >= c.min_recent:
+            recent_lat.sort()
+            shifted = recent_lat[len(recent_lat) // 2] > limit
         failing = events >= c.min_recent and rate >= c.unhealthy_failure_rate
         health = Health(rate, events, shifted, failing or shifted)
         self._health = (now_epoch, prior_latency_s, health)
