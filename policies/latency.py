@@ -120,17 +120,22 @@ class ModelWindow:
         return len(self._samples)
 
     def add(self, sample: Sample) -> None:
-        if self._samples and sample.at < self._samples[-1].at:
+        samples = self._samples
+        full = len(samples) == self._config.max_samples
+        if samples and sample.at < samples[-1].at:
             # Merged samples can arrive out of order; keep the deque sorted by time so expiry stays O(1).
-            items = list(self._samples)
-            bisect.insort(items, sample, key=lambda s: s.at)
-            self._samples = deque(items[-self._config.max_samples :], maxlen=self._config.max_samples)
-            self._rebuild()
+            at = bisect.bisect_right(samples, sample.at, key=_ended_at)
+            if full:
+                if at == 0:
+                    return  # older than every sample of a full window: the newest are kept
+                self._forget(samples.popleft())
+                at -= 1
+            samples.insert(at, sample)
         else:
-            if len(self._samples) == self._config.max_samples:
-                self._forget(self._samples[0])  # the deque drops it on append
-            self._samples.append(sample)
-            self._remember(sample)
+            if full:
+                self._forget(samples[0])  # the deque drops it on append
+            samples.append(sample)
+        self._remember(sample)
         self._changed()
 
     def expire(self, now_epoch: float) -> None:
@@ -153,17 +158,6 @@ class ModelWindow:
             values = self._sorted[metric]
             del values[bisect.bisect_left(values, entry)]
             self._censored[metric] -= entry[1]
-
-    def _rebuild(self) -> None:
-        for metric in self._sorted:
-            self._sorted[metric] = []
-            self._censored[metric] = 0
-        for sample in self._samples:
-            for metric, entry in _entries(sample):
-                self._sorted[metric].append(entry)
-                self._censored[metric] += entry[1]
-        for values in self._sorted.values():
-            values.sort()
 
     def quantile(self, metric: Metric, q: float) -> float | None:
         """The q-quantile by Kaplan-Meier over answers and censored samples; None while the window holds

@@ -74,9 +74,15 @@ def test_pool_grows_under_backlog_and_shrinks_when_idle(simulator):
 
     sizes, summary, idle_size, pool = asyncio.run(scenario())
     assert summary.delivered == 12
-    assert max(sizes) == 3, f"the pool never grew to its maximum: {sizes} {list(pool.events)}"
+    # The pool's decisions, from its events: sampling `ready` raced the executors' start-up, which on a busy
+    # machine took longer than the backlog lasted (the third came up 0.2 s before the idle shrink).
+    events = list(pool.events)
+    grown = [e.size for e in events if e.kind == "grow"]
+    assert max(grown) == 3, f"the pool never grew to its maximum: {sizes} {events}"
+    kinds = [e.kind for e in events]
+    assert kinds.count("ready") >= 3, f"an executor it grew never came up: {events}"
+    assert max(sizes) >= 2, f"no executor it grew served the backlog: {sizes} {events}"
     assert idle_size == 1
-    kinds = [e.kind for e in pool.events]
     assert kinds.count("grow") >= 3 and "shrink" in kinds
 
 
