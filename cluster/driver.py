@@ -326,7 +326,7 @@ class WorkflowDriver:
         for call in pending.values():
             if call.executor is not None:
                 call.executor.cancel_run.remote(state.run_id, reason)
-        done = await wait_all(pending, state.deadline.end.earlier(state.deadline.grace_s))
+        done = await wait_all(pending, state.deadline.collect.earlier(state.deadline.grace_s))
         for task in set(pending) - done:
             ref = pending[task].ref
             if isinstance(ref, ray.ObjectRef):

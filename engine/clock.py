@@ -215,6 +215,13 @@ class RunDeadline:
         return Deadline(at + self.grace_s / 2, clock)
 
     @property
+    def collect(self) -> Deadline:
+        """When the driver stops waiting for stopped steps' records: three quarters into the grace. The
+        last quarter is headroom for a busy event loop, so the outcome is stamped by `end`."""
+        at, clock = self._bound()
+        return Deadline(at + self.grace_s * 0.75, clock)
+
+    @property
     def end(self) -> Deadline:
         """Nothing of the run outlives this: deadline + grace."""
         at, clock = self._bound()

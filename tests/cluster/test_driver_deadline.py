@@ -120,17 +120,19 @@ async def drive(clock: FakeClock, task: asyncio.Task, step_s: float = 0.125) -> 
             clock.advance(step_s)
 
 
-async def test_backstop_stops_a_silent_executor_at_deadline_plus_half_grace_and_ends_the_run_by_deadline_plus_grace():
+async def test_backstop_stops_a_silent_executor_at_deadline_plus_half_grace_and_ends_the_run_within_the_grace():
     clock = FakeClock()
     executor = SilentExecutor(clock, answers_cancel=False)
     driver = WorkflowDriver(ONE_STEP, RunOptions(deadline_s=1.0), [executor], clock=clock, grace_s=0.25)
     start = clock.monotonic()
     task = asyncio.ensure_future(driver.run("r1", {"x": "1"}))
-    await drive(clock, task)
+    await drive(clock, task, step_s=0.0625)
     outcome = task.result()
     assert outcome.failure == FailureReason.DEADLINE_EXCEEDED and outcome.failed_step == "a"
     assert executor.cancels == [(start + 1.125, "r1", CancelReason.DEADLINE)]  # deadline + grace / 2
-    assert outcome.latency_s == 1.25  # deadline + grace, exactly, on the injected clock
+    # Records are awaited until deadline + 3/4 grace, exactly, on the injected clock: the last quarter of
+    # the grace is the event loop's headroom to stamp the outcome by deadline + grace.
+    assert outcome.latency_s == 1.1875
     assert outcome.attempts == []  # the executor never answered: nothing to record
 
 
