@@ -363,7 +363,7 @@ class Replay:
             executor = run.executors.get(step_id)
             if executor is not None:
                 executor.cancel_run(run.run_id, reason)
-        done = await wait_all(pending, run.deadline.end.earlier(run.deadline.grace_s))
+        done = await wait_all(pending, run.deadline.collect.earlier(run.deadline.grace_s))
         for task in set(pending) - done:
             task.cancel()
         for task in done:
