@@ -37,10 +37,17 @@ def simulator_process(scenario: str, seed: int, time_scale: float, log: str | No
     ]
     if log:
         cmd += ["--log", log]
+    with serving(cmd, port) as root:
+        yield root
+
+
+@contextlib.contextmanager
+def serving(cmd: list[str], port: int, tries: int = 400) -> Iterator[str]:
+    """Start a simulator command that listens on `port`; yields its root URL once /health answers."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     root = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(200):
+        for _ in range(tries):
             try:
                 urllib.request.urlopen(root + "/health", timeout=1).read()
                 break

@@ -44,7 +44,6 @@ import logging
 import math
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import threading
@@ -58,7 +57,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _sim_process import free_port
+from _sim_process import free_port, serving
 
 from tailrace.engine.clock import SYSTEM_CLOCK, Deadline
 from tailrace.engine.loading import workflow_from_dict
@@ -187,21 +186,8 @@ def simulator(seed: int, time_scale: float, log: str) -> Iterator[str]:
         f"run_forever(scenario('tpm', seed={seed}, time_scale={time_scale}, tpm_limit={SIM_TPM}), "
         f"port={port}, log_path={log!r})"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    root = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(400):
-            try:
-                urllib.request.urlopen(root + "/health", timeout=1).read()
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError("simulator exited: " + proc.stderr.read().decode()[-2000:]) from None
-                time.sleep(0.05)
+    with serving([sys.executable, "-c", code], port) as root:
         yield root
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 class WindowSampler:
