@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from tailrace.engine.clock import Clock
@@ -88,6 +89,9 @@ def _ended_at(s: Sample) -> float:
     return s.at
 
 
+_NO_CURVE = np.zeros(0)
+
+
 def _entries(s: Sample) -> list[tuple[Metric, tuple[float, int]]]:
     """What one sample adds to each metric's sorted values: (value, 0) for an observed time, (value, 1) for
     a lower bound (censored), so answers sort before bounds at the same value. Fast failures add nothing."""
@@ -112,9 +116,11 @@ class ModelWindow:
         self._samples: deque[Sample] = deque(maxlen=config.max_samples)
         self._sorted: dict[Metric, list[tuple[float, int]]] = {"ttft": [], "latency": [], "tokens_per_s": []}
         self._censored: dict[Metric, int] = {"ttft": 0, "latency": 0, "tokens_per_s": 0}
-        self._curves: dict[Metric, tuple[list[float], list[float], float | None]] = {}
+        # Each metric's lower-bound flags, in step with `_sorted` (what the Kaplan-Meier curve is built from).
+        self._bounds: dict[Metric, list[int]] = {"ttft": [], "latency": [], "tokens_per_s": []}
+        self._curves: dict[Metric, tuple[np.ndarray, float | None]] = {}
         # The last health answer, until a sample comes or goes (a replay asks thousands of times a second).
-        self._health: tuple[float, float | None, Health] | None = None
+        self._health: tuple[float, float, float | None, Health] | None = None
 
     def __len__(self) -> int:
         return len(self._samples)
@@ -150,13 +156,18 @@ class ModelWindow:
 
     def _remember(self, sample: Sample) -> None:
         for metric, entry in _entries(sample):
-            bisect.insort(self._sorted[metric], entry)
+            values = self._sorted[metric]
+            at = bisect.bisect_right(values, entry)
+            values.insert(at, entry)
+            self._bounds[metric].insert(at, entry[1])
             self._censored[metric] += entry[1]
 
     def _forget(self, sample: Sample) -> None:
         for metric, entry in _entries(sample):
             values = self._sorted[metric]
-            del values[bisect.bisect_left(values, entry)]
+            at = bisect.bisect_left(values, entry)
+            del values[at]
+            del self._bounds[metric][at]
             self._censored[metric] -= entry[1]
 
     def quantile(self, metric: Metric, q: float) -> float | None:
@@ -166,36 +177,36 @@ class ModelWindow:
         curve = self._curves.get(metric)
         if curve is None:
             curve = self._curves[metric] = self._curve(metric)
-        cdf, at, largest = curve
+        cdf, largest = curve
         if largest is None:
             return None
-        i = bisect.bisect_left(cdf, q - 1e-12)
-        return at[i] if i < len(at) else largest
+        # The distribution function only rises at answers, so the first value where it reaches q is one.
+        i = int(cdf.searchsorted(q - 1e-12, side="left"))
+        values = self._sorted[metric]
+        while i < len(values) and values[i][1]:
+            i += 1  # q ~ 0 only: skip lower bounds before the first answer
+        return values[i][0] if i < len(values) else largest
 
-    def _curve(self, metric: Metric) -> tuple[list[float], list[float], float | None]:
-        """The Kaplan-Meier distribution function at each answer (rising), those values, and the largest
-        value seen (None while the window holds fewer than `min_samples` answers)."""
+    def _curve(self, metric: Metric) -> tuple[np.ndarray, float | None]:
+        """The Kaplan-Meier distribution function after each of the metric's sorted values (a lower bound
+        leaves it as it was), and the largest value seen (None while the window holds fewer than
+        `min_samples` answers). Vectorised: the policy asks after every new sample, over up to
+        `max_samples` values."""
         values = self._sorted[metric]
         if len(values) - self._censored[metric] < self._config.min_samples:
-            return [], [], None
-        cdf: list[float] = []
-        at: list[float] = []
-        survival, at_risk = 1.0, len(values)
-        for value, bound in values:
-            if not bound:
-                survival *= 1.0 - 1.0 / at_risk
-                cdf.append(1.0 - survival)
-                at.append(value)
-            at_risk -= 1
-        return cdf, at, values[-1][0]
+            return _NO_CURVE, None
+        bounds = np.array(self._bounds[metric], dtype=bool)
+        at_risk = np.arange(len(values), 0, -1, dtype=np.float64)
+        factors = np.where(bounds, 1.0, 1.0 - 1.0 / at_risk)
+        return 1.0 - np.cumprod(factors), values[-1][0]
 
     def health(self, now_epoch: float, prior_latency_s: float | None = None) -> Health:
         """Failure rate and latency shift over the recent window. The latency baseline is the window's
         median, or the model's prior when that is lower: a brownout longer than the window would
         otherwise become the new normal."""
         cached = self._health
-        if cached is not None and cached[0] == now_epoch and cached[1] == prior_latency_s:
-            return cached[2]
+        if cached is not None and cached[0] <= now_epoch < cached[1] and cached[2] == prior_latency_s:
+            return cached[3]
         c = self._config
         baselines = [b for b in (self.quantile("latency", 0.5), prior_latency_s) if b is not None]
         baseline = min(baselines) if baselines else None
@@ -219,7 +230,10 @@ class ModelWindow:
             shifted = recent_lat[len(recent_lat) // 2] > limit
         failing = events >= c.min_recent and rate >= c.unhealthy_failure_rate
         health = Health(rate, events, shifted, failing or shifted)
-        self._health = (now_epoch, prior_latency_s, health)
+        # Until a sample comes or goes (which clears this), the answer changes only when the oldest recent
+        # sample leaves the recent window.
+        until = self._samples[start].at + c.recent_s if start < len(self._samples) else math.inf
+        self._health = (now_epoch, until, prior_latency_s, health)
         return health
 
     def samples(self) -> list[Sample]:
