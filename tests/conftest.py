@@ -15,6 +15,8 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 # A crashed earlier session can leave this behind; it would make ray.init(num_cpus=...) join a dead cluster.
 os.environ.pop("RAY_ADDRESS", None)
+# Ray's metrics agent exports every 10 s by default; the dashboard test reads the series it exported.
+os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
 
 
 def start_session_ray() -> None:
