@@ -224,7 +224,7 @@ def test_ledger_spend_is_the_outcomes_cost_over_many_batches_with_faults(simulat
     sim = simulator("tpm", seed=9, time_scale=0.02, tpm_limit=200_000, fault_rates=rates)
     outcomes: list[RunOutcome] = []
     try:
-        for batch in range(4):
+        for batch in range(3):
             run_batch(
                 WORKFLOW,
                 records(30, prefix=f"b{batch}-"),

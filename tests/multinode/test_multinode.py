@@ -127,50 +127,71 @@ def result_ids(path: Path) -> list[str]:
     return [json.loads(line)["run_id"] for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_batch_as_a_job_round_trip_and_resubmit_skips_finished_runs(env, tmp_path, capsys):
-    d = batch_dir(tmp_path / "batch", 10)
+def test_a_job_stopped_mid_batch_resumes_then_a_resubmission_runs_nothing_twice(env, tmp_path, capsys):
+    """One batch through every job step a user takes: submit, stop it mid-way, submit it again (it resumes
+    where it stopped), status, results (directly and through a helper job), and a third submission (it
+    skips every run)."""
+    n = 16
+    d = batch_dir(tmp_path / "batch", n)
     results_dir = str(tmp_path / "jobs")
     common = ["--address", env.address]
-    code = main(
-        [
-            "submit",
-            str(d / "workflow.yaml"),
-            "--inputs",
-            str(d / "inputs.jsonl"),
-            *common,
-            "--python",
-            sys.executable,
-            "--results-dir",
-            results_dir,
-            "--scenario",
-            "clean",
-            "--time-scale",
-            "0.05",
-            "--deadline",
-            "20",
-            "--min-executors",
-            "2",
-            "--max-executors",
-            "2",
-            "--executor-resource",
-            "tailrace_executor=1",
-            "--wait",
-        ]
-    )
+    submit = [
+        "submit",
+        str(d / "workflow.yaml"),
+        "--inputs",
+        str(d / "inputs.jsonl"),
+        *common,
+        "--python",
+        sys.executable,
+        "--results-dir",
+        results_dir,
+        "--scenario",
+        "clean",
+        "--time-scale",
+        "0.3",
+        "--deadline",
+        "20",
+        "--concurrency",
+        "3",
+        "--min-executors",
+        "1",
+        "--max-executors",
+        "2",
+        "--executor-resource",
+        "tailrace_executor=1",
+    ]
+    assert main(submit) == 0
     out = capsys.readouterr().out
     match = re.search(r"(tailrace-support-triage-[0-9a-f]{12}): submitted", out)
     assert match, out
     sid = match.group(1)
-    assert code == 0, out
+    results = Path(results_dir) / sid / "results.jsonl"
+    deadline = time.monotonic() + 90
+    while len(result_ids(results)) < 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert main(["stop", sid, *common]) == 0
+    assert jobs.wait(sid, env.address, timeout_s=60) == "STOPPED"
+    capsys.readouterr()
+    assert main(["status", sid, *common]) != 0, "a stopped job is not a success"
+    done_before = len(result_ids(results))
+    assert 4 <= done_before < n
+
+    # The same command again resumes the batch under the same submission id.
+    assert main([*submit, "--wait"]) == 0
+    assert f"{sid}: resubmitted" in capsys.readouterr().out
+    ids = result_ids(results)
+    assert len(ids) == n and len(set(ids)) == n
+    assert f"{done_before} already finished (skipped)" in next(jobs.logs(sid, env.address))
 
     assert main(["status", sid, *common, "--json"]) == 0
     state = json.loads(capsys.readouterr().out)
-    assert state["status"] == "SUCCEEDED" and state["summary"]["delivered"] == 10
-    assert state["progress"].startswith("10/10 runs finished")
+    assert state["status"] == "SUCCEEDED" and state["summary"]["runs"] == n
+    assert state["summary"]["this_job"] == n - done_before
+    assert state["progress"].startswith(f"{n}/{n} runs finished")
 
     local = tmp_path / "local.jsonl"
     assert main(["results", sid, *common, "--results-dir", results_dir, "--out", str(local)]) == 0
-    assert "10 │" in capsys.readouterr().out and sorted(result_ids(local)) == sorted(f"r{i}" for i in range(10))
+    assert f"{n} │" in capsys.readouterr().out and sorted(result_ids(local)) == sorted(f"r{i}" for i in range(n))
     assert (tmp_path / "local.trace.jsonl").is_file()
     # Through a helper job, as from a machine that cannot see the head node's disk: the same bytes.
     fetched = jobs.fetch_results(
@@ -183,7 +204,7 @@ def test_batch_as_a_job_round_trip_and_resubmit_skips_finished_runs(env, tmp_pat
     )
     assert fetched.read_bytes() == local.read_bytes()
 
-    # The same batch again: the same job id, and nothing is run twice.
+    # A third time, from Python: the same submission, and nothing is run twice.
     again = jobs.submit(
         d / "workflow.yaml",
         d / "inputs.jsonl",
@@ -194,52 +215,17 @@ def test_batch_as_a_job_round_trip_and_resubmit_skips_finished_runs(env, tmp_pat
             "",
             "",
             {**DEMO.defaults.model_dump(), "deadline_s": 20.0},
+            concurrency=3,
             scenario="clean",
-            time_scale=0.05,
-            pool={"min_executors": 2, "max_executors": 2, "executor_resources": ON_WORKERS},
+            time_scale=0.3,
+            pool={"min_executors": 1, "max_executors": 2, "executor_resources": ON_WORKERS},
         ),
     )
-    assert (again.submission_id, again.job_id, again.action) == (sid, f"{sid}.2", "resubmitted")
+    assert (again.submission_id, again.job_id, again.action) == (sid, f"{sid}.3", "resubmitted")
     finished(sid, env.address)
-    assert "10 already finished (skipped)" in next(jobs.logs(sid, env.address))
-    assert len(result_ids(Path(results_dir) / sid / "results.jsonl")) == 10
+    assert f"{n} already finished (skipped)" in next(jobs.logs(sid, env.address))
+    assert len(result_ids(results)) == n
     assert jobs.status(sid, env.address).summary["this_job"] == 0
-
-
-def test_an_interrupted_job_resumes_without_losing_or_repeating_runs(env, tmp_path):
-    d = batch_dir(tmp_path / "batch", 24)
-    results_dir = tmp_path / "jobs"
-    args = jobs.BatchArgs(
-        "",
-        "",
-        {"deadline_s": 20.0},
-        concurrency=3,
-        scenario="clean",
-        time_scale=0.3,
-        pool={"min_executors": 1, "max_executors": 2, "executor_resources": ON_WORKERS},
-    )
-    kw = {"address": env.address, "python": sys.executable, "results_dir": str(results_dir), "args": args}
-    first = jobs.submit(d / "workflow.yaml", d / "inputs.jsonl", **kw)
-    assert first.action == "submitted"
-    results = results_dir / first.submission_id / "results.jsonl"
-    deadline = time.monotonic() + 90
-    while len(result_ids(results)) < 4 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert jobs.stop(first.submission_id, env.address)
-    assert jobs.wait(first.submission_id, env.address, timeout_s=60) == "STOPPED"
-    done_before = len(result_ids(results))
-    assert 4 <= done_before < 24
-
-    again = jobs.submit(d / "workflow.yaml", d / "inputs.jsonl", **kw)
-    assert (again.submission_id, again.job_id, again.action) == (
-        first.submission_id,
-        f"{first.job_id}.2",
-        "resubmitted",
-    )
-    finished(again.submission_id, env.address)
-    ids = result_ids(results)
-    assert len(ids) == 24 and len(set(ids)) == 24
-    assert f"{done_before} already finished (skipped)" in next(jobs.logs(again.submission_id, env.address))
 
 
 def test_token_auth_is_on_and_the_client_carries_the_token(env):
