@@ -6,17 +6,19 @@ Nothing here starts or calls Ray (metrics go through `ray.util.metrics` lazily, 
 it is tested directly; `tailrace.actors` wraps it in actors.
 """
 
-from tailrace.policies.spend import Grant, Refusal, RunCostGate, SpendGate
-from tailrace.runtime.step_runner import AttemptObserver, StepRequest, StepRunner
-from tailrace.runtime.tail_control import TailControl
+from __future__ import annotations
 
-__all__ = [
-    "AttemptObserver",
-    "Grant",
-    "Refusal",
-    "RunCostGate",
-    "SpendGate",
-    "StepRequest",
-    "StepRunner",
-    "TailControl",
-]
+from tailrace.engine._lazy import lazy_exports
+
+_EXPORTS = {
+    "AttemptObserver": "tailrace.runtime.step_runner",
+    "Grant": "tailrace.policies.spend",
+    "Refusal": "tailrace.policies.spend",
+    "RunCostGate": "tailrace.policies.spend",
+    "SpendGate": "tailrace.policies.spend",
+    "StepRequest": "tailrace.runtime.step_runner",
+    "StepRunner": "tailrace.runtime.step_runner",
+    "TailControl": "tailrace.runtime.tail_control",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -10,33 +10,29 @@ tail control that meets a target. `tailrace.what_if` / `tailrace.tune` (and the 
 `tailrace tune` commands) are the same with the cluster's budget admission plugged in.
 """
 
-from tailrace.whatif.change import WhatIf
-from tailrace.whatif.fit import TraceFit, fit_trace
-from tailrace.whatif.prediction import Estimate, Metrics, Prediction, predict
-from tailrace.whatif.replay import Replay, ReplayPlan
-from tailrace.whatif.sampled import SampledAdapter, SampledProvider
-from tailrace.whatif.search import TuneResult, tune
-from tailrace.whatif.survival import fit_mixture, kaplan_meier
-from tailrace.whatif.trace_data import TraceData, read_trace
-from tailrace.whatif.virtual_time import run_on_fake_time
+from __future__ import annotations
 
-__all__ = [
-    "Estimate",
-    "Metrics",
-    "Prediction",
-    "Replay",
-    "ReplayPlan",
-    "SampledAdapter",
-    "SampledProvider",
-    "TraceData",
-    "TraceFit",
-    "TuneResult",
-    "WhatIf",
-    "fit_mixture",
-    "fit_trace",
-    "kaplan_meier",
-    "predict",
-    "read_trace",
-    "run_on_fake_time",
-    "tune",
-]
+from tailrace.engine._lazy import lazy_exports
+
+_EXPORTS = {
+    "Estimate": "tailrace.whatif.prediction",
+    "Metrics": "tailrace.whatif.prediction",
+    "Prediction": "tailrace.whatif.prediction",
+    "Replay": "tailrace.whatif.replay",
+    "ReplayPlan": "tailrace.whatif.replay",
+    "SampledAdapter": "tailrace.whatif.sampled",
+    "SampledProvider": "tailrace.whatif.sampled",
+    "TraceData": "tailrace.whatif.trace_data",
+    "TraceFit": "tailrace.whatif.fit",
+    "TuneResult": "tailrace.whatif.search",
+    "WhatIf": "tailrace.whatif.change",
+    "fit_mixture": "tailrace.whatif.survival",
+    "fit_trace": "tailrace.whatif.fit",
+    "kaplan_meier": "tailrace.whatif.survival",
+    "predict": "tailrace.whatif.prediction",
+    "read_trace": "tailrace.whatif.trace_data",
+    "run_on_fake_time": "tailrace.whatif.virtual_time",
+    "tune": "tailrace.whatif.search",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
