@@ -104,9 +104,9 @@ def test_whatif_and_tune_from_the_cli(results, capsys):
             "--max-extra-tokens",
             "5",
             "--runs",
-            "40",
-            "--screen-runs",
             "20",
+            "--screen-runs",
+            "10",
             "--replays",
             "2",
         ]
