@@ -107,6 +107,15 @@ class CircuitBreaker:
         if self.state == CircuitState.HALF_OPEN:
             self._probing = False
 
+    def outrun(self, now: float) -> None:
+        """An attempt was cancelled because another model answered first. Closed, that is what hedging
+        is for. Half-open, the probe says the model is still slower than the alternative: open again
+        for a fresh cool-down. (Treated as "told nothing", every next step's first attempt became the
+        next probe and lost the same race: half of a brownout's steps started on the slowed model.)"""
+        self._advance(now)
+        if self.state == CircuitState.HALF_OPEN and self._probing:
+            self._open(now)
+
     def _open(self, now: float) -> None:
         self.state = CircuitState.OPEN
         self._opened_at = now
@@ -162,6 +171,9 @@ class BreakerBoard:
 
     def abandoned(self, model: str, now: float) -> None:
         self._get(model).abandoned(now)
+
+    def outrun(self, model: str, now: float) -> None:
+        self._watched(model, lambda b: b.outrun(now))
 
     def states(self, now: float) -> dict[str, CircuitState]:
         return {m: self.state(m, now) for m in list(self._breakers)}

@@ -78,9 +78,9 @@ class TailControl:
                 self.breakers.record(key, now, failed=True)
                 self.throttle.record(key, failed=True)
         else:
-            self._cancelled(key, record, now)
+            self._cancelled(key, request, record, now)
 
-    def _cancelled(self, key: str, record: AttemptRecord, now: float) -> None:
+    def _cancelled(self, key: str, request: StepRequest, record: AttemptRecord, now: float) -> None:
         if record.cancel_reason == CancelReason.STALLED:
             # Killed by its timeout: censored (it took at least this long) and a health failure; a
             # model whose attempts all hang must not look healthy for want of finished events.
@@ -89,6 +89,17 @@ class TailControl:
             self.stats.observe(key, "censored", ttft, record.latency_s, ttft_censored=no_token, timed_out=True)
             self.breakers.record(key, now, failed=True)
             self.throttle.record(key, failed=True)
+            return
+        if record.cancel_reason == CancelReason.HEDGE_LOST:
+            models = request.step.models
+            prior = models[record.tier].expected_latency_s if record.tier < len(models) else None
+            if self.stats.health(key, prior).unhealthy:
+                # Lost the race while the model is slowed down or failing: a health failure, so a
+                # brownout opens the circuit on every executor, not only on those whose attempts timed
+                # out (primaries follow the circuit; the half-open probes keep its statistics current).
+                self.breakers.record(key, now, failed=True)
+            else:
+                self.breakers.outrun(key, now)  # a half-open probe that lost the race: not back yet
             return
         self.breakers.abandoned(key, now)
 

@@ -51,6 +51,25 @@ def test_half_open_lets_one_probe_through_at_a_time():
     assert breaker.allows(7.6)
 
 
+def test_a_probe_that_loses_the_race_to_another_model_opens_the_circuit_again():
+    breaker = CircuitBreaker(CONFIG)
+    for t in range(3):
+        breaker.record(float(t), True)
+    breaker.started(7.0)  # the probe
+    breaker.outrun(7.4)  # another model answered first: this one is still slower than the alternative
+    assert breaker.current(7.5) == CircuitState.OPEN
+    assert not breaker.allows(12.3)  # a fresh cool-down, from the lost race
+    assert breaker.allows(12.4)
+
+
+def test_losing_a_race_while_closed_is_just_hedging():
+    breaker = CircuitBreaker(CONFIG)
+    for t in range(5):
+        breaker.started(float(t))
+        breaker.outrun(t + 0.5)
+    assert breaker.current(6.0) == CircuitState.CLOSED
+
+
 def test_board_reports_every_transition():
     seen = []
     board = BreakerBoard(CONFIG, on_change=lambda model, state: seen.append((model, state)))

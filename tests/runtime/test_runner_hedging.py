@@ -219,3 +219,40 @@ async def test_failures_feed_the_breaker_and_the_throttle():
     assert tail.breakers.state(key, clock.monotonic()).value == "open"
     assert tail.throttle.tokens(key) == 5.0 and not tail.throttle.allows(key)
     assert tail.stats.health(key).failure_rate == 0.5 and tail.stats.health(key).unhealthy  # 5 answers, 5 failures
+
+
+def _lost_race(tail: TailControl, clock: FakeClock, n: int) -> None:
+    for i in range(n):
+        clock.advance(0.1)
+        req = request(clock)
+        record = AttemptRecord(
+            run_id=f"r{i}",
+            step_id=req.step.id,
+            attempt=0,
+            provider="openai",
+            model="m",
+            started_at=clock.time() - 12.0,
+            ended_at=clock.time(),
+            latency_s=12.0,
+            outcome=AttemptOutcome.CANCELLED,
+            cancel_reason=CancelReason.HEDGE_LOST,
+        )
+        tail.attempt_started(req, req.step.models[0], "primary")
+        tail.attempt_ended(req, record)
+
+
+def test_races_lost_while_the_model_is_slowed_down_open_its_circuit():
+    clock = FakeClock()
+    tail = control(clock)  # warm: latency 2.0 s
+    for _ in range(6):  # recent answers 6x slower than before: shifted, unhealthy
+        tail.stats.observe(model_key("openai", "m"), "ok", 1.0, 12.0)
+    assert tail.stats.health(model_key("openai", "m"), MODEL.expected_latency_s).unhealthy
+    _lost_race(tail, clock, 5)  # every attempt lost to another model while slowed
+    assert not tail.breakers.allows(model_key("openai", "m"), clock.monotonic())
+
+
+def test_races_lost_by_a_healthy_model_are_just_hedging():
+    clock = FakeClock()
+    tail = control(clock)
+    _lost_race(tail, clock, 8)
+    assert tail.breakers.allows(model_key("openai", "m"), clock.monotonic())

@@ -28,7 +28,7 @@ from tailrace.whatif.trace_data import TraceSettings, read_trace
 KEY = "openai/gpt-4.1"
 CYCLE_S = 60.0
 BROWNOUT = (15.0, 30.0)  # of every minute
-RUNS = 400
+RUNS = 600
 USUAL = LogNormal(math.log(0.4), 0.4)
 
 
@@ -92,8 +92,9 @@ def truth() -> TraceFit:
 def write_trace(tmp_path):
     wf = workflow()
     # A deadline that leaves gpt-4.1 the first rung (at 4 s the deadline-aware ladder sends most steps to
-    # the faster haiku, and the fit would have too few gpt-4.1 attempts to find its stragglers in).
-    plan = ReplayPlan(wf, RunOptions(deadline_s=6.0), HedgeConfig(), TailTuning(), None, 2, 8, 0.25)
+    # the faster haiku, and the fit would have too few gpt-4.1 attempts to find its stragglers in) and
+    # still misses some runs (at 6 s, since the circuit opens on races lost in the brownout, none).
+    plan = ReplayPlan(wf, RunOptions(deadline_s=5.0), HedgeConfig(), TailTuning(), None, 2, 8, 0.25)
     outcomes = Replay(truth(), plan, [(f"r{i}", {"ticket_id": f"T-{i}"}) for i in range(RUNS)], seed=3).run()
     path = tmp_path / "known.trace.jsonl"
     settings = {"options": plan.options.model_dump(mode="json"), "executors": 2, "max_in_flight": 8}
@@ -115,7 +116,9 @@ def test_the_latency_fit_recovers_the_known_distribution_through_the_policys_cen
     data, fit = known
     attempts = [a for a in data.attempts if a.model == "gpt-4.1"]
     cancelled = sum(a.outcome == AttemptOutcome.CANCELLED for a in attempts)
-    assert cancelled > 50  # hedging did cancel stragglers: the fit had censored samples to deal with
+    # Hedging did cancel stragglers: the fit had censored samples to deal with (fewer since a race lost
+    # while browned out opens the circuit: the slowed model gets fewer attempts).
+    assert cancelled > 40
     model = fit.models[KEY]
     true = truth().models[KEY].latency
     for q in (0.5, 0.9):
