@@ -119,6 +119,7 @@ class ModelWindow:
         # Each metric's lower-bound flags, in step with `_sorted` (what the Kaplan-Meier curve is built from).
         self._bounds: dict[Metric, list[int]] = {"ttft": [], "latency": [], "tokens_per_s": []}
         self._curves: dict[Metric, tuple[np.ndarray, float | None]] = {}
+        self._timed_out: dict[Metric, float | None] = {}
         # The last health answer, until a sample comes or goes (a replay asks thousands of times a second).
         self._health: tuple[float, float, float | None, Health] | None = None
 
@@ -152,6 +153,7 @@ class ModelWindow:
 
     def _changed(self) -> None:
         self._curves = {}
+        self._timed_out = {}
         self._health = None
 
     def _remember(self, sample: Sample) -> None:
@@ -186,6 +188,20 @@ class ModelWindow:
         while i < len(values) and values[i][1]:
             i += 1  # q ~ 0 only: skip lower bounds before the first answer
         return values[i][0] if i < len(values) else largest
+
+    def timed_out_bound(self, metric: Metric) -> float | None:
+        """The longest the metric ran in an attempt the engine gave up on (killed by its timeout), or None.
+        While the window is cold this is all it knows beyond the prior: the value is at least this."""
+        if metric not in self._timed_out:
+            bounds = [
+                value
+                for s in self._samples
+                if s.timed_out
+                for m, (value, censored) in _entries(s)
+                if m == metric and censored
+            ]
+            self._timed_out[metric] = max(bounds, default=None)
+        return self._timed_out[metric]
 
     def _curve(self, metric: Metric) -> tuple[np.ndarray, float | None]:
         """The Kaplan-Meier distribution function after each of the metric's sorted values (a lower bound
@@ -301,17 +317,27 @@ class LatencyStats:
         return self._window(model).quantile(metric, q)
 
     def ttft_s(self, choice: ModelChoice, q: float, *, trigger: bool = True) -> float:
-        """The q-quantile of `choice`'s TTFT; cold: the spec's prior (times the cold factor for triggers)."""
-        value = self.quantile(model_key(choice.provider, choice.model), "ttft", q)
-        if value is None:
-            return choice.expected_ttft_s * (self.config.cold_trigger_factor if trigger else 1.0)
-        return value
+        """The q-quantile of `choice`'s TTFT; cold: the spec's prior (times the cold factor for triggers),
+        raised to the longest wait the engine has given up on (see `_cold`)."""
+        return self._quantile_or_prior(choice, "ttft", q, choice.expected_ttft_s, trigger)
 
     def latency_s(self, choice: ModelChoice, q: float, *, trigger: bool = True) -> float:
-        value = self.quantile(model_key(choice.provider, choice.model), "latency", q)
-        if value is None:
-            return choice.expected_latency_s * (self.config.cold_trigger_factor if trigger else 1.0)
-        return value
+        return self._quantile_or_prior(choice, "latency", q, choice.expected_latency_s, trigger)
+
+    def _quantile_or_prior(self, choice: ModelChoice, metric: Metric, q: float, prior: float, trigger: bool) -> float:
+        window = self._window(model_key(choice.provider, choice.model))
+        value = window.quantile(metric, q)
+        if value is not None:
+            return value
+        prior *= self.config.cold_trigger_factor if trigger else 1.0
+        if not trigger:
+            return prior
+        # Karn's backoff: an attempt killed at its timeout says only that the prior was too short. A cold
+        # model whose attempts all time out (an optimistic prior, or an engine too busy to read answers)
+        # would otherwise be killed at the same point forever and never answer: each timeout moves the
+        # trigger to where it fired, so the next timeout (timeout_factor x trigger) comes later.
+        waited = window.timed_out_bound(metric)
+        return prior if waited is None else max(prior, waited)
 
     def decode_rate(self, choice: ModelChoice, q: float = 0.5) -> float | None:
         """The q-quantile of `choice`'s decode rate (tokens/s after the first token); None while cold."""

@@ -196,3 +196,37 @@ def test_new_executor_starts_warm_from_the_shared_statistics(simulator):
             ray.kill(fresh)
     finally:
         ray.kill(stats)
+
+
+def test_a_cold_model_with_a_prior_ten_times_too_short_still_delivers(simulator):
+    """A new user's optimistic priors: each model answers in ~0.1 s (first token) but its spec says
+    10 ms. Without backoff every attempt was killed at 2 x 1.5 x the prior, forever (1 run of 20
+    delivered); each timeout now moves the cold trigger to where it fired, so attempts soon outlast it."""
+    sim = simulator(
+        "clean", seed=5, time_scale=TIME_SCALE, model_profiles={"gpt-4.1": STEADY, "claude-haiku-4-5": STEADY}
+    )
+    optimistic = {"max_tokens": 300, "expected_ttft_s": 0.01, "expected_latency_s": 0.016}
+    workflow = {
+        "name": "optimistic",
+        "inputs": ["ticket_id"],
+        "steps": [
+            {
+                "id": "openai",
+                "prompt": "Answer {{input.ticket_id}}.",
+                "models": [{"provider": "openai", "model": "gpt-4.1", **optimistic}],
+            },
+            {
+                "id": "anthropic",
+                "prompt": "Answer {{input.ticket_id}}.",
+                "models": [{"provider": "anthropic", "model": "claude-haiku-4-5", **optimistic}],
+            },
+        ],
+    }
+    summary, outcomes = run(sim, workflow, 12, max_in_flight=12)
+    assert summary.delivered == 12, summary.failures
+    for step in ("openai", "anthropic"):
+        stalled = [
+            a for o in outcomes for a in o.attempts if a.step_id == step and a.cancel_reason == CancelReason.STALLED
+        ]
+        # Timeouts double from 30 ms: a few rounds until they pass the ~100 ms first token, not one per attempt.
+        assert len(stalled) < 6 * 12, (step, len(stalled))

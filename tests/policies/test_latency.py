@@ -37,6 +37,26 @@ def test_cold_model_uses_the_prior_conservatively():
     assert s.latency_s(CHOICE, 0.9, trigger=False) == 8.0  # fits use the prior as is
 
 
+def test_a_cold_model_whose_attempts_time_out_backs_off_from_its_prior():
+    """Karn's rule: an optimistic prior must not kill every attempt at the same point forever. Each
+    timed-out attempt moves the cold trigger to where it fired, so the next timeout (2x) comes later."""
+    clock = FakeClock()
+    s = stats(clock)
+    assert s.ttft_s(CHOICE, 0.9) == 3.0
+    s.observe(KEY, "censored", 6.0, 6.0, ttft_censored=True, timed_out=True)  # killed at 2 x 3.0
+    assert s.ttft_s(CHOICE, 0.9) == 6.0
+    assert s.latency_s(CHOICE, 0.9) == 12.0  # 8.0 x 1.5 is still above what timed out
+    s.observe(KEY, "censored", 12.0, 12.0, ttft_censored=True, timed_out=True)
+    assert (s.ttft_s(CHOICE, 0.9), s.latency_s(CHOICE, 0.9)) == (12.0, 12.0)
+    # A hedge that lost its race is not a timeout: it says nothing against the prior.
+    s.observe(KEY, "censored", 30.0, 30.0, ttft_censored=True)
+    assert s.ttft_s(CHOICE, 0.9) == 12.0
+    # Fits keep the prior; the bound leaves the window with its sample.
+    assert s.latency_s(CHOICE, 0.9, trigger=False) == 8.0
+    clock.advance(61.0)
+    assert s.ttft_s(CHOICE, 0.9) == 3.0
+
+
 def test_fast_failures_are_not_latency_samples():
     s = stats(FakeClock())
     for _ in range(10):
