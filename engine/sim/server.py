@@ -15,7 +15,7 @@ import math
 import threading
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,13 @@ class _Progress:
     finished: bool = False
     finish: str | None = None
     limited: str | None = None
+    # Logs the request (once). Called before the last byte the client sees, so a client that has its
+    # answer finds the request in the log; otherwise when the handler ends, however it ends.
+    record: Callable[[bool], None] = lambda cancelled: None
+
+    def complete(self) -> None:
+        self.finished = True
+        self.record(False)
 
 
 class SimServer:
@@ -192,7 +199,17 @@ class SimServer:
         prog = _Progress()
         features: RequestFeatures | None = None
         plan: ResponsePlan | None = None
-        occurrence, cancelled = 0, False
+        occurrence, cancelled, recorded = 0, False, False
+
+        def record(cancelled: bool) -> None:
+            nonlocal recorded
+            if not recorded:
+                recorded = True
+                self._record(
+                    request, wire, features, plan, prog, key_hash(api_key), occurrence, cancelled, started, arrival
+                )
+
+        prog.record = record
         try:
             try:
                 body = await request.json()
@@ -219,9 +236,7 @@ class SimServer:
         finally:
             if task is not None:
                 self._inflight.discard(task)
-            self._record(
-                request, wire, features, plan, prog, key_hash(api_key), occurrence, cancelled, started, arrival
-            )
+            record(cancelled)
 
     async def _act(
         self, request: web.Request, wire: Wire, ex: Exchange, key: str, prog: _Progress
@@ -243,8 +258,8 @@ class SimServer:
         if plan.fault in ERROR_FAULTS or plan.fault == Fault.RESET:
             await self._sleep(plan.ttft_s)
             if plan.fault == Fault.RESET:
+                prog.complete()
                 self._abort(request)
-                prog.finished = True
                 return web.Response(status=500)  # never reaches the client: the socket is gone
             real_wait = None
             if plan.retry_after_s is not None:
@@ -276,8 +291,8 @@ class SimServer:
             await resp.prepare(request)
             await resp.write(data[: len(data) // 2])
             prog.sent_chars = len(plan.text) // 2
+            prog.complete()
             self._abort(request)
-            prog.finished = True
             return resp
         prog.status, prog.finished, prog.sent_chars = 200, True, len(plan.text)
         prog.finish = self._finish_name(wire, plan.finish)
@@ -304,12 +319,11 @@ class SimServer:
             if i == plan.stall_after_chunk:
                 await self._sleep(plan.stall_s)
             if i == plan.error_after_chunk or (i == len(plan.chunks) and plan.error_after_chunk is not None):
+                prog.complete()
                 if plan.error_as_event:
                     await resp.write(wire.stream_error(ex))
-                    prog.finished = True
                     await resp.write_eof()
                 else:
-                    prog.finished = True
                     self._abort(request)
                 return resp
             if i == len(plan.chunks):
@@ -318,9 +332,9 @@ class SimServer:
                 await self._sleep(gap)
             await resp.write(wire.delta(ex, plan.chunks[i]))
             prog.sent_chars += len(plan.chunks[i])
-        await resp.write(b"".join(wire.finish(ex, plan.output_tokens)))
-        prog.finished = True
         prog.finish = self._finish_name(wire, plan.finish)
+        prog.complete()
+        await resp.write(b"".join(wire.finish(ex, plan.output_tokens)))
         await resp.write_eof()
         return resp
 

@@ -316,6 +316,28 @@ def test_in_thread_with_sync_clients() -> None:
         httpx2.get(f"http://127.0.0.1:{port}/health")
 
 
+def test_a_request_is_in_the_log_by_the_time_its_client_has_the_whole_answer() -> None:
+    """The simulator logged a stream after its last bytes, so a test reading the log right after its
+    client finished could miss it (2 to 4 of 200 requests here); now it logs before the last bytes go out."""
+    with SimServer.in_thread(scenario("clean", seed=2, time_scale=0.001)) as sim:
+        oa_sync = openai.OpenAI(base_url=sim.openai_base_url, api_key="sk-test", max_retries=0)
+        an_sync = anthropic.Anthropic(base_url=sim.anthropic_base_url, api_key="k", max_retries=0)
+        missed = 0
+        for i in range(100):
+            for _ in oa_sync.chat.completions.create(
+                model="gpt-4o-mini", messages=MESSAGES, max_tokens=20, stream=True
+            ):  # type: ignore[arg-type]
+                pass
+            with an_sync.messages.stream(
+                model="claude-haiku-4-5", max_tokens=20, messages=[{"role": "user", "content": f"hi {i}"}]
+            ) as stream:
+                stream.until_done()
+            missed += len(sim.log_records()) != 2 * (i + 1)
+            while len(sim.log_records()) != 2 * (i + 1):  # the next round counts on its own
+                time.sleep(0.001)
+        assert missed == 0
+
+
 async def test_stop_ends_hung_requests(start_sim: Start) -> None:
     sim = await start_sim(force_fault={"gpt-4o": Fault.HANG})
     task = asyncio.create_task(
